@@ -1,0 +1,3 @@
+"""nnunet-lefusion: lesion-synthesis data augmentation (LeFusion) for nnU-Net v2."""
+
+__version__ = "0.1.0"

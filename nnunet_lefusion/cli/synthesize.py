@@ -1,0 +1,40 @@
+"""``nnUNetv2_lefusion_synthesize``: fill the synthetic cache of a dataset/configuration/fold."""
+from __future__ import annotations
+
+import argparse
+
+from nnunet_lefusion.cli.common import cli_main
+from nnunet_lefusion.labels import resolve_lesion_labels
+from nnunet_lefusion.nnunet.context import DatasetContext
+from nnunet_lefusion.nnunet.synthesize import METHODS, synthesize_cache
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="nnUNetv2_lefusion_synthesize",
+        description="Synthesize lesion cases from the training cases of one fold and store them, preprocessed by "
+                    "nnU-Net's own preprocessor, in the cache that nnUNetTrainerLeFusion reads.")
+    parser.add_argument("-d", dest="dataset", required=True, help="dataset name or id")
+    parser.add_argument("-c", dest="configuration", default="3d_fullres", help="configuration (default 3d_fullres)")
+    parser.add_argument("-f", dest="fold", default="0", help="fold: 0-4 or 'all' (default 0)")
+    parser.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    parser.add_argument("--method", default="copypaste", choices=METHODS, help="synthesis method")
+    parser.add_argument("-n", dest="num_cases", type=int, required=True,
+                        help="number of synthetic cases to add (spread evenly over the training cases)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default=None, help="cache folder (default: <preprocessed dataset>/lefusion_cache/"
+                                                      "<data_identifier>/fold_<f>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing cache instead of adding to it")
+    parser.add_argument("--lesion-labels", type=int, nargs="+", default=None,
+                        help="lesion labels, outer to inner (default: from dataset.json label names)")
+    parser.add_argument("--organ-labels", type=int, nargs="+", default=None,
+                        help="labels of the organ that hosts lesions (default: the other foreground labels)")
+    args = parser.parse_args(argv)
+
+    ctx = DatasetContext(args.dataset, args.configuration, args.fold, args.plans)
+    labels = resolve_lesion_labels(ctx.dataset_json, args.lesion_labels, args.organ_labels)
+    folder, manifest = synthesize_cache(ctx, labels, args.method, args.num_cases, args.seed, args.cache,
+                                        args.overwrite)
+    print(f"{len(manifest.cases)} synthetic cases in {folder}")
+    print(f"lesion voxels (raw grid) real {manifest.real_lesion_voxels} | synthetic {manifest.lesion_voxel_totals()}")

@@ -1,0 +1,1 @@
+"""LeFusion diffusion: cosine schedule, RePaint jump schedule, lesion-focused loss, sampler, histograms."""

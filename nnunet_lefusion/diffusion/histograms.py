@@ -1,0 +1,133 @@
+"""Per-class lesion intensity histograms (the LeFusion texture condition) and their clusters."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from nnunet_lefusion.errors import LeFusionError
+
+NUM_BINS = 16
+PERTURB_FRACTION = 0.1
+
+
+def class_histogram(values: np.ndarray, num_bins: int = NUM_BINS) -> np.ndarray:
+    """Histogram of ``values`` (in [-1, 1]) over ``num_bins`` equal bins, normalised to sum 1.
+
+    Bin k is [-1 + k w, -1 + (k+1) w) with w = 2 / num_bins; the last bin includes 1; values outside [-1, 1]
+    are clipped into the end bins. No values gives all zeros.
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0:
+        return np.zeros(num_bins, dtype=np.float32)
+    index = np.clip(np.floor((np.clip(values, -1.0, 1.0) + 1.0) * (num_bins / 2.0)), 0, num_bins - 1)
+    counts = np.bincount(index.astype(np.int64), minlength=num_bins)
+    return (counts / values.size).astype(np.float32)
+
+
+def lesion_histograms(image: np.ndarray, label: np.ndarray, lesion_labels: Sequence[int],
+                      num_bins: int = NUM_BINS) -> np.ndarray:
+    """The condition vector: per lesion class, the histogram of ``image`` under ``label == class``, concatenated.
+
+    ``image`` is the ROI mapped to [-1, 1]; the result has ``num_bins * len(lesion_labels)`` float32 values.
+    """
+    image = np.asarray(image)
+    label = np.asarray(label)
+    if image.shape != label.shape:
+        raise LeFusionError(f"image {image.shape} and label {label.shape} shapes differ.")
+    return np.concatenate([class_histogram(image[label == v], num_bins) for v in lesion_labels])
+
+
+def perturb_histogram(hist: np.ndarray, rng: np.random.Generator, fraction: float = PERTURB_FRACTION,
+                      num_bins: int = NUM_BINS) -> np.ndarray:
+    """Official ``perturb_tensor`` applied to each ``num_bins`` block of ``hist``.
+
+    Per block: delta ~ N(0, 1), minus its mean, divided by its largest magnitude and multiplied by
+    ``fraction * |h|`` bin-wise; returns h + delta. So every bin moves by at most ``fraction`` of itself, the
+    bin with the largest draw moves by exactly that much, empty bins stay empty, and nothing is renormalised.
+    """
+    hist = np.asarray(hist, dtype=np.float64)
+    if hist.ndim != 1 or hist.size % num_bins:
+        raise LeFusionError(f"a histogram condition must be a flat multiple of {num_bins} values, got {hist.shape}.")
+    blocks = hist.reshape(-1, num_bins)
+    delta = rng.standard_normal(blocks.shape)
+    delta -= delta.mean(axis=1, keepdims=True)
+    delta /= np.maximum(np.abs(delta).max(axis=1, keepdims=True), 1e-12)
+    return (blocks + delta * fraction * np.abs(blocks)).ravel().astype(np.float32)
+
+
+@dataclass
+class HistogramClusters:
+    """K-means centres of training conditions, kept as plain lists so they fit in checkpoint metadata."""
+
+    centers: list[list[float]]
+    counts: list[int]
+    num_bins: int = NUM_BINS
+
+    @property
+    def cond_dim(self) -> int:
+        return len(self.centers[0])
+
+    def to_dict(self) -> dict:
+        return {"centers": [list(map(float, c)) for c in self.centers], "counts": list(map(int, self.counts)),
+                "num_bins": int(self.num_bins)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HistogramClusters":
+        return cls([list(map(float, c)) for c in d["centers"]], [int(n) for n in d["counts"]],
+                   int(d.get("num_bins", NUM_BINS)))
+
+    @classmethod
+    def from_official(cls, centers: Sequence[Sequence[float]], num_classes: int) -> "HistogramClusters":
+        """Clusters from an official ``hist_clusters/*.json`` ``[0]['centers']`` list.
+
+        With several lesion classes (Emidec), the official centres are one histogram per class, all used
+        together: they become a single cluster. With one class (LIDC), each centre is its own cluster.
+        """
+        rows = [list(map(float, c)) for c in centers]
+        if num_classes > 1:
+            if len(rows) != num_classes:
+                raise LeFusionError(f"expected {num_classes} official centres (one per class), got {len(rows)}.")
+            return cls([[v for row in rows for v in row]], [1])
+        return cls(rows, [1] * len(rows))
+
+
+def cluster_histograms(histograms: np.ndarray, n_clusters: int, seed: int = 0) -> HistogramClusters:
+    """K-means (scikit-learn, 10 restarts) of training conditions (N, cond_dim).
+
+    ``n_clusters`` is lowered to the number of distinct histograms when there are fewer.
+    """
+    from sklearn.cluster import KMeans
+
+    histograms = np.asarray(histograms, dtype=np.float64)
+    if histograms.ndim != 2 or histograms.shape[0] == 0:
+        raise LeFusionError(f"need a non-empty (N, cond_dim) array of histograms to cluster, got {histograms.shape}.")
+    k = min(int(n_clusters), len(np.unique(histograms, axis=0)))
+    if k < 1:
+        raise LeFusionError(f"the number of histogram clusters must be >= 1, got {n_clusters}.")
+    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(histograms)
+    counts = np.bincount(km.labels_, minlength=k)
+    return HistogramClusters(km.cluster_centers_.tolist(), counts.tolist())
+
+
+def choose_condition(clusters: HistogramClusters, rng: np.random.Generator, cluster: int | None = None,
+                     histogram: Sequence[float] | None = None, perturb: bool = True) -> np.ndarray:
+    """The condition for one sampling call (float32, cond_dim values).
+
+    ``histogram`` given: used as is. ``cluster`` given: that centre. Neither: a cluster drawn with probability
+    proportional to its training count. A chosen centre is perturbed by +-10 % (official) unless ``perturb``
+    is False.
+    """
+    if histogram is not None:
+        hist = np.asarray(histogram, dtype=np.float32)
+        if hist.shape != (clusters.cond_dim,) or not np.isfinite(hist).all() or (hist < 0).any():
+            raise LeFusionError(f"a histogram condition needs {clusters.cond_dim} finite non-negative values.")
+        return hist
+    if cluster is None:
+        p = np.asarray(clusters.counts, dtype=np.float64)
+        cluster = int(rng.choice(len(p), p=p / p.sum()))
+    if not 0 <= cluster < len(clusters.centers):
+        raise LeFusionError(f"histogram cluster {cluster} does not exist (there are {len(clusters.centers)}).")
+    center = np.asarray(clusters.centers[cluster], dtype=np.float32)
+    return perturb_histogram(center, rng, num_bins=clusters.num_bins) if perturb else center

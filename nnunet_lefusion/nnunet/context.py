@@ -1,0 +1,125 @@
+"""Resolve an nnU-Net dataset/configuration/fold into everything the plugin needs (paths, plans, split)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from types import SimpleNamespace
+
+from nnunet_lefusion.errors import LeFusionError
+
+
+def env_folder(name: str) -> Path:
+    """The folder in environment variable ``name`` (nnUNet_raw / nnUNet_preprocessed / nnUNet_results)."""
+    value = os.environ.get(name)
+    if not value:
+        raise LeFusionError(f"environment variable {name} is not set (see nnU-Net's documentation/setting_up_paths.md)")
+    return Path(value)
+
+
+def dataset_name(dataset: str | int) -> str:
+    """``990`` / ``"990"`` / ``"Dataset990_X"`` -> ``"Dataset990_X"``, looked up like nnU-Net does."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        return maybe_convert_to_dataset_name(str(dataset))
+    except (RuntimeError, ValueError) as exc:
+        raise LeFusionError(f"dataset {dataset!r} not found in nnUNet_raw/nnUNet_preprocessed/nnUNet_results "
+                            f"({str(exc).splitlines()[0]})") from None
+
+
+def parse_fold(fold: str | int) -> int | str:
+    """nnU-Net's fold argument: an integer or ``"all"``."""
+    if str(fold) == "all":
+        return "all"
+    try:
+        return int(fold)
+    except ValueError:
+        raise LeFusionError(f"fold must be an integer or 'all', got {fold!r}") from None
+
+
+@dataclass
+class DatasetContext:
+    """One dataset + plans + configuration (+ fold): paths, plans objects and the training split."""
+
+    dataset: str
+    configuration: str
+    fold: int | str = 0
+    plans_identifier: str = "nnUNetPlans"
+
+    def __post_init__(self) -> None:
+        self.dataset = dataset_name(self.dataset)
+        self.fold = parse_fold(self.fold)
+        if not self.plans_file.is_file():
+            raise LeFusionError(f"no plans {self.plans_file}; run nnUNetv2_plan_and_preprocess for {self.dataset} first")
+        if self.configuration not in self.plans_manager.available_configurations:
+            raise LeFusionError(f"configuration {self.configuration!r} is not in {self.plans_file.name} "
+                                f"(available: {self.plans_manager.available_configurations})")
+        if not self.data_folder.is_dir() or not any(self.data_folder.glob("*.pkl")):
+            raise LeFusionError(f"{self.data_folder} has no preprocessed cases; run nnUNetv2_plan_and_preprocess "
+                                f"-d {self.dataset} -c {self.configuration}")
+
+    @property
+    def raw_folder(self) -> Path:
+        return env_folder("nnUNet_raw") / self.dataset
+
+    @property
+    def preprocessed_folder(self) -> Path:
+        return env_folder("nnUNet_preprocessed") / self.dataset
+
+    @property
+    def plans_file(self) -> Path:
+        return self.preprocessed_folder / f"{self.plans_identifier}.json"
+
+    @cached_property
+    def dataset_json(self) -> dict:
+        return json.loads((self.preprocessed_folder / "dataset.json").read_text())
+
+    @cached_property
+    def plans(self) -> dict:
+        return json.loads(self.plans_file.read_text())
+
+    @cached_property
+    def plans_manager(self):
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        return PlansManager(self.plans)
+
+    @cached_property
+    def configuration_manager(self):
+        return self.plans_manager.get_configuration(self.configuration)
+
+    @cached_property
+    def label_manager(self):
+        return self.plans_manager.get_label_manager(self.dataset_json)
+
+    @property
+    def data_folder(self) -> Path:
+        return self.preprocessed_folder / self.configuration_manager.data_identifier
+
+    @cached_property
+    def split(self) -> tuple[list[str], list[str]]:
+        """(training, validation) identifiers of the fold, by nnU-Net's own ``do_split`` (writes splits_final.json
+        exactly as the first training would if it is missing)."""
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+        shim = SimpleNamespace(
+            dataset_class=infer_dataset_class(str(self.data_folder)), fold=self.fold,
+            preprocessed_dataset_folder=str(self.data_folder),
+            preprocessed_dataset_folder_base=str(self.preprocessed_folder),
+            folder_with_segs_from_previous_stage=None, print_to_log_file=lambda *a, **k: None)
+        tr, val = nnUNetTrainer.do_split(shim)
+        return [str(k) for k in tr], [str(k) for k in val]
+
+    @cached_property
+    def raw_cases(self) -> dict[str, dict]:
+        """identifier -> {'images': [...], 'label': ...} of the raw training files."""
+        from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+        if not self.raw_folder.is_dir():
+            raise LeFusionError(f"raw dataset folder {self.raw_folder} is missing (nnUNet_raw)")
+        return get_filenames_of_train_images_and_targets(str(self.raw_folder), json.loads(
+            (self.raw_folder / "dataset.json").read_text()))

@@ -1,0 +1,55 @@
+"""The small interface every synthesizer implements, on cases in their native (raw) grid."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import numpy as np
+
+from nnunet_lefusion.labels import LesionLabels
+
+
+@dataclass
+class RawCase:
+    """A case as nnU-Net's reader returns it: image (C, Z, Y, X) float32, seg (1, Z, Y, X), reader properties."""
+
+    identifier: str
+    image: np.ndarray
+    seg: np.ndarray
+    properties: dict = field(default_factory=dict)
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel spacing in array axis order (z, y, x)."""
+        return tuple(float(s) for s in self.properties["spacing"])
+
+    def with_arrays(self, image: np.ndarray, seg: np.ndarray) -> "RawCase":
+        return replace(self, image=image, seg=seg)
+
+
+@dataclass
+class Synthetic:
+    """A synthesized case and where it came from (stored in the cache manifest and in its properties)."""
+
+    case: RawCase
+    provenance: dict
+
+
+class Synthesizer(Protocol):
+    """Turns a real training case into a synthetic one; ``name`` is recorded as the method."""
+
+    name: str
+    labels: LesionLabels
+
+    def synthesize(self, target: RawCase, rng: np.random.Generator) -> Synthetic:
+        """Return a new case derived from ``target``; raise ``SynthesisSkipped`` if it cannot host a lesion."""
+        ...
+
+
+class SynthesisSkipped(Exception):
+    """This target cannot be used by this synthesizer (e.g. no organ to host a lesion)."""
+
+
+def lesion_voxel_counts(seg: np.ndarray, labels: LesionLabels) -> dict[str, int]:
+    """Number of voxels of each lesion label, keyed by the label as a string (JSON-friendly)."""
+    return {str(lab): int(np.count_nonzero(seg == lab)) for lab in labels.lesions}

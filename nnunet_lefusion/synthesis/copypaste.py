@@ -1,0 +1,123 @@
+"""Lesion copy-paste baseline (TumorCP / CarveMix style, anatomy-aware).
+
+A real lesion, with its labels and intensities, is carried from a donor training case into the host organ of the
+target case: the donor's organ centre is mapped onto the target's (with an in-plane rotation about it and the
+in-plane spacing ratio), lesion voxels that would fall outside the target's organ are dropped, and intensities are
+matched by the robust intensity range of the two hearts/organs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from nnunet_lefusion.labels import LesionLabels
+from nnunet_lefusion.synthesis.base import RawCase, Synthetic, SynthesisSkipped, lesion_voxel_counts
+
+
+@dataclass
+class _Donor:
+    """What copy-paste keeps of a donor: its lesion region (cropped) and where it sits relative to the organ."""
+
+    identifier: str
+    image: np.ndarray  # (C, z, y, x) crop around the lesion
+    seg: np.ndarray  # (z, y, x) lesion labels in the crop, 0 elsewhere
+    offset: np.ndarray  # crop origin minus organ centre, voxels (z, y, x)
+    in_plane_spacing: np.ndarray  # (y, x)
+    intensity_range: np.ndarray  # (C, 2) robust low/high of the organ region
+
+
+def _organ_region(seg: np.ndarray, labels: LesionLabels) -> np.ndarray:
+    region = np.isin(seg, labels.host)
+    if labels.cavity is not None:
+        region |= seg == labels.cavity
+    return region
+
+
+def _intensity_range(image: np.ndarray, region: np.ndarray) -> np.ndarray:
+    return np.stack([np.percentile(ch[region], (1, 99)) for ch in image]).astype(np.float64)
+
+
+class CopyPasteSynthesizer:
+    """Moves a real lesion of another training case into the target's organ."""
+
+    name = "copypaste"
+
+    def __init__(self, donors: list[RawCase], labels: LesionLabels, max_rotation_deg: float = 30.0,
+                 min_kept_fraction: float = 0.3, attempts: int = 8):
+        self.labels = labels
+        self.max_rotation = np.deg2rad(max_rotation_deg)
+        self.min_kept_fraction = min_kept_fraction
+        self.attempts = attempts
+        self.donors = [d for d in (self._make_donor(c) for c in donors) if d is not None]
+        if not self.donors:
+            raise SynthesisSkipped("no training case has lesion voxels to copy")
+
+    def _make_donor(self, case: RawCase) -> _Donor | None:
+        seg = case.seg[0]
+        lesion = np.isin(seg, self.labels.lesions)
+        if not lesion.any():
+            return None
+        organ = _organ_region(seg, self.labels)
+        box = ndimage.find_objects(lesion.astype(np.uint8))[0]
+        centre = np.array(ndimage.center_of_mass(organ))
+        return _Donor(case.identifier, case.image[(slice(None), *box)].copy(), np.where(lesion[box], seg[box], 0),
+                      np.array([s.start for s in box]) - centre, np.array(case.spacing[1:]),
+                      _intensity_range(case.image, organ))
+
+    def synthesize(self, target: RawCase, rng: np.random.Generator) -> Synthetic:
+        seg = target.seg[0]
+        organ = _organ_region(seg, self.labels)
+        host = np.isin(seg, self.labels.host)
+        if not host.any():
+            raise SynthesisSkipped(f"{target.identifier} has no organ (labels {self.labels.host})")
+        centre = np.array(ndimage.center_of_mass(organ))
+        target_range = _intensity_range(target.image, organ)
+        candidates = [d for d in self.donors if d.identifier != target.identifier] or self.donors
+        for _ in range(self.attempts):
+            donor = candidates[rng.integers(len(candidates))]
+            angle = rng.uniform(-self.max_rotation, self.max_rotation)
+            pasted = self._paste(donor, target, centre, angle, host, target_range)
+            if pasted is not None:
+                image, new_seg, kept = pasted
+                out = target.with_arrays(image, new_seg[None])
+                return Synthetic(out, {"method": self.name, "donor": donor.identifier,
+                                       "rotation_deg": round(float(np.rad2deg(angle)), 2),
+                                       "kept_fraction": round(kept, 3),
+                                       "lesion_voxels": lesion_voxel_counts(new_seg, self.labels)})
+        raise SynthesisSkipped(f"no donor lesion fits into the organ of {target.identifier}")
+
+    def _paste(self, donor: _Donor, target: RawCase, centre: np.ndarray, angle: float, host: np.ndarray,
+               target_range: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+        """Map the donor lesion into the target grid; None if too little of it lands inside the organ."""
+        shape = host.shape
+        scale = donor.in_plane_spacing / np.array(target.spacing[1:])  # donor voxels -> target voxels
+        cos, sin = np.cos(angle), np.sin(angle)
+        # Target in-plane grid around the organ centre, mapped back into donor crop coordinates.
+        ys, xs = np.mgrid[0:shape[1], 0:shape[2]].astype(np.float64)
+        dy, dx = ys - centre[1], xs - centre[2]
+        src_y = (cos * dy + sin * dx) / scale[0] - donor.offset[1]
+        src_x = (-sin * dy + cos * dx) / scale[1] - donor.offset[2]
+        new_seg = target.seg[0].copy()
+        image = target.image.copy()
+        kept = 0
+        for dz in range(donor.seg.shape[0]):
+            z = int(round(centre[0] + donor.offset[0] + dz))
+            if not 0 <= z < shape[0]:
+                continue
+            labels = ndimage.map_coordinates(donor.seg[dz], [src_y, src_x], order=0, cval=0).astype(new_seg.dtype)
+            inside = (labels > 0) & host[z]
+            if not inside.any():
+                continue
+            kept += int(inside.sum() * scale.prod())
+            new_seg[z][inside] = labels[inside]
+            for c in range(image.shape[0]):
+                values = ndimage.map_coordinates(donor.image[c, dz], [src_y, src_x], order=1, mode="nearest")
+                lo, hi = donor.intensity_range[c]
+                tlo, thi = target_range[c]
+                image[c, z][inside] = ((values[inside] - lo) / max(hi - lo, 1e-6) * (thi - tlo) + tlo)
+        kept_fraction = kept / max(int(np.count_nonzero(donor.seg)), 1)
+        if kept_fraction < self.min_kept_fraction:
+            return None
+        return image.astype(target.image.dtype, copy=False), new_seg, kept_fraction

@@ -1,0 +1,82 @@
+"""Histogram condition: bins, normalisation, empty classes, official perturbation, clusters."""
+import json
+
+import numpy as np
+import pytest
+
+from nnunet_lefusion.diffusion.histograms import (
+    HistogramClusters, choose_condition, class_histogram, cluster_histograms, lesion_histograms,
+    perturb_histogram)
+from nnunet_lefusion.errors import LeFusionError
+
+
+def test_bin_edges_and_last_bin_includes_one():
+    edges = -1 + 0.125 * np.arange(16)
+    hist = class_histogram(np.concatenate([edges, [1.0]]))
+    expected = np.full(16, 1 / 17)
+    expected[15] = 2 / 17
+    np.testing.assert_allclose(hist, expected, rtol=1e-6)
+    assert class_histogram(np.array([-0.875 - 1e-9]))[0] == 1.0
+
+
+def test_lesion_histograms_per_class_sum_one_and_empty_class_zero():
+    rng = np.random.default_rng(0)
+    image = np.clip(rng.normal(0.3, 0.2, size=(4, 8, 8)), -1, 1)
+    label = np.zeros((4, 8, 8), dtype=np.uint8)
+    label[1:3, 2:6, 2:6] = 3
+    cond = lesion_histograms(image, label, [3, 4])
+    assert cond.shape == (32,) and cond.dtype == np.float32
+    assert np.isfinite(cond).all()
+    assert cond[:16].sum() == pytest.approx(1.0, abs=1e-6)
+    assert (cond[16:] == 0).all()
+    counts, _ = np.histogram(image[label == 3], bins=16, range=(-1, 1))
+    np.testing.assert_allclose(cond[:16], counts / counts.sum(), rtol=1e-6)
+    assert not np.isnan(lesion_histograms(image, np.zeros_like(label), [3, 4])).any()
+
+
+def test_perturbation_matches_official_properties():
+    hist = np.zeros(32, dtype=np.float32)
+    hist[10:15] = [0.01, 0.29, 0.6, 0.08, 0.02]
+    hist[26:28] = [0.067, 0.933]
+    out = perturb_histogram(hist, np.random.default_rng(5))
+    change = np.abs(out - hist)
+    assert (out[hist == 0] == 0).all()
+    assert (change <= 0.1 * np.abs(hist) + 1e-7).all()
+    full = np.full(16, 1 / 16)
+    full_change = np.abs(perturb_histogram(full, np.random.default_rng(2)) - full) / full
+    assert full_change.max() == pytest.approx(0.1, rel=1e-4)
+    assert not np.allclose(out, hist)
+    np.testing.assert_array_equal(out, perturb_histogram(hist, np.random.default_rng(5)))
+    assert not np.array_equal(out, perturb_histogram(hist, np.random.default_rng(6)))
+
+
+def test_clusters_round_trip_and_choice():
+    rng = np.random.default_rng(1)
+    dark = [lesion_histograms(rng.uniform(-0.9, -0.5, (2, 4, 4)), np.full((2, 4, 4), 3), [3]) for _ in range(6)]
+    bright = [lesion_histograms(rng.uniform(0.5, 0.9, (2, 4, 4)), np.full((2, 4, 4), 3), [3]) for _ in range(4)]
+    clusters = cluster_histograms(np.stack(dark + bright), n_clusters=2, seed=0)
+    assert sorted(clusters.counts) == [4, 6]
+    restored = HistogramClusters.from_dict(json.loads(json.dumps(clusters.to_dict())))
+    assert restored == clusters and restored.cond_dim == 16
+    bright_idx = int(np.argmax([np.dot(c, np.arange(16)) for c in clusters.centers]))
+    picked = choose_condition(clusters, np.random.default_rng(0), cluster=bright_idx, perturb=False)
+    np.testing.assert_allclose(picked, clusters.centers[bright_idx], rtol=1e-6)
+    assert picked[:8].sum() == 0
+    drawn = choose_condition(clusters, np.random.default_rng(3))
+    assert drawn.shape == (16,) and np.isfinite(drawn).all()
+    given = np.eye(16, dtype=np.float32)[4]
+    np.testing.assert_array_equal(choose_condition(clusters, np.random.default_rng(0), histogram=given), given)
+    with pytest.raises(LeFusionError):
+        choose_condition(clusters, np.random.default_rng(0), cluster=7)
+    with pytest.raises(LeFusionError):
+        choose_condition(clusters, np.random.default_rng(0), histogram=[0.5] * 8)
+
+
+def test_fewer_distinct_histograms_than_clusters_and_official_centres():
+    same = np.tile(np.eye(16, dtype=np.float32)[3], (5, 1))
+    assert len(cluster_histograms(same, n_clusters=4).centers) == 1
+    official = HistogramClusters.from_official([[0.0] * 10 + [0.3, 0.7] + [0.0] * 4,
+                                                [0.0] * 10 + [0.067, 0.933] + [0.0] * 4], num_classes=2)
+    assert official.cond_dim == 32 and len(official.centers) == 1
+    with pytest.raises(LeFusionError):
+        cluster_histograms(np.zeros((0, 16)), 2)

@@ -1,0 +1,65 @@
+"""Lesion-focused loss: official formula, masking, gradients, empty classes."""
+import pytest
+import torch
+
+from nnunet_lefusion.diffusion.loss import lesion_channel_masks, lesion_l1_loss
+from nnunet_lefusion.errors import LeFusionError
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(0)
+    label = torch.zeros(2, 3, 6, 6, dtype=torch.long)
+    label[0, 1, 1:4, 1:4] = 3
+    label[0, 1, 2, 2] = 4
+    label[1, 0:2, 3:5, 3:5] = 3  # case 1 has no class 4
+    eps = torch.randn(2, 2, 3, 6, 6, generator=gen)
+    eps_hat = torch.randn(2, 2, 3, 6, 6, generator=gen)
+    return label, eps, eps_hat
+
+
+def test_channel_masks_follow_lesion_label_order():
+    label, _, _ = _batch()
+    masks = lesion_channel_masks(label, [3, 4])
+    assert masks.shape == (2, 2, 3, 6, 6)
+    assert masks[:, 0].sum() == 8 + 8 and masks[:, 1].sum() == 1
+    assert torch.equal(lesion_channel_masks(label, [4, 3])[:, 0], masks[:, 1])
+    with pytest.raises(LeFusionError):
+        lesion_channel_masks(label[:, 0], [3])
+
+
+def test_official_volume_normalisation_and_lesion_variant():
+    label, eps, eps_hat = _batch()
+    masks = lesion_channel_masks(label, [3, 4])
+    expected = sum((masks[:, k] * (eps[:, k] - eps_hat[:, k])).abs().mean() for k in range(2))
+    torch.testing.assert_close(lesion_l1_loss(eps_hat, eps, masks), expected)
+    per_lesion = sum((masks[:, k] * (eps[:, k] - eps_hat[:, k])).abs().sum() / masks[:, k].sum() for k in range(2))
+    torch.testing.assert_close(lesion_l1_loss(eps_hat, eps, masks, "lesion"), per_lesion)
+    with pytest.raises(LeFusionError):
+        lesion_l1_loss(eps_hat, eps, masks, "bogus")
+
+
+def test_loss_ignores_background_and_gradient_vanishes_there():
+    label, eps, eps_hat = _batch()
+    masks = lesion_channel_masks(label, [3, 4])
+    for norm in ("volume", "lesion"):
+        changed = torch.where(masks.bool(), eps_hat, eps_hat + 100.0)
+        torch.testing.assert_close(lesion_l1_loss(changed, eps, masks, norm), lesion_l1_loss(eps_hat, eps, masks, norm))
+        leaf = eps_hat.clone().requires_grad_(True)
+        lesion_l1_loss(leaf, eps, masks, norm).backward()
+        assert (leaf.grad[~masks.bool()] == 0).all()
+        assert (leaf.grad[masks.bool()] != 0).all()
+    assert lesion_l1_loss(eps, eps, masks) == 0
+
+
+def test_absent_class_adds_nothing_and_no_nan():
+    label, eps, eps_hat = _batch()
+    only_mi = torch.where(label == 4, torch.full_like(label, 3), label)
+    for norm in ("volume", "lesion"):
+        masks = lesion_channel_masks(only_mi, [3, 4])
+        leaf = eps_hat.clone().requires_grad_(True)
+        loss = lesion_l1_loss(leaf, eps, masks, norm)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(leaf.grad).all()
+        torch.testing.assert_close(loss, lesion_l1_loss(eps_hat[:, :1], eps[:, :1], masks[:, :1], norm))
+        empty = lesion_channel_masks(torch.zeros_like(label), [3, 4])
+        assert lesion_l1_loss(eps_hat, eps, empty, norm) == 0
