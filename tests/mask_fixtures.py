@@ -1,6 +1,6 @@
-"""Hand-built Emidec-like label maps for the mask tests: stacked myocardial rings around an LV cavity.
+"""Label maps for the mask tests: hand-built stacked myocardial rings around an LV cavity, and phantom cases.
 
-Geometry is computed here from the known radii (polar coordinates), independently of ``masks.geometry``.
+Ring geometry is computed here from the known radii (polar coordinates), independently of ``masks.geometry``.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nnunet_lefusion.labels import LesionLabels
+from nnunet_lefusion.phantom import PhantomCase, generate_case
 
 EMIDEC = LesionLabels.emidec()
 CAVITY, MYOCARDIUM, MI, MVO = 1, 2, 3, 4
@@ -36,7 +37,7 @@ class Ring:
         result = (self.label_map if base is None else base).copy()
         radius, angle = self.polar()
         start, stop = degrees
-        in_angle = (np.mod(angle - start, 360.0) <= np.mod(stop - start, 360.0))
+        in_angle = np.mod(angle - start, 360.0) <= stop - start
         for z in slices if slices is not None else range(result.shape[0]):
             fraction = (radius - self.inner[z]) / (self.outer[z] - self.inner[z])
             wall = np.isin(result[z], (MYOCARDIUM, MI, MVO))
@@ -59,3 +60,9 @@ def ring_case(slices: int = 6, size: int = 40, inner: float = 6.5, outer: float 
         label_map[z][radius < outer_r[z]] = MYOCARDIUM
         label_map[z][radius < inner_r[z]] = CAVITY
     return Ring(label_map, centre, inner_r, outer_r)
+
+
+def phantom_cases(count: int = 6, seed: int = 0) -> list[PhantomCase]:
+    """Small heart-FOV phantom cases, alternating pathological and normal."""
+    return [generate_case(np.random.default_rng([seed, i]), pathological=i % 2 == 0, fov="heart")
+            for i in range(count)]

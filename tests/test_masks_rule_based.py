@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mask_fixtures import CAVITY, EMIDEC, MI, MVO, MYOCARDIUM, ring_case
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.masks import (RuleBasedMaskGenerator, host_mask, lesion_slice_count, lesion_volume_fraction,
                                    myocardial_coordinates, place_lesions, transmurality)
 from nnunet_lefusion.masks.rule_based import CONNECTIVITY
+from tests.mask_fixtures import CAVITY, EMIDEC, MI, MVO, MYOCARDIUM, phantom_cases, ring_case
 
 RING = ring_case()
 
@@ -39,13 +39,17 @@ def test_coordinates_follow_the_ring_geometry():
     assert np.isnan(coords.angle[~coords.host]).all()
 
 
-def test_apex_slice_without_cavity_measures_depth_from_its_centre():
+def test_apex_slice_without_cavity_borrows_the_cavity_of_the_next_slice():
     coords = myocardial_coordinates(RING.label_map, EMIDEC)
     radius, _ = RING.polar()
     apex = RING.label_map.shape[0] - 1
+    under_cavity = RING.label_map[apex - 1] == CAVITY
     disk = coords.host[apex]
-    depth = (coords.inner[apex][disk] + coords.outer[apex][disk]) / 2
-    assert np.corrcoef(depth, radius[disk])[0, 1] > 0.95
+    np.testing.assert_allclose(coords.centres[apex], RING.centre)
+    assert np.all(coords.inner[apex][disk & under_cavity] == 0)
+    rim = disk & ~under_cavity
+    depth = (coords.inner[apex][rim] + coords.outer[apex][rim]) / 2
+    assert np.corrcoef(depth, radius[rim])[0, 1] > 0.95
 
 
 def test_lesions_stay_inside_the_organ_with_mvo_inside_mi_over_many_seeds():
@@ -57,6 +61,18 @@ def test_lesions_stay_inside_the_organ_with_mvo_inside_mi_over_many_seeds():
         if (lesion_map == MVO).any():
             grown = ndimage.binary_dilation(lesion_map == MVO, structure=np.ones((3, 3, 3)))
             assert (lesion_map[grown & (lesion_map != MVO)] == MI).any()
+
+
+def test_phantom_cases_get_valid_single_piece_lesions():
+    generator = RuleBasedMaskGenerator()
+    for index, case in enumerate(phantom_cases()):
+        for seed in range(4):
+            lesion_map = generator.generate(case.label, np.random.default_rng([index, seed]), (MVO,), case.spacing)
+            placed = place_lesions(case.label, lesion_map, EMIDEC)
+            np.testing.assert_array_equal(placed >= MI, lesion_map > 0)
+            assert np.isin(case.label[lesion_map > 0], EMIDEC.host).all()
+            for region in (lesion_map > 0, lesion_map == MVO):
+                assert ndimage.label(region, structure=CONNECTIVITY)[1] == 1
 
 
 def test_each_lesion_is_one_3d_connected_piece():
@@ -138,7 +154,8 @@ def test_works_with_other_labels_and_without_cavity_label():
 
 
 @pytest.mark.parametrize("kwargs", [dict(size=(0.3, 0.1)), dict(transmurality=(0.0, 0.5)), dict(slices=(0, 2)),
-                                    dict(core_probability=1.5), dict(territories=("LM",)), dict(territories=())])
+                                    dict(slices=(1.5, 2)), dict(core_size=(0.5, 1.0)), dict(core_probability=1.5),
+                                    dict(territories=("LM",)), dict(territories=())])
 def test_bad_settings_raise(kwargs):
     with pytest.raises(LeFusionError):
         RuleBasedMaskGenerator(**kwargs)

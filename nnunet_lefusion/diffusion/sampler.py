@@ -68,9 +68,14 @@ class SamplerConfig:
 
 @dataclass
 class SampleResult:
-    """Sampled ROIs (B, D, H, W) in [-1, 1] (input voxels outside the lesions) and the evaluations made."""
+    """Sampled ROIs and the network evaluations made (per ROI; the batch shares them).
+
+    ``image`` (B, D, H, W): input voxels outside the lesions, channel k of ``channels`` on lesion class k.
+    ``channels`` (B, K, D, H, W): the final clamped x0 of every channel over the whole ROI.
+    """
 
     image: torch.Tensor
+    channels: torch.Tensor
     evaluations: int
 
 
@@ -120,8 +125,7 @@ class RePaintSampler:
         """
         if image.dim() != 4 or image.shape != label.shape:
             raise LeFusionError(f"image {tuple(image.shape)} and label {tuple(label.shape)} must be (B, D, H, W).")
-        sched = self.schedule.to(image.device)
-        self.schedule = sched
+        self.schedule = sched = self.schedule.to(image.device)
         masks = lesion_channel_masks(label.to(image.device), lesion_labels).bool()
         b, k = masks.shape[:2]
         known = ~masks.any(dim=1, keepdim=True)
@@ -148,4 +152,4 @@ class RePaintSampler:
             out = image.clone()
             for c in range(k):
                 out[masks[:, c]] = x[:, c][masks[:, c]].to(out.dtype)
-        return SampleResult(out, evaluations)
+        return SampleResult(out, x, evaluations)

@@ -35,25 +35,34 @@ def _check_label_map(label_map: np.ndarray) -> None:
         raise LeFusionError(f"a label map must be a 3D (Z, Y, X) array, got shape {label_map.shape}")
 
 
-def _cavity(label_slice: np.ndarray, labels: LesionLabels) -> np.ndarray:
-    if labels.cavity is None:
-        return np.zeros(label_slice.shape, dtype=bool)
-    return label_slice == labels.cavity
+def cavity_masks(label_map: np.ndarray, labels: LesionLabels) -> np.ndarray:
+    """The LV cavity of every slice that holds host organ, (Z, Y, X) bool.
 
-
-def _centroid(mask: np.ndarray) -> np.ndarray:
-    return np.argwhere(mask).mean(axis=0)
+    A slice without cavity (apex) borrows the cavity of the nearest slice that has one: the tissue under it
+    is the endocardial side of the apical cap. Without any cavity label, a slice's cavity is the voxel at
+    the centroid of its host organ.
+    """
+    _check_label_map(label_map)
+    host = host_mask(label_map, labels)
+    own = label_map == labels.cavity if labels.cavity is not None else np.zeros(label_map.shape, dtype=bool)
+    with_cavity = np.flatnonzero(own.any(axis=(1, 2)))
+    cavities = np.zeros(label_map.shape, dtype=bool)
+    for z in np.flatnonzero(host.any(axis=(1, 2))):
+        if with_cavity.size:
+            cavities[z] = own[with_cavity[np.argmin(np.abs(with_cavity - z))]]
+        else:
+            cy, cx = np.round(np.argwhere(host[z]).mean(axis=0)).astype(int)
+            cavities[z, cy, cx] = True
+    return cavities
 
 
 def slice_centres(label_map: np.ndarray, labels: LesionLabels) -> np.ndarray:
-    """LV centre (y, x) in voxels per slice, shape (Z, 2): the cavity centroid, else the host-organ centroid
-    (apical slices without cavity); NaN on slices without host organ."""
-    _check_label_map(label_map)
-    host = host_mask(label_map, labels)
+    """LV centre (y, x) in voxels per slice, shape (Z, 2): the centroid of ``cavity_masks``; NaN on slices
+    without host organ."""
+    cavities = cavity_masks(label_map, labels)
     centres = np.full((label_map.shape[0], 2), np.nan)
-    for z in np.flatnonzero(host.any(axis=(1, 2))):
-        cavity = _cavity(label_map[z], labels)
-        centres[z] = _centroid(cavity if cavity.any() else host[z])
+    for z in np.flatnonzero(cavities.any(axis=(1, 2))):
+        centres[z] = np.argwhere(cavities[z]).mean(axis=0)
     return centres
 
 
@@ -73,7 +82,7 @@ class MyocardialCoordinates:
     ``angle`` is in [0, 2pi) around the slice's LV centre (module docstring gives the axes). ``inner`` and
     ``outer`` are the normalised transmural depths of a voxel's endocardial and epicardial edges
     (0 = endocardium, 1 = epicardium), from in-plane distance transforms to the cavity and to the outside.
-    On slices without cavity (apex) the depth is measured from the centre point instead.
+    Slices without cavity (apex) measure depth from a borrowed cavity (``cavity_masks``).
     """
 
     host: np.ndarray
@@ -91,7 +100,7 @@ class MyocardialCoordinates:
 def myocardial_coordinates(label_map: np.ndarray, labels: LesionLabels,
                            spacing: Spacing = (1.0, 1.0, 1.0)) -> MyocardialCoordinates:
     """Angle and normalised transmural depth of every host-organ voxel of a (Z, Y, X) label map."""
-    centres = slice_centres(label_map, labels)
+    cavities = cavity_masks(label_map, labels)
     host = host_mask(label_map, labels)
     if not host.any():
         raise LeFusionError(f"the label map has no host-organ voxels (labels {labels.host})")
@@ -99,11 +108,11 @@ def myocardial_coordinates(label_map: np.ndarray, labels: LesionLabels,
     step = (sy + sx) / 2
     angle, inner, outer = (np.full(label_map.shape, np.nan) for _ in range(3))
     rows, cols = np.indices(label_map.shape[1:], dtype=float)
-    for z in np.flatnonzero(~np.isnan(centres[:, 0])):
+    centres = np.full((label_map.shape[0], 2), np.nan)
+    for z in np.flatnonzero(host.any(axis=(1, 2))):
+        cavity = cavities[z]
+        centres[z] = np.argwhere(cavity).mean(axis=0)
         cy, cx = centres[z]
-        cavity = _cavity(label_map[z], labels)
-        if not cavity.any():
-            cavity[int(round(cy)), int(round(cx))] = True
         to_cavity = ndimage.distance_transform_edt(~cavity, sampling=(sy, sx))
         to_outside = ndimage.distance_transform_edt(np.pad(host[z] | cavity, 1), sampling=(sy, sx))[1:-1, 1:-1]
         thickness = np.maximum(to_cavity + to_outside - step, step)

@@ -55,7 +55,7 @@ def aligned_lesion_voxels(label_map: np.ndarray, labels: LesionLabels, lesion: i
     """Integer (z, y, x) offsets of the lesion region's voxels from the LV centre (``geometry.lv_centre``,
     rounded), shape (N, 3); comparing these between cases compares lesion shape and position around the LV
     regardless of where the heart sits in the image. Only translation is removed: no rotation or scaling."""
-    centre = np.round(lv_centre(label_map, labels)).astype(int)
+    centre = np.floor(lv_centre(label_map, labels) + 0.5).astype(int)
     return np.argwhere(lesion_region(label_map, labels, lesion)) - centre
 
 

@@ -32,7 +32,7 @@ _DRIFT = 0.15  # s.d. of the wedge centre's drift from one slice to the next, re
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest face-connected 3D component of a boolean mask (empty stays empty)."""
+    """The largest 3D component of a boolean mask under ``CONNECTIVITY`` (empty stays empty)."""
     components, count = ndimage.label(mask, structure=CONNECTIVITY)
     if count <= 1:
         return mask.copy()
@@ -75,13 +75,18 @@ class RuleBasedMaskGenerator:
         _check_range("transmurality", self.transmurality, 0.0, 1.0)
         _check_range("core_size", self.core_size, 0.0, 1.0)
         _check_range("slices", self.slices, 1, np.inf)
+        if not all(isinstance(count, (int, np.integer)) for count in self.slices):
+            raise LeFusionError(f"slices must be whole numbers, got {self.slices}")
         if self.size[0] <= 0 or self.transmurality[0] <= 0 or self.core_size[0] <= 0:
             raise LeFusionError("size, transmurality and core_size must be above 0")
+        if self.core_size[1] >= 1:
+            raise LeFusionError(f"core_size must stay below 1 to leave a lesion around the core, got {self.core_size}")
         if not 0.0 <= self.core_probability <= 1.0:
             raise LeFusionError(f"core_probability must be in [0, 1], got {self.core_probability}")
         unknown = set(self.territories) - set(TERRITORIES)
         if not self.territories or unknown:
-            raise LeFusionError(f"territories must be a non-empty subset of {sorted(TERRITORIES)}, got {self.territories}")
+            raise LeFusionError(f"territories must be a non-empty subset of {sorted(TERRITORIES)}, "
+                                f"got {self.territories}")
 
     def generate(self, label_map: np.ndarray, rng: np.random.Generator,
                  want_classes: Sequence[int] | None = None, spacing: Spacing = (1.0, 1.0, 1.0)) -> np.ndarray:
@@ -161,7 +166,10 @@ class RuleBasedMaskGenerator:
         mid_slice = (z.max() + z.min()) / 2 + rng.uniform(-0.25, 0.25) * half_span
         offset = offset - rng.uniform(-0.25, 0.25) * spread
         score = (offset / spread) ** 2 + (depth / max(depth.max(), 1e-6)) ** 2 + ((z - mid_slice) / half_span) ** 2
-        keep = np.argsort(score)[:max(1, round(rng.uniform(*self.core_size) * z.size))]
+        count = min(max(1, round(rng.uniform(*self.core_size) * z.size)), z.size - 1)
+        if count == 0:
+            raise LeFusionError("the lesion is a single voxel, too small to hold an inner lesion")
+        keep = np.argsort(score)[:count]
         core = np.zeros(region.shape, dtype=bool)
         core[z[keep], y[keep], x[keep]] = True
         return largest_component(core)

@@ -1,0 +1,388 @@
+"""LeFusion's 3D denoiser: the "video" Unet3D of the official code, re-implemented with the same state-dict keys.
+
+Tensors are (B, C, D=slices, H, W). Convolutions are pseudo-3D (1x3x3), so slices mix only through attention:
+per-slice linear attention, attention across slices (rotary embedding + T5 relative-position bias) and full
+attention over the pixels of each slice at the bottleneck. The time embedding, concatenated with the
+histogram condition, enters every ResNet block through FiLM (scale, shift).
+
+Two execution paths share the weights: ``fused=False`` mirrors the official math step by step;
+``fused=True`` (default) uses ``scaled_dot_product_attention``, table-based rotary and fewer layout copies.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.model.config import ModelConfig
+
+ROTARY_MAX_DIM = 32
+BIAS_BUCKETS = 32
+BIAS_MAX_DISTANCE = 32
+
+
+class Passthrough(nn.Module):
+    """Stands in for a disabled block: returns its input unchanged and holds no weights."""
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        return x
+
+
+class Residual(nn.Module):
+    def __init__(self, fn: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        return self.fn(x, *args) + x
+
+
+class ChannelLayerNorm(nn.Module):
+    """Layer norm over the channels of (B, C, D, H, W), gain only, biased variance (official ``LayerNorm``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.gamma = nn.Parameter(torch.ones(1, dim, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.gamma
+
+
+class PreNorm(nn.Module):
+    def __init__(self, dim: int, fn: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+        self.norm = ChannelLayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        return self.fn(self.norm(x), *args)
+
+
+class SinusoidalEmbedding(nn.Module):
+    """[sin | cos] embedding of integer time steps, frequencies exp(-k ln(1e4) / (dim/2 - 1))."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(torch.arange(half, device=t.device) * (-math.log(10000) / (half - 1)))
+        angles = t[:, None] * freqs[None, :]
+        return torch.cat((angles.sin(), angles.cos()), dim=-1)
+
+
+class RelativePositionBias(nn.Module):
+    """T5 bucketed relative-position bias between slices, one learned scalar per (bucket, head)."""
+
+    def __init__(self, heads: int, num_buckets: int = BIAS_BUCKETS, max_distance: int = BIAS_MAX_DISTANCE) -> None:
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.relative_attention_bias = nn.Embedding(num_buckets, heads)
+
+    def buckets(self, n: int, device: torch.device) -> torch.Tensor:
+        """(n, n) bucket index of query i and key j: half the buckets per sign, log-spaced beyond half of those."""
+        pos = torch.arange(n, device=device)
+        dist = pos[:, None] - pos[None, :]
+        half = self.num_buckets // 2
+        exact = half // 2
+        sign_offset = (dist < 0).long() * half
+        dist = dist.abs()
+        log_ratio = torch.log(dist.clamp(min=1).float() / exact) / math.log(self.max_distance / exact)
+        far = (exact + (log_ratio * (half - exact)).long()).clamp(max=half - 1)
+        return sign_offset + torch.where(dist < exact, dist, far)
+
+    def forward(self, n: int, device: torch.device) -> torch.Tensor:
+        """Bias (heads, n, n) to add to the attention logits over n slices."""
+        return self.relative_attention_bias(self.buckets(n, device)).permute(2, 0, 1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary embedding over interleaved feature pairs (rotary-embedding-torch 0.1.5); ``freqs`` is a buffer."""
+
+    def __init__(self, dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        self.register_buffer("freqs", 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim))
+
+    def angles(self, n: int) -> torch.Tensor:
+        """(n, dim) rotation angles of positions 0..n-1, each frequency repeated for its pair."""
+        pos = torch.arange(n, device=self.freqs.device, dtype=self.freqs.dtype)
+        return (pos[:, None] * self.freqs[None, :]).repeat_interleave(2, dim=-1)
+
+    def rotate_eager(self, t: torch.Tensor) -> torch.Tensor:
+        """Rotate (..., n, d) exactly as the official code does (rotate_half with stack, then concatenate)."""
+        angles = self.angles(t.shape[-2]).to(t)
+        width = angles.shape[-1]
+        head, tail = t[..., :width], t[..., width:]
+        pairs = head.unflatten(-1, (-1, 2))
+        half_turn = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+        return torch.cat((head * angles.cos() + half_turn * angles.sin(), tail), dim=-1)
+
+    def tables(self, n: int, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, width) cos and signed sin such that rotate(t) = t * cos + swap_pairs(t) * sin.
+
+        Features beyond the rotary width pass through (cos 1, sin 0).
+        """
+        angles = self.angles(n)
+        sign = torch.tensor([-1.0, 1.0], device=angles.device).repeat(angles.shape[-1] // 2)
+        pad = (0, width - angles.shape[-1])
+        return F.pad(angles.cos(), pad, value=1.0).to(dtype), F.pad(angles.sin() * sign, pad).to(dtype)
+
+
+def swap_pairs(t: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...) along the last axis."""
+    return t.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    """Multi-head softmax attention over the token axis -2 of (..., L, C), optional rotary embedding."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, rotary: bool) -> None:
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        self.scale = dim_head ** -0.5
+        self.fused = True
+        self.rotary_emb = RotaryEmbedding(min(ROTARY_MAX_DIM, dim_head)) if rotary else None
+        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+        qkv = self.to_qkv(x)
+        out = self._fused(qkv, pos_bias) if self.fused else self._eager(qkv, pos_bias)
+        return self.to_out(out)
+
+    def _eager(self, qkv: torch.Tensor, pos_bias: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = (t.unflatten(-1, (self.heads, self.dim_head)).transpose(-3, -2) for t in qkv.chunk(3, dim=-1))
+        q = q * self.scale
+        if self.rotary_emb is not None:
+            q, k = self.rotary_emb.rotate_eager(q), self.rotary_emb.rotate_eager(k)
+        sim = q @ k.transpose(-1, -2)
+        if pos_bias is not None:
+            sim = sim + pos_bias
+        sim = sim - sim.amax(dim=-1, keepdim=True).detach()
+        out = sim.softmax(dim=-1) @ v
+        return out.transpose(-3, -2).flatten(-2)
+
+    def _fused(self, qkv: torch.Tensor, pos_bias: torch.Tensor | None) -> torch.Tensor:
+        *lead, n, _ = qkv.shape
+        qkv = qkv.reshape(-1, n, 3, self.heads, self.dim_head)
+        if self.rotary_emb is not None:
+            cos, sin = self.rotary_emb.tables(n, self.dim_head, qkv.dtype)
+            cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+            qk = qkv[:, :, :2]
+            qk = qk * cos + swap_pairs(qk) * sin
+            q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
+            v = qkv[:, :, 2].transpose(1, 2)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        mask = None if pos_bias is None else pos_bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return out.transpose(1, 2).reshape(*lead, n, self.heads * self.dim_head)
+
+
+class TokenLayout(nn.Module):
+    """Runs ``fn`` on (B, C, D, H, W) viewed as token sequences: over slices (B, H, W, D, C) or over the
+    pixels of each slice (B, D, H*W, C); both are views, the result is viewed back."""
+
+    def __init__(self, fn: nn.Module, over: str) -> None:
+        super().__init__()
+        if over not in ("slices", "pixels"):
+            raise ValueError(f"over must be 'slices' or 'pixels', got {over!r}")
+        self.fn = fn
+        self.over = over
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        if self.over == "slices":
+            return self.fn(x.permute(0, 3, 4, 2, 1), *args).permute(0, 4, 3, 1, 2)
+        h, w = x.shape[-2:]
+        out = self.fn(x.permute(0, 2, 3, 4, 1).flatten(2, 3), *args)
+        return out.unflatten(2, (h, w)).permute(0, 4, 1, 2, 3)
+
+
+class SpatialLinearAttention(nn.Module):
+    """Linear attention over the pixels of each slice: q softmaxed over features, k over positions."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int) -> None:
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        self.scale = dim_head ** -0.5
+        self.fused = True
+        self.to_qkv = nn.Conv2d(dim, 3 * heads * dim_head, 1, bias=False)
+        self.to_out = nn.Conv2d(heads * dim_head, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, d, h, w = x.shape
+        slices = x.transpose(1, 2).reshape(b * d, c, h, w)
+        out = self._fused(slices) if self.fused else self._eager(slices)
+        return out.reshape(b, d, c, h, w).transpose(1, 2)
+
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        q, k, v = (t.reshape(n, self.heads, self.dim_head, h * w) for t in self.to_qkv(x).chunk(3, dim=1))
+        q = q.softmax(dim=-2) * self.scale
+        k = k.softmax(dim=-1)
+        context = torch.einsum("bhdn,bhen->bhde", k, v)
+        out = torch.einsum("bhde,bhdn->bhen", context, q)
+        return self.to_out(out.reshape(n, -1, h, w))
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        tokens = x.reshape(n, c, h * w)
+        q, k, v = (
+            (weight @ tokens).view(n * self.heads, self.dim_head, h * w)
+            for weight in self.to_qkv.weight.view(3, -1, c)
+        )
+        context = k.softmax(dim=-1) @ v.transpose(1, 2) * self.scale
+        out = context.transpose(1, 2) @ q.softmax(dim=-2)
+        weight = self.to_out.weight.view(c, -1)
+        return torch.baddbmm(self.to_out.bias[:, None], weight.expand(n, -1, -1), out.view(n, -1, h * w)).view(x.shape)
+
+
+class ConvBlock(nn.Module):
+    """1x3x3 convolution -> GroupNorm -> optional FiLM x (scale + 1) + shift -> SiLU."""
+
+    def __init__(self, dim: int, dim_out: int, groups: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(dim, dim_out, (1, 3, 3), padding=(0, 1, 1))
+        self.norm = nn.GroupNorm(groups, dim_out)
+
+    def forward(self, x: torch.Tensor, scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = self.norm(self.proj(x))
+        if scale_shift is not None:
+            scale, shift = scale_shift
+            x = torch.addcmul(shift, x, scale + 1)
+        return F.silu(x)
+
+
+class ResnetBlock(nn.Module):
+    """Two ConvBlocks with FiLM from the conditioning vector in the first, plus a (1x1x1) residual path."""
+
+    def __init__(self, dim: int, dim_out: int, emb_dim: int | None, groups: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * dim_out)) if emb_dim else None
+        self.block1 = ConvBlock(dim, dim_out, groups)
+        self.block2 = ConvBlock(dim_out, dim_out, groups)
+        self.res_conv = nn.Conv3d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        scale_shift = None
+        if self.mlp is not None:
+            scale_shift = self.mlp(emb)[:, :, None, None, None].chunk(2, dim=1)
+        return self.block2(self.block1(x, scale_shift)) + self.res_conv(x)
+
+
+class Unet3D(nn.Module):
+    """The LeFusion denoiser; ``forward(x, t, cond)`` predicts the noise in x (B, C, D, H, W)."""
+
+    def __init__(self, config: ModelConfig, fused: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        groups, heads, dim_head = c.resnet_groups, c.attn_heads, c.attn_dim_head
+
+        def over_slices(width: int) -> nn.Module:
+            return Residual(PreNorm(width, TokenLayout(Attention(width, heads, dim_head, rotary=True), "slices")))
+
+        def per_slice(width: int) -> nn.Module:
+            return Residual(PreNorm(width, SpatialLinearAttention(width, heads, dim_head)))
+
+        def flagged(flag: bool, make, width: int) -> nn.Module:
+            return make(width) if flag else Passthrough()
+
+        self.time_rel_pos_bias = RelativePositionBias(heads)
+        pad = c.init_kernel_size // 2
+        self.init_conv = nn.Conv3d(c.channels, c.dim, (1, c.init_kernel_size, c.init_kernel_size), padding=(0, pad, pad))
+        self.init_temporal_attn = flagged(c.temporal_attn[0], over_slices, c.dim)
+        self.time_mlp = nn.Sequential(
+            SinusoidalEmbedding(c.dim), nn.Linear(c.dim, c.time_dim), nn.GELU(), nn.Linear(c.time_dim, c.time_dim)
+        )
+        self.null_cond_emb = nn.Parameter(torch.randn(1, c.cond_dim)) if c.cond_dim else None
+        emb_dim = c.time_dim + (c.cond_dim or 0)
+
+        dims = [c.dim, *c.level_dims]
+        pairs = list(zip(dims[:-1], dims[1:]))
+        levels = len(pairs)
+        self.downs = nn.ModuleList()
+        self.ups = nn.ModuleList()  # registered before the bottleneck, as in the official key order
+        for level, (d_in, d_out) in enumerate(pairs):
+            self.downs.append(nn.ModuleList([
+                ResnetBlock(d_in, d_out, emb_dim, groups),
+                ResnetBlock(d_out, d_out, emb_dim, groups),
+                flagged(c.linear_attn[level], per_slice, d_out),
+                flagged(c.temporal_attn[level], over_slices, d_out),
+                nn.Conv3d(d_out, d_out, (1, 4, 4), (1, 2, 2), (0, 1, 1)) if level < levels - 1 else Passthrough(),
+            ]))
+        mid = dims[-1]
+        self.mid_block1 = ResnetBlock(mid, mid, emb_dim, groups)
+        self.mid_spatial_attn = Residual(PreNorm(mid, TokenLayout(Attention(mid, heads, dim_head, rotary=False), "pixels")))
+        self.mid_temporal_attn = over_slices(mid)
+        self.mid_block2 = ResnetBlock(mid, mid, emb_dim, groups)
+        for level, (d_in, d_out) in reversed(list(enumerate(pairs))):
+            self.ups.append(nn.ModuleList([
+                ResnetBlock(2 * d_out, d_in, emb_dim, groups),
+                ResnetBlock(d_in, d_in, emb_dim, groups),
+                flagged(c.linear_attn[level], per_slice, d_in),
+                flagged(c.temporal_attn[level], over_slices, d_in),
+                nn.ConvTranspose3d(d_in, d_in, (1, 4, 4), (1, 2, 2), (0, 1, 1)) if level > 0 else Passthrough(),
+            ]))
+        self.final_conv = nn.Sequential(ResnetBlock(2 * c.dim, c.dim, None, groups), nn.Conv3d(c.dim, c.out_channels, 1))
+        self.fused = fused
+
+    @property
+    def fused(self) -> bool:
+        """True: the optimised execution path; False: the plain path mirroring the official code."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        self._fused = bool(value)
+        for module in self.modules():
+            if isinstance(module, (Attention, SpatialLinearAttention)):
+                module.fused = self._fused
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted noise for x (B, C, D, H, W) at integer steps t (B,) under histogram condition cond.
+
+        ``cond`` is (B, cond_dim), or (cond_dim,) / (1, cond_dim) to share one condition across the batch;
+        ``None`` uses the learned null condition.
+        """
+        self._check_input(x, cond)
+        bias = self.time_rel_pos_bias(x.shape[2], x.device)
+        x = self.init_conv(x)
+        skip_init = x
+        x = self.init_temporal_attn(x, bias)
+        emb = self.time_mlp(t)
+        if self.null_cond_emb is not None:
+            cond = self.null_cond_emb if cond is None else cond
+            emb = torch.cat((emb, cond.to(emb).expand(x.shape[0], -1)), dim=-1)
+        skips = []
+        for block1, block2, spatial_attn, temporal_attn, downsample in self.downs:
+            x = block2(block1(x, emb), emb)
+            x = temporal_attn(spatial_attn(x), bias)
+            skips.append(x)
+            x = downsample(x)
+        x = self.mid_block1(x, emb)
+        x = self.mid_temporal_attn(self.mid_spatial_attn(x), bias)
+        x = self.mid_block2(x, emb)
+        for block1, block2, spatial_attn, temporal_attn, upsample in self.ups:
+            x = torch.cat((x, skips.pop()), dim=1)
+            x = block2(block1(x, emb), emb)
+            x = upsample(temporal_attn(spatial_attn(x), bias))
+        return self.final_conv(torch.cat((x, skip_init), dim=1))
+
+    def _check_input(self, x: torch.Tensor, cond: torch.Tensor | None) -> None:
+        c = self.config
+        factor = 2 ** (len(c.dim_mults) - 1)
+        if x.dim() != 5 or x.shape[1] != c.channels:
+            raise LeFusionError(f"The denoiser expects input (B, {c.channels}, D, H, W), got {tuple(x.shape)}.")
+        if x.shape[-1] % factor or x.shape[-2] % factor:
+            raise LeFusionError(f"Height and width must be divisible by {factor} for this network, "
+                                f"got {tuple(x.shape[-2:])}.")
+        if cond is not None and cond.shape[-1] != (c.cond_dim or 0):
+            raise LeFusionError(f"The denoiser expects a condition of {c.cond_dim} values, got {tuple(cond.shape)}.")

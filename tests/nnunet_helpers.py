@@ -1,0 +1,23 @@
+"""Helpers for tests that run the real nnU-Net and plugin commands in a throw-away nnU-Net folder tree."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def run_cli(*cmd: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a console script of this environment; return the completed process (stdout/stderr captured)."""
+    tool = BIN / cmd[0]
+    result = subprocess.run([str(tool), *cmd[1:]], env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]

@@ -1,0 +1,100 @@
+"""Copy-paste synthesis into the cache, with the real nnU-Net preprocessor and real files."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import blosc2
+import numpy as np
+import pytest
+
+from nnunet_lefusion.labels import resolve_lesion_labels
+from nnunet_lefusion.nnunet.cache import Manifest, default_cache_folder
+from nnunet_lefusion.nnunet.context import DatasetContext
+from nnunet_lefusion.nnunet.preprocess import load_raw_case
+from nnunet_lefusion.synthesis.copypaste import CopyPasteSynthesizer
+from tests.nnunet_helpers import error_lines, run_cli
+
+
+@pytest.fixture(scope="module")
+def cache_3d(phantom_dataset) -> tuple[DatasetContext, Path, Manifest]:
+    run_cli("nnUNetv2_lefusion_synthesize", "-d", "990", "-c", "3d_fullres", "-f", "0", "-n", "12", "--overwrite")
+    ctx = DatasetContext(phantom_dataset, "3d_fullres", 0)
+    folder = default_cache_folder(ctx)
+    return ctx, folder, Manifest.load(folder)
+
+
+def test_cache_holds_preprocessed_variants_of_training_cases_only(cache_3d):
+    ctx, folder, manifest = cache_3d
+    train, val = ctx.split
+    assert len(manifest.cases) == 12
+    sources = {c["source"] for c in manifest.cases.values()}
+    assert sources == set(train), "12 variants over 8 training cases must cover all of them"
+    assert not sources & set(val)
+    assert manifest.fold == 0 and manifest.configuration == "3d_fullres"
+    assert not list(folder.glob(".tmp-*")), "no temporary file may survive"
+    for syn_id, info in manifest.cases.items():
+        real = ctx.data_folder / info["source"]
+        data = blosc2.open(str(folder / f"{syn_id}.b2nd"), mode="r")[:]
+        seg = blosc2.open(str(folder / f"{syn_id}_seg.b2nd"), mode="r")[:]
+        real_data = blosc2.open(str(real) + ".b2nd", mode="r")[:]
+        assert data.dtype == np.float32 and seg.dtype == np.int16
+        assert data.shape == real_data.shape and seg.shape == (1, *data.shape[1:])
+        props = pickle.loads((folder / f"{syn_id}.pkl").read_bytes())
+        assert props["lefusion"]["source"] == info["source"] and props["lefusion"]["method"] == "copypaste"
+        locations = props["class_locations"]
+        for label in (3,):  # every copy-paste case carries an infarct: oversampling must be able to find it
+            assert len(locations[label]) > 0
+            z, y, x = np.asarray(locations[label])[:, 1:].T
+            assert np.all(seg[0, z, y, x] == label)
+
+
+def test_copypaste_changes_only_lesion_voxels_inside_the_organ(phantom_dataset):
+    ctx = DatasetContext(phantom_dataset, "3d_fullres", 0)
+    labels = resolve_lesion_labels(ctx.dataset_json)
+    cases = [load_raw_case(ctx, i) for i in sorted(ctx.split[0])]
+    synthesizer = CopyPasteSynthesizer(cases, labels)
+    rng = np.random.default_rng(0)
+    for target in cases:
+        out = synthesizer.synthesize(target, rng).case
+        changed = (out.seg != target.seg) | (out.image != target.image).any(axis=0, keepdims=True)
+        new_lesion = np.isin(out.seg, labels.lesions)
+        assert new_lesion.any()
+        assert np.all(new_lesion[changed]), "only voxels that became lesion may change"
+        assert np.all(np.isin(target.seg[changed], labels.host)), "lesions may only land in the host organ"
+
+
+def test_synthesize_appends_and_refuses_other_fold_cache(cache_3d, tmp_path):
+    ctx, folder, manifest = cache_3d
+    other = tmp_path / "cache"
+    run_cli("nnUNetv2_lefusion_synthesize", "-d", "990", "-c", "3d_fullres", "-f", "0", "-n", "2",
+            "--cache", str(other))
+    run_cli("nnUNetv2_lefusion_synthesize", "-d", "990", "-c", "3d_fullres", "-f", "0", "-n", "3",
+            "--cache", str(other), "--seed", "1")
+    assert len(Manifest.load(other).cases) == 5
+    res = run_cli("nnUNetv2_lefusion_synthesize", "-d", "990", "-c", "3d_fullres", "-f", "1", "-n", "1",
+                  "--cache", str(other), check=False)
+    assert res.returncode == 2 and len(error_lines(res)) == 1 and "fold 0" in res.stderr
+    assert len(Manifest.load(other).cases) == 5, "a refused run must leave the cache as it was"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-d", "977", "-n", "1"], "not found"),
+    (["-d", "990", "-c", "3d_lowres", "-n", "1"], "configuration"),
+    (["-d", "990", "-n", "1", "--lesion-labels", "7"], "label 7"),
+    (["-d", "990", "-n", "0"], ">= 1"),
+])
+def test_synthesize_bad_input_is_one_error_line(phantom_dataset, args, message):
+    res = run_cli("nnUNetv2_lefusion_synthesize", *args, check=False)
+    assert res.returncode == 2
+    lines = error_lines(res)
+    assert len(lines) == 1 and message in lines[0], res.stderr
+
+
+def test_dataset_without_lesions_is_refused(nnunet_dirs):
+    run_cli("nnUNetv2_lefusion_phantom", "-d", "991", "-n", "5", "--fov", "heart", "--normal-fraction", "1")
+    run_cli("nnUNetv2_plan_and_preprocess", "-d", "991", "-c", "3d_fullres", "-np", "2", "-npfp", "2")
+    res = run_cli("nnUNetv2_lefusion_synthesize", "-d", "991", "-n", "2", check=False)
+    assert res.returncode == 2
+    lines = error_lines(res)
+    assert len(lines) == 1 and "no training case" in lines[0], res.stderr

@@ -1,0 +1,48 @@
+"""Label roles from dataset.json and trainer settings from YAML + environment."""
+from __future__ import annotations
+
+import pytest
+
+from nnunet_lefusion.config import load_settings
+from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
+
+EMIDEC = {"labels": {"background": 0, "cavity": 1, "myocardium": 2, "infarction": 3, "no_reflow": 4}}
+
+
+def test_emidec_roles_are_found_from_names():
+    assert resolve_lesion_labels(EMIDEC) == LesionLabels.emidec()
+
+
+def test_other_label_sets_work():
+    liver = {"labels": {"background": 0, "liver": 1, "tumor": 2}}
+    assert resolve_lesion_labels(liver) == LesionLabels((2,), (1,), None)
+    assert resolve_lesion_labels(liver, lesions=[2], organ=[1]).host == (1, 2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dataset_json": {"labels": {"background": 0, "cavity": 1, "myocardium": 2}}}, "no lesion label"),
+    ({"dataset_json": EMIDEC, "lesions": [9]}, "label 9"),
+    ({"dataset_json": EMIDEC, "lesions": [3], "organ": [3]}, "overlap"),
+])
+def test_bad_labels_raise(kwargs, message):
+    with pytest.raises(LeFusionError, match=message):
+        resolve_lesion_labels(**kwargs)
+
+
+def test_settings_yaml_then_environment(tmp_path, monkeypatch):
+    for var in ("LEFUSION_CONFIG", "LEFUSION_RATE", "LEFUSION_MODE", "LEFUSION_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    assert load_settings().rate == 0.5
+    cfg = tmp_path / "lefusion.yaml"
+    cfg.write_text("rate: 0.3\ncache: /some/where\n")
+    assert (load_settings(cfg).rate, load_settings(cfg).cache) == (0.3, "/some/where")
+    monkeypatch.setenv("LEFUSION_RATE", "0.8")
+    assert load_settings(cfg).rate == 0.8
+    monkeypatch.setenv("LEFUSION_RATE", "2")
+    with pytest.raises(LeFusionError, match="rate"):
+        load_settings(cfg)
+    monkeypatch.delenv("LEFUSION_RATE")
+    cfg.write_text("rat: 0.3\n")
+    with pytest.raises(LeFusionError, match="unknown keys"):
+        load_settings(cfg)

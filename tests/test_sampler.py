@@ -1,0 +1,132 @@
+"""RePaint sampler with the real tiny denoiser: jump lists, evaluation counts, background, determinism."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_lefusion.diffusion.jump import (
+    count_evaluations, expected_evaluations, jump_schedule, strided_jump_schedule, strided_timesteps)
+from nnunet_lefusion.diffusion.sampler import RePaintSampler, SamplerConfig
+from nnunet_lefusion.diffusion.schedule import CosineSchedule
+from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.model import ModelConfig
+from nnunet_lefusion.roi import crop, crop_image, locate_roi, paste_image
+
+REFERENCE = json.loads(Path("/work/shared/lefusion/lefusion_reference.json").read_text())
+SHORT = CosineSchedule(10)
+SHORT_CONFIG = SamplerConfig.official(jump_length=2, jump_n_sample=2)  # 18 evaluations on 10 steps
+
+
+@pytest.mark.parametrize("T,jl,jn,length,evals", [(300, 5, 5, 2661, 1480), (300, 2, 2, 897, 598),
+                                                   (300, 10, 10, 5521, 2910), (20, 3, 2, 57, 38)])
+def test_jump_lists_equal_official(T, jl, jn, length, evals):
+    times = jump_schedule(T, jl, jn)
+    assert times == REFERENCE[f"jump_schedule_{T}_1_{jl}_{jn}"]
+    assert len(times) == length
+    assert count_evaluations(times) == evals == expected_evaluations(T, jl, jn)
+    assert SamplerConfig.official(jl, jn).evaluations(T) == evals
+
+
+def test_fast_mode_schedule():
+    times = SamplerConfig.fast().time_list(300)
+    assert count_evaluations(times) == SamplerConfig.fast().evaluations(300) <= 150
+    taus = strided_timesteps(300, 50)
+    assert taus[0] == 0 and taus[-1] == 299 and len(set(taus)) == 50
+    assert times[0] == 299 and times[-1] == -1 and set(times) <= set(taus) | {-1}
+    ups = sum(1 for a, b in zip(times[:-1], times[1:]) if b > a)
+    assert ups == count_evaluations(times) - 50
+    assert strided_jump_schedule(300, 300, 5, 5) == jump_schedule(300, 5, 5)
+    with pytest.raises(LeFusionError):
+        strided_timesteps(10, 11)
+    with pytest.raises(LeFusionError):
+        SamplerConfig(precision="fp8").validate()
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return ModelConfig.from_yaml("tiny").build().eval()
+
+
+@pytest.fixture(scope="module")
+def case():
+    """A small native volume (6 slices, padded to the 8-slice ROI) with infarct (3) and no-reflow (4)."""
+    rng = np.random.default_rng(0)
+    label = np.zeros((6, 30, 34), dtype=np.uint8)
+    label[1:5, 8:22, 10:26] = 2
+    label[2:4, 9:15, 12:20] = 3
+    label[3, 10:12, 14:17] = 4
+    image = (rng.normal(200, 40, size=label.shape) + 300 * (label >= 3)).clip(0, None).astype(np.int16)
+    spec = locate_roi(image, label, host_labels=(2, 3, 4), size=(8, 16, 16))
+    return image, label, spec
+
+
+def _sample(net, spec, image, label, config=SHORT_CONFIG, schedule=SHORT, seed=0, batch=2):
+    roi = torch.from_numpy(crop_image(image, spec))[None].repeat(batch, 1, 1, 1)
+    roi_label = torch.from_numpy(crop(label, spec).astype(np.int64))[None].repeat(batch, 1, 1, 1)
+    cond = torch.full((32,), 1 / 16)
+    result = RePaintSampler(net, schedule, config).sample(roi, roi_label, [3, 4], cond,
+                                                          torch.Generator().manual_seed(seed))
+    return roi, roi_label, result
+
+
+def test_background_bit_identical_after_sampling_and_paste(net, case):
+    image, label, spec = case
+    assert spec.padding_mask().any()
+    calls = []
+    hook = net.register_forward_pre_hook(lambda m, args: calls.append((args[0].clone(), args[1].clone())))
+    try:
+        roi, roi_label, result = _sample(net, spec, image, label)
+    finally:
+        hook.remove()
+    assert result.evaluations == len(calls) == 18
+    assert [int(t[0]) for _, t in calls][:2] == [9, 8] and int(calls[-1][1][0]) == 0
+    lesion = roi_label >= 3
+    assert torch.equal(result.image[~lesion], roi[~lesion])
+    assert not torch.equal(result.image[lesion], roi[lesion])
+    assert result.image.abs().max() <= 1
+    for k, cls in enumerate((3, 4)):  # channel k on class k
+        sel = roi_label == cls
+        assert torch.equal(result.image[sel], result.channels[:, k][sel])
+    x_last = calls[-1][0]  # at t=0 the known region is q(x_0 | real image): standard noise after rescaling
+    known = (~lesion)[:, None].expand_as(x_last)
+    ab0 = SHORT.alpha_bar(0)
+    z = ((x_last - ab0 ** 0.5 * roi[:, None]) / (1 - ab0) ** 0.5)[known]
+    assert abs(float(z.mean())) < 0.1 and abs(float(z.std()) - 1) < 0.1
+    pasted = paste_image(image, result.image[0].numpy(), lesion[0].numpy(), spec)
+    native_lesion = (label == 3) | (label == 4)
+    assert pasted.dtype == image.dtype
+    np.testing.assert_array_equal(pasted[~native_lesion], image[~native_lesion])
+    assert (pasted[native_lesion] != image[native_lesion]).any()
+
+
+def test_seeded_sampling_is_deterministic(net, case):
+    image, label, spec = case
+    _, _, a = _sample(net, spec, image, label, seed=3, batch=1)
+    _, _, b = _sample(net, spec, image, label, seed=3, batch=1)
+    _, _, c = _sample(net, spec, image, label, seed=4, batch=1)
+    assert torch.equal(a.image, b.image) and torch.equal(a.channels, b.channels)
+    assert not torch.equal(a.image, c.image)
+
+
+def test_strided_walk_of_every_step_matches_official(net, case):
+    """DDIM with eta=1 over all timesteps is the DDPM posterior step: same path, same random draws."""
+    image, label, spec = case
+    _, _, official = _sample(net, spec, image, label, seed=1, batch=1)
+    strided = SamplerConfig(jump_length=2, jump_n_sample=2, strided_steps=10, eta=1.0)
+    _, _, ddim = _sample(net, spec, image, label, config=strided, seed=1, batch=1)
+    assert ddim.evaluations == official.evaluations
+    torch.testing.assert_close(ddim.channels, official.channels, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_fast_mode_end_to_end_at_300_steps(net, case):
+    image, label, spec = case
+    roi, roi_label, result = _sample(net, spec, image, label, config=SamplerConfig.fast(precision="bf16"),
+                                     schedule=CosineSchedule(300), batch=1)
+    assert result.evaluations == SamplerConfig.fast().evaluations(300) <= 150
+    lesion = roi_label >= 3
+    assert torch.equal(result.image[~lesion], roi[~lesion])
+    assert torch.isfinite(result.image).all()
