@@ -7,7 +7,6 @@ Target: ratio <= 1.03.  Usage: python benchmarks/trainer_overhead.py [--iteratio
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -34,15 +33,17 @@ def main() -> None:
     for var in ("LEFUSION_CONFIG", "LEFUSION_CACHE"):
         os.environ.pop(var, None)
 
-    from nnunet_lefusion.nnunet.context import DatasetContext
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    from nnunet_lefusion.nnunet.register import register
     from nnunet_lefusion.nnunet.trainer import nnUNetTrainerLeFusion, nnUNetTrainerLeFusion_r000
 
-    ctx = DatasetContext(dataset, args.configuration, 0)
+    register()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     trainers = {}
     for cls in (nnUNetTrainerLeFusion, nnUNetTrainerLeFusion_r000):
         torch.manual_seed(0)
-        trainer = cls(json.loads(ctx.plans_file.read_text()), args.configuration, 0, ctx.dataset_json, device)
+        trainer = get_trainer_from_args(dataset, args.configuration, 0, cls.__name__, device=device)
         trainer.disable_checkpointing = True
         trainer.on_train_start()
         trainer.on_train_epoch_start()

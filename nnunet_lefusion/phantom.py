@@ -1,9 +1,9 @@
 """Synthetic Emidec-like DE-MRI (LGE) short-axis phantom, written as an nnU-Net raw dataset.
 
 Each case is a short-axis stack (6-10 slices of 10-13 mm, ~1.4 mm in-plane) through a thorax: body wall (fat,
-muscle, ribs), dark lungs, mediastinum, spine, aorta, liver, stomach, and the heart: right ventricle, pericardial fat, and a
-left ventricle whose cavity and myocardial wall taper towards the apex. Pathological cases carry a bright infarct
-wedge (subendocardial to transmural) in one coronary territory, sometimes with a dark no-reflow core.
+muscle, ribs), dark lungs, mediastinum, spine, aorta, liver, stomach, and the heart: right ventricle, pericardial
+fat, and a left ventricle whose cavity and myocardial wall taper towards the apex. Pathological cases carry a
+bright infarct wedge (subendocardial to transmural) in one coronary territory, sometimes with a dark no-reflow core.
 
 The anatomy is described in millimetres in a canonical frame centred on the LV at its base (x: towards the
 lateral wall, y: inferior, septum/RV towards -x, anterior wall towards -y). It is sampled with soft edges (voxel
@@ -32,6 +32,11 @@ MAX_INTENSITY = 4095
 DEFAULT_NAME = "LeFusionPhantom"
 _SUB_SLICES = 5          # samples through the slice thickness
 _TAU = 2.0 * np.pi
+# coronary territories: probability, core wall angle (deg; 0 septal, 90 anterior, 180 lateral, 270 inferior),
+# angular half-width (deg), long-axis position of the core (0 base, 1 apex)
+_TERRITORIES = {"LAD": (0.45, (45, 110), (40, 85), (0.45, 0.75)),
+                "LCx": (0.2, (165, 225), (35, 70), (0.2, 0.55)),
+                "RCA": (0.35, (245, 300), (35, 75), (0.2, 0.5))}
 
 
 @dataclass(frozen=True)
@@ -104,8 +109,8 @@ class _Tissue:
     def sample(cls, rng: np.random.Generator) -> "_Tissue":
         u = rng.uniform
         return cls(lung=u(0.02, 0.06), myocardium=u(0.03, 0.12), infarct=u(1.15, 1.6), no_reflow=u(0.05, 0.2),
-                   fat=u(0.8, 1.3), muscle=u(0.12, 0.25), liver=u(0.3, 0.5), stomach=u(0.1, 0.4), marrow=u(0.35, 0.6),
-                   csf=u(0.05, 0.15), soft=u(0.15, 0.3), rv_blood=u(0.85, 1.0), aorta=u(0.6, 1.0))
+                   fat=u(0.8, 1.3), muscle=u(0.12, 0.25), liver=u(0.3, 0.5), stomach=u(0.1, 0.4),
+                   marrow=u(0.35, 0.6), csf=u(0.05, 0.15), soft=u(0.15, 0.3), rv_blood=u(0.85, 1.0), aorta=u(0.6, 1.0))
 
 
 @dataclass
@@ -118,20 +123,14 @@ class _Lesion:
     u_half: float        # long-axis half-length
     peak: float          # depth at the core; > 1 gives a transmural core
     skew: float          # drift of the centre angle along the long axis (rad per unit u)
-    edge: _Periodic     # irregularity of the lateral borders
+    edge: _Periodic      # irregularity of the lateral borders
     mvo_peak: float      # no-reflow depth at the core (0: none)
     mvo_fraction: float  # no-reflow extent relative to the infarct's
 
-    # territory: (probability, centre angle range in degrees, half-width range, long-axis centre range)
-    TERRITORIES = {"LAD": (0.45, (45, 110), (40, 85), (0.45, 0.75)),
-                   "LCx": (0.2, (165, 225), (35, 70), (0.2, 0.55)),
-                   "RCA": (0.35, (245, 300), (35, 75), (0.2, 0.5))}
-
     @classmethod
     def sample(cls, rng: np.random.Generator) -> "_Lesion":
-        names = list(cls.TERRITORIES)
-        name = names[rng.choice(len(names), p=[cls.TERRITORIES[n][0] for n in names])]
-        _, centre, half, u_centre = cls.TERRITORIES[name]
+        territories = list(_TERRITORIES.values())
+        _, centre, half, u_centre = territories[rng.choice(len(territories), p=[t[0] for t in territories])]
         peak = rng.uniform(0.6, 2.0)
         with_mvo = peak > 0.9 and rng.random() < 0.6
         return cls(centre=np.deg2rad(rng.uniform(*centre)), half_width=np.deg2rad(rng.uniform(*half)),
@@ -179,16 +178,18 @@ class _Heart:
                    epi_shape=_Periodic(rng, {1: 0.04, 2: 0.05, 3: 0.03}),
                    rv_size=(radius * rng.uniform(0.6, 0.85), radius * rng.uniform(1.1, 1.4)),
                    rv_lift=radius * rng.uniform(0.0, 0.25), rv_end=rng.uniform(0.75, 0.95),
-                   rv_wall=rng.uniform(2.0, 3.5), fat=rng.uniform(0.5, 3.5), fat_shape=_Periodic(rng, {1: 0.8, 2: 0.6, 4: 0.4}),
+                   rv_wall=rng.uniform(2.0, 3.5), fat=rng.uniform(0.5, 3.5),
+                   fat_shape=_Periodic(rng, {1: 0.8, 2: 0.6, 4: 0.4}),
                    papillary=(rng.uniform(2.5, 4.5), np.deg2rad(rng.uniform(120, 150)),
                               np.deg2rad(rng.uniform(220, 255))))
 
     @property
     def extent(self) -> float:
         """Radius (mm) around the base LV centre that holds the whole heart at every slice."""
-        rv = 0.3 * self.radius + 1.7 * self.rv_size[0] + self.rv_wall + 2.5 * self.fat
-        return max(rv, 1.1 * self.radius + 2.5 * self.fat, np.hypot(*self.rv_size) + self.rv_lift) \
-            + np.hypot(*self.drift) + 6.0
+        fat = 1.5 * self.fat * (1.0 + self.fat_shape.values.max())
+        lv = self.radius * (1.0 + self.epi_shape.values.max()) + fat
+        rv = np.hypot(0.3 * self.radius + 0.7 * self.rv_size[0], self.rv_lift) + self.rv_size[1] + self.rv_wall + fat
+        return max(lv, rv) + 1.2 * np.hypot(*self.drift) + 3.0
 
     def _profile(self, u: np.ndarray, length: float) -> np.ndarray:
         """Radius scale along the long axis: 1 at the base, 0 at ``length``."""
@@ -243,8 +244,8 @@ class _Heart:
                 + t.no_reflow * (occ["mvo"] - occ["endo"]) + occ["endo"])
         pap_r, *pap_angles = self.papillary
         size = pap_r * np.clip(f["endo"].max(axis=(-2, -1), keepdims=True) / (3.0 * pap_r) - 0.5, 0.0, 1.0)
+        dist = 0.55 * (self.radius - self.wall) * self._profile(u, self.length - self.apex_wall)
         for angle in pap_angles:
-            dist = 0.55 * (self.radius - self.wall) * self._profile(u, self.length - self.apex_wall)
             sd = np.hypot(f["px"] + dist * np.cos(angle), f["py"] + dist * np.sin(angle)) - size
             _paint(img, _occ(sd, h), t.myocardium)
 
@@ -277,10 +278,8 @@ class _Thorax:
         by = inner_y + back / 2
         spine_r = rng.uniform(14, 19)
         sx, sy = bx + rng.normal(0, 5), by + b - fat - muscle - back + 0.3 * spine_r
-        ribs = []
-        for angle in rng.uniform(-0.9 * np.pi, 0.4 * np.pi, size=rng.integers(4, 8)):
-            ribs.append((bx + (a - fat - muscle * 0.5) * np.cos(angle), by + (b - fat - muscle * 0.5) * np.sin(angle),
-                         rng.uniform(4, 7)))
+        ribs = [(bx + (a - fat - muscle / 2) * np.cos(angle), by + (b - fat - muscle / 2) * np.sin(angle),
+                 rng.uniform(4, 7)) for angle in rng.uniform(-0.9 * np.pi, 0.4 * np.pi, size=rng.integers(4, 8))]
         med = (0.5 * sx + rng.normal(0, 5), 0.45 * sy, heart.radius + rng.uniform(12, 25), 0.55 * sy + 10)
         aorta = (sx + rng.uniform(18, 30), sy - spine_r - rng.uniform(0, 10), rng.uniform(9, 14))
         liver = (bx - rng.uniform(10, 50), heart.radius + rng.uniform(45, 75), rng.uniform(55, 85),

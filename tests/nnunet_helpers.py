@@ -20,4 +20,6 @@ def run_cli(*cmd: str, env: dict | None = None, check: bool = True) -> subproces
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.strip()]
+    """The error lines a command printed (progress bars aside); a traceback counts as a failure to report."""
+    assert "Traceback" not in result.stderr, result.stderr
+    return [line for line in result.stderr.splitlines() if ": error:" in line]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from nnunetv2.run.run_training import get_trainer_from_args
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
 from nnunet_lefusion.errors import LeFusionError
@@ -24,8 +25,8 @@ def cache_folder(phantom_dataset) -> Path:
 
 
 def make_trainer(cls, dataset: str, fold: int = 0):
-    ctx = DatasetContext(dataset, "3d_fullres", fold)
-    return cls(json.loads(ctx.plans_file.read_text()), "3d_fullres", fold, ctx.dataset_json, torch.device("cpu"))
+    """The trainer as nnUNetv2_train builds it (class looked up by name through the registered stub)."""
+    return get_trainer_from_args(dataset, "3d_fullres", fold, cls.__name__, device=torch.device("cpu"))
 
 
 @pytest.fixture

@@ -37,20 +37,26 @@ class Residual(nn.Module):
         self.fn = fn
 
     def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
-        return self.fn(x, *args) + x
+        return x + self.fn(x, *args)  # x first: the sum keeps the layout of x
 
 
 class ChannelLayerNorm(nn.Module):
-    """Layer norm over the channels of (B, C, D, H, W), gain only, biased variance (official ``LayerNorm``)."""
+    """Layer norm over the channels of (B, C, D, H, W), gain only, biased variance (official ``LayerNorm``).
+
+    The optimised path normalises a channels-last view with ``F.layer_norm``; its result is channels-last.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
+        self.fused = True
         self.gamma = nn.Parameter(torch.ones(1, dim, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return F.layer_norm(x.movedim(1, -1), x.shape[1:2], self.gamma.view(-1), eps=self.eps).movedim(-1, 1)
         var, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.gamma
+        return (x - mean) / (var + self.eps).sqrt() * self.gamma
 
 
 class PreNorm(nn.Module):
@@ -141,24 +147,25 @@ def swap_pairs(t: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head softmax attention over the token axis -2 of (..., L, C), optional rotary embedding."""
+    """Multi-head softmax attention with optional rotary embedding (official ``Attention``).
+
+    ``forward`` is the plain path on tokens (..., L, C) attending along L. ``attend_fused`` is the optimised
+    path on tokens (D, B, P, C) attending along D (slices) or P (pixels): the query scale and the rotary
+    rotation of each slice are folded into per-slice projection weights, and q, k, v go to
+    ``scaled_dot_product_attention`` as strided views of one projection output.
+    """
 
     def __init__(self, dim: int, heads: int, dim_head: int, rotary: bool) -> None:
         super().__init__()
         self.heads, self.dim_head = heads, dim_head
         self.scale = dim_head ** -0.5
-        self.fused = True
         self.rotary_emb = RotaryEmbedding(min(ROTARY_MAX_DIM, dim_head)) if rotary else None
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
 
     def forward(self, x: torch.Tensor, pos_bias: torch.Tensor | None = None) -> torch.Tensor:
-        qkv = self.to_qkv(x)
-        out = self._fused(qkv, pos_bias) if self.fused else self._eager(qkv, pos_bias)
-        return self.to_out(out)
-
-    def _eager(self, qkv: torch.Tensor, pos_bias: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = (t.unflatten(-1, (self.heads, self.dim_head)).transpose(-3, -2) for t in qkv.chunk(3, dim=-1))
+        q, k, v = (t.unflatten(-1, (self.heads, self.dim_head)).transpose(-3, -2)
+                   for t in self.to_qkv(x).chunk(3, dim=-1))
         q = q * self.scale
         if self.rotary_emb is not None:
             q, k = self.rotary_emb.rotate_eager(q), self.rotary_emb.rotate_eager(k)
@@ -167,42 +174,64 @@ class Attention(nn.Module):
             sim = sim + pos_bias
         sim = sim - sim.amax(dim=-1, keepdim=True).detach()
         out = sim.softmax(dim=-1) @ v
-        return out.transpose(-3, -2).flatten(-2)
+        return self.to_out(out.transpose(-3, -2).flatten(-2))
 
-    def _fused(self, qkv: torch.Tensor, pos_bias: torch.Tensor | None) -> torch.Tensor:
-        *lead, n, _ = qkv.shape
-        qkv = qkv.reshape(-1, n, 3, self.heads, self.dim_head)
-        if self.rotary_emb is not None:
-            cos, sin = self.rotary_emb.tables(n, self.dim_head, qkv.dtype)
-            cos, sin = cos[:, None, None, :], sin[:, None, None, :]
-            qk = qkv[:, :, :2]
-            qk = qk * cos + swap_pairs(qk) * sin
-            q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
-            v = qkv[:, :, 2].transpose(1, 2)
+    def attend_fused(self, tokens: torch.Tensor, over_slices: bool, pos_bias: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        d, b, p, c = tokens.shape
+        weight = self._fused_weight(d if self.rotary_emb is not None else None)
+        qkv = (tokens.reshape(d, b * p, c) @ weight.to(tokens.dtype)).view(d, b, p, self.heads, 3, self.dim_head)
+        if over_slices:  # sequences along D for every (b, p): (B*P, heads, D, e)
+            q, k, v = (t.permute(1, 2, 3, 0, 4).flatten(0, 1) for t in qkv.unbind(4))
+        else:  # sequences along P for every (d, b): (D*B, heads, P, e)
+            q, k, v = (t.permute(0, 1, 3, 2, 4).flatten(0, 1) for t in qkv.unbind(4))
+        mask = None if pos_bias is None else pos_bias.to(q.dtype)[None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        if over_slices:
+            out = out.unflatten(0, (b, p)).permute(3, 0, 1, 2, 4)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        mask = None if pos_bias is None else pos_bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return out.transpose(1, 2).reshape(*lead, n, self.heads * self.dim_head)
+            out = out.unflatten(0, (d, b)).permute(0, 1, 3, 2, 4)
+        return self.to_out(out.reshape(d, b, p, self.heads * self.dim_head))
+
+    def _fused_weight(self, frames: int | None) -> torch.Tensor:
+        """Projection weight (C, 3*heads*e), or (frames, C, ...) with each slice's rotary rotation folded in;
+        outputs ordered (head, q/k/v, e) and q pre-scaled."""
+        h, e = self.heads, self.dim_head
+        weight = self.to_qkv.weight.view(3, h, e, -1).permute(3, 1, 0, 2)  # (C, heads, 3, e)
+        gain = torch.tensor([self.scale, 1.0, 1.0], dtype=weight.dtype, device=weight.device)[:, None]
+        weight = weight * gain
+        if frames is None:
+            return weight.flatten(1)
+        cos, sin = self.rotary_emb.tables(frames, e, weight.dtype)
+        rotates = torch.tensor([1.0, 1.0, 0.0], dtype=weight.dtype, device=weight.device)[:, None]  # q, k only
+        cos = (cos[:, None, :] * rotates + (1 - rotates))[:, None, None]  # (frames, 1, 1, 3, e)
+        sin = (sin[:, None, :] * rotates)[:, None, None]
+        return (weight * cos + swap_pairs(weight) * sin).flatten(2)
 
 
-class TokenLayout(nn.Module):
-    """Runs ``fn`` on (B, C, D, H, W) viewed as token sequences: over slices (B, H, W, D, C) or over the
-    pixels of each slice (B, D, H*W, C); both are views, the result is viewed back."""
+class TokenView(nn.Module):
+    """Holds an ``Attention`` (at the official ``EinopsToAndFrom`` position) and runs it on (B, C, D, H, W)
+    seen as tokens: sequences over slices (``over='slices'``) or over the pixels of each slice."""
 
-    def __init__(self, fn: nn.Module, over: str) -> None:
+    def __init__(self, fn: Attention, over: str) -> None:
         super().__init__()
         if over not in ("slices", "pixels"):
             raise ValueError(f"over must be 'slices' or 'pixels', got {over!r}")
         self.fn = fn
         self.over = over
+        self.fused = True
 
-    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, d, h, w = x.shape
+        if self.fused:
+            tokens = x.permute(2, 0, 3, 4, 1).reshape(d, b, h * w, c)
+            out = self.fn.attend_fused(tokens, self.over == "slices", pos_bias)
+            return out.view(d, b, h, w, c).permute(1, 4, 0, 2, 3)
         if self.over == "slices":
-            return self.fn(x.permute(0, 3, 4, 2, 1), *args).permute(0, 4, 3, 1, 2)
-        h, w = x.shape[-2:]
-        out = self.fn(x.permute(0, 2, 3, 4, 1).flatten(2, 3), *args)
-        return out.unflatten(2, (h, w)).permute(0, 4, 1, 2, 3)
+            out = self.fn(x.permute(0, 3, 4, 2, 1).reshape(b, h * w, d, c), pos_bias)
+            return out.view(b, h, w, d, c).permute(0, 4, 3, 1, 2)
+        out = self.fn(x.permute(0, 2, 3, 4, 1).reshape(b, d, h * w, c), pos_bias)
+        return out.view(b, d, h, w, c).permute(0, 4, 1, 2, 3)
 
 
 class SpatialLinearAttention(nn.Module):
@@ -220,7 +249,7 @@ class SpatialLinearAttention(nn.Module):
         b, c, d, h, w = x.shape
         slices = x.transpose(1, 2).reshape(b * d, c, h, w)
         out = self._fused(slices) if self.fused else self._eager(slices)
-        return out.reshape(b, d, c, h, w).transpose(1, 2)
+        return out.view(b, d, c, h, w).transpose(1, 2)
 
     def _eager(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
@@ -232,16 +261,15 @@ class SpatialLinearAttention(nn.Module):
         return self.to_out(out.reshape(n, -1, h, w))
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Same math with batched matmuls on contiguous (slice*head, e, pixels) blocks; scale on the context."""
         n, c, h, w = x.shape
         tokens = x.reshape(n, c, h * w)
-        q, k, v = (
-            (weight @ tokens).view(n * self.heads, self.dim_head, h * w)
-            for weight in self.to_qkv.weight.view(3, -1, c)
-        )
-        context = k.softmax(dim=-1) @ v.transpose(1, 2) * self.scale
-        out = context.transpose(1, 2) @ q.softmax(dim=-2)
-        weight = self.to_out.weight.view(c, -1)
-        return torch.baddbmm(self.to_out.bias[:, None], weight.expand(n, -1, -1), out.view(n, -1, h * w)).view(x.shape)
+        q, k, v = (torch.bmm(weight.expand(n, -1, -1), tokens).view(n * self.heads, self.dim_head, h * w)
+                   for weight in self.to_qkv.weight.view(3, -1, c))
+        context = torch.bmm(k.softmax(dim=-1), v.transpose(1, 2)) * self.scale
+        out = torch.bmm(context.transpose(1, 2), q.softmax(dim=-2)).view(n, -1, h * w)
+        weight = self.to_out.weight.view(1, c, -1).expand(n, -1, -1)
+        return torch.baddbmm(self.to_out.bias[:, None], weight, out)
 
 
 class ConvBlock(nn.Module):
@@ -287,7 +315,7 @@ class Unet3D(nn.Module):
         groups, heads, dim_head = c.resnet_groups, c.attn_heads, c.attn_dim_head
 
         def over_slices(width: int) -> nn.Module:
-            return Residual(PreNorm(width, TokenLayout(Attention(width, heads, dim_head, rotary=True), "slices")))
+            return Residual(PreNorm(width, TokenView(Attention(width, heads, dim_head, rotary=True), "slices")))
 
         def per_slice(width: int) -> nn.Module:
             return Residual(PreNorm(width, SpatialLinearAttention(width, heads, dim_head)))
@@ -320,7 +348,7 @@ class Unet3D(nn.Module):
             ]))
         mid = dims[-1]
         self.mid_block1 = ResnetBlock(mid, mid, emb_dim, groups)
-        self.mid_spatial_attn = Residual(PreNorm(mid, TokenLayout(Attention(mid, heads, dim_head, rotary=False), "pixels")))
+        self.mid_spatial_attn = Residual(PreNorm(mid, TokenView(Attention(mid, heads, dim_head, rotary=False), "pixels")))
         self.mid_temporal_attn = over_slices(mid)
         self.mid_block2 = ResnetBlock(mid, mid, emb_dim, groups)
         for level, (d_in, d_out) in reversed(list(enumerate(pairs))):
@@ -343,7 +371,7 @@ class Unet3D(nn.Module):
     def fused(self, value: bool) -> None:
         self._fused = bool(value)
         for module in self.modules():
-            if isinstance(module, (Attention, SpatialLinearAttention)):
+            if module is not self and hasattr(module, "fused"):
                 module.fused = self._fused
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:

@@ -29,20 +29,28 @@ def make_synthesizer(method: str, cases: list[RawCase], labels: LesionLabels) ->
     raise LeFusionError(f"unknown synthesis method {method!r} (available: {', '.join(METHODS)})")
 
 
-def open_cache(ctx: DatasetContext, folder: Path, overwrite: bool) -> Manifest:
-    """A manifest to append to: the existing one if it matches these plans/fold, else a fresh cache."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if (folder / "manifest.json").exists() and not overwrite:
-        manifest = Manifest.load(folder)
-        try:
-            manifest.check_matches(ctx, ctx.split[0], folder)
-        except LeFusionError as exc:
-            raise LeFusionError(f"{exc} (use --overwrite to replace it)") from None
+def existing_manifest(ctx: DatasetContext, folder: Path, overwrite: bool) -> Manifest | None:
+    """The cache manifest to append to, if one exists and matches these plans/fold (checked before any work)."""
+    if overwrite or not (folder / "manifest.json").exists():
+        return None
+    manifest = Manifest.load(folder)
+    try:
+        manifest.check_matches(ctx, ctx.split[0], folder)
+    except LeFusionError as exc:
+        raise LeFusionError(f"{exc} (use --overwrite to replace it)") from None
+    return manifest
+
+
+def start_cache(ctx: DatasetContext, folder: Path, existing: Manifest | None) -> Manifest:
+    """Prepare the folder: keep a matching cache (minus stale temporaries), else start an empty one."""
+    if existing is not None:
         remove_stale_temporaries(folder)
-        return manifest
-    if overwrite and folder.exists():
-        shutil.rmtree(folder)
-        folder.mkdir(parents=True)
+        return existing
+    if (folder / "manifest.json").exists():
+        shutil.rmtree(folder)  # --overwrite of a cache (never of a folder that is not one)
+    elif folder.exists() and any(folder.iterdir()):
+        raise LeFusionError(f"{folder} exists and is not a LeFusion cache; choose an empty or new folder")
+    folder.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.for_context(ctx)
     manifest.save(folder)
     return manifest
@@ -59,11 +67,12 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
         raise LeFusionError(f"the number of synthetic cases must be >= 1, got {num_cases}")
     folder = Path(cache_folder) if cache_folder else default_cache_folder(ctx)
     training = sorted(ctx.split[0])
+    existing = existing_manifest(ctx, folder, overwrite)
     cases = [load_raw_case(ctx, i) for i in tqdm(training, desc="reading training cases", unit="case")]
     if not any(np.isin(c.seg, labels.lesions).any() for c in cases):
         raise LeFusionError(f"no training case of fold {ctx.fold} contains a lesion label {list(labels.lesions)}")
     synthesizer = make_synthesizer(method, cases, labels)
-    manifest = open_cache(ctx, folder, overwrite)
+    manifest = start_cache(ctx, folder, existing)
     manifest.lesion_labels = labels.to_dict()
     manifest.real_lesion_voxels = real_lesion_voxels(cases, labels)
     by_id = {c.identifier: c for c in cases}

@@ -1,0 +1,86 @@
+"""Training the LeFusion texture denoiser on lesion ROIs: metadata, the lesion-focused loss, the run itself."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from nnunet_lefusion.diffusion.histograms import NUM_BINS, cluster_histograms
+from nnunet_lefusion.diffusion.loss import lesion_channel_masks, training_loss
+from nnunet_lefusion.diffusion.schedule import CosineSchedule
+from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.labels import LesionLabels
+from nnunet_lefusion.model.config import ModelConfig
+from nnunet_lefusion.training.loop import TrainConfig, TrainResult, train
+from nnunet_lefusion.training.roi_data import FLIP_AXIS, INTENSITY_PERCENTILES, RoiSet
+
+SAMPLER_KIND = "lefusion_sampler"
+NUM_TIMESTEPS = 300
+DEFAULT_CLUSTERS = 3
+
+
+def check_model_fits(config: ModelConfig, num_classes: int, roi_size: Sequence[int]) -> None:
+    """``LeFusionError`` unless the network has one channel and 16 histogram values per lesion class and the
+    ROI's height and width suit its downsampling."""
+    if config.channels != num_classes or config.out_channels != num_classes:
+        raise LeFusionError(f"the model config has {config.channels} input / {config.out_channels} output channels "
+                            f"but the dataset has {num_classes} lesion class(es); set channels to {num_classes}.")
+    if config.cond_dim != NUM_BINS * num_classes:
+        raise LeFusionError(f"the model config has cond_dim {config.cond_dim} but {num_classes} lesion class(es) "
+                            f"need {NUM_BINS * num_classes} ({NUM_BINS} histogram bins per class).")
+    factor = 2 ** (len(config.dim_mults) - 1)
+    if roi_size[1] % factor or roi_size[2] % factor:
+        raise LeFusionError(f"the ROI's Y and X sizes {tuple(roi_size[1:])} must be divisible by {factor} "
+                            f"for this model config ({len(config.dim_mults)} levels).")
+
+
+def sampler_meta(config: ModelConfig, labels: LesionLabels, roi_size: Sequence[int], rois: RoiSet,
+                 num_clusters: int = DEFAULT_CLUSTERS, seed: int = 0) -> dict:
+    """The ``lefusion_meta`` of a sampler checkpoint: everything sampling needs besides the weights.
+
+    Includes k-means clusters of the training histograms (the texture presets offered at sampling).
+    """
+    clusters = cluster_histograms(rois.histograms, num_clusters, seed=seed)
+    return {
+        "kind": SAMPLER_KIND,
+        "model_config": config.to_dict(),
+        "num_timesteps": NUM_TIMESTEPS,
+        "lesion_labels": labels.to_dict(),
+        "roi_size": [int(s) for s in roi_size],
+        "intensity": {"mapping": "per-volume percentile range to [-1, 1], clipped",
+                      "percentiles": list(INTENSITY_PERCENTILES), "roi_padding": -1.0},
+        "augmentation": {"flip_axis": "Y", "probability": 0.5, "array_axis": FLIP_AXIS},
+        "histogram_clusters": clusters.to_dict(),
+        "training_cases": len(rois),
+    }
+
+
+class LesionLoss:
+    """``loss_fn`` for the training loop: official lesion-focused eps L1, channel k on lesion class k."""
+
+    def __init__(self, lesion_labels: Sequence[int], num_timesteps: int = NUM_TIMESTEPS,
+                 normalisation: str = "volume") -> None:
+        self.lesion_labels = tuple(lesion_labels)
+        self.schedule = CosineSchedule(num_timesteps)
+        self.normalisation = normalisation
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x0 = batch["x0"]
+        self.schedule = self.schedule.to(x0.device)
+        masks = lesion_channel_masks(batch["label"], self.lesion_labels)
+        return training_loss(model, self.schedule, x0, masks, batch["cond"], normalisation=self.normalisation)
+
+
+def train_sampler(rois: RoiSet, config: ModelConfig, labels: LesionLabels, roi_size: Sequence[int],
+                  out_dir: str | Path, train_config: TrainConfig, num_clusters: int = DEFAULT_CLUSTERS,
+                  resume: bool = False) -> TrainResult:
+    """Train a fresh (or resumed) LeFusion denoiser of ``config`` on ``rois``; files go to ``out_dir``."""
+    check_model_fits(config, len(labels.lesions), roi_size)
+    meta = sampler_meta(config, labels, roi_size, rois, num_clusters, seed=train_config.seed)
+    torch.manual_seed(train_config.seed)
+    model = config.build()
+    batch_size = train_config.batch_size
+    return train(model, LesionLoss(labels.lesions), lambda rng: rois.make_batch(rng, batch_size), out_dir, meta,
+                 train_config, resume=resume)
+
