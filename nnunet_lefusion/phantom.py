@@ -18,6 +18,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -108,7 +109,7 @@ class _Tissue:
     @classmethod
     def sample(cls, rng: np.random.Generator) -> "_Tissue":
         u = rng.uniform
-        return cls(lung=u(0.02, 0.06), myocardium=u(0.03, 0.12), infarct=u(1.15, 1.6), no_reflow=u(0.05, 0.2),
+        return cls(lung=u(0.02, 0.06), myocardium=u(0.03, 0.12), infarct=u(1.25, 1.7), no_reflow=u(0.05, 0.2),
                    fat=u(0.8, 1.3), muscle=u(0.12, 0.25), liver=u(0.3, 0.5), stomach=u(0.1, 0.4),
                    marrow=u(0.35, 0.6), csf=u(0.05, 0.15), soft=u(0.15, 0.3), rv_blood=u(0.85, 1.0), aorta=u(0.6, 1.0))
 
@@ -134,7 +135,7 @@ class _Lesion:
         peak = rng.uniform(0.6, 2.0)
         with_mvo = peak > 0.9 and rng.random() < 0.6
         return cls(centre=np.deg2rad(rng.uniform(*centre)), half_width=np.deg2rad(rng.uniform(*half)),
-                   u_centre=rng.uniform(*u_centre), u_half=rng.uniform(0.25, 0.5), peak=peak,
+                   u_centre=rng.uniform(*u_centre), u_half=rng.uniform(0.3, 0.55), peak=peak,
                    skew=rng.uniform(-0.6, 0.6), edge=_Periodic(rng, {3: 0.12, 5: 0.12, 7: 0.12}),
                    mvo_peak=rng.uniform(0.6, 0.9) if with_mvo else 0.0, mvo_fraction=rng.uniform(0.35, 0.55))
 
@@ -335,7 +336,7 @@ class _Grid:
     def sample(cls, rng: np.random.Generator, heart: _Heart, thorax: _Thorax, fov: str) -> "_Grid":
         dz = float(np.float32(round(rng.uniform(10.0, 13.0), 1)))
         s = float(np.float32(round(rng.uniform(1.35, 1.5), 3)))
-        nz = int(np.clip(round(heart.length * rng.uniform(0.85, 1.05) / dz) + 1, 6, 10))
+        nz = int(np.clip(round(heart.length * rng.uniform(0.8, 1.0) / dz) + 1, 6, 10))
         if fov == "heart":
             ny, nx = (int(v) for v in rng.integers(64, 81, size=2))
             centre = tuple(rng.uniform(-6, 6, size=2))
@@ -449,11 +450,10 @@ def case_plan(num_cases: int, normal_fraction: float = 1 / 3) -> list[tuple[str,
 
 def case_rng(seed: int, name: str) -> np.random.Generator:
     """The random generator of one case: depends only on the seed and the case name."""
-    kind, index = name[5], int(name[6:])
-    return np.random.default_rng([seed, ord(kind), index])
+    return np.random.default_rng([seed, *name.encode()])
 
 
-def _write_atomic(path: Path, write) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary name in ``path``'s folder, then rename it to ``path``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes)}")
     try:

@@ -129,7 +129,7 @@ def crop(volume: np.ndarray, spec: RoiSpec, fill=0) -> np.ndarray:
 def crop_image(image: np.ndarray, spec: RoiSpec) -> np.ndarray:
     """The image window mapped to [-1, 1] as float32; padding voxels are -1."""
     out = np.full(spec.size, PAD_VALUE, dtype=np.float32)
-    native, roi = spec.overlap()
+    roi = spec.overlap()[1]
     out[roi] = spec.intensity.to_unit(crop(image, spec)[roi])
     return out
 

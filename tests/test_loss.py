@@ -2,8 +2,10 @@
 import pytest
 import torch
 
-from nnunet_lefusion.diffusion.loss import lesion_channel_masks, lesion_l1_loss
+from nnunet_lefusion.diffusion.loss import lesion_channel_masks, lesion_l1_loss, training_loss
+from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.model import ModelConfig
 
 
 def _batch():
@@ -63,3 +65,21 @@ def test_absent_class_adds_nothing_and_no_nan():
         torch.testing.assert_close(loss, lesion_l1_loss(eps_hat[:, :1], eps[:, :1], masks[:, :1], norm))
         empty = lesion_channel_masks(torch.zeros_like(label), [3, 4])
         assert lesion_l1_loss(eps_hat, eps, empty, norm) == 0
+
+
+def test_training_loss_with_tiny_network_is_finite_and_seeded():
+    torch.manual_seed(0)
+    net = ModelConfig.from_yaml("tiny").build()
+    label, _, _ = _batch()
+    label = torch.nn.functional.pad(label, (5, 5, 5, 5))[..., :16, :16]  # (2, 3, 16, 16)
+    x0 = (torch.rand(2, 1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1).expand(2, 2, 3, 16, 16)
+    masks = lesion_channel_masks(label, [3, 4])
+    cond = torch.rand(2, 32)
+    losses = [training_loss(net, CosineSchedule(300), x0, masks, cond, torch.Generator().manual_seed(7))
+              for _ in range(2)]
+    assert losses[0] > 0 and torch.equal(losses[0], losses[1])
+    losses[0].backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    empty = lesion_channel_masks(torch.zeros_like(label), [3, 4])
+    assert training_loss(net, CosineSchedule(300), x0, empty, cond) == 0

@@ -106,7 +106,7 @@ class RelativePositionBias(nn.Module):
 
     def forward(self, n: int, device: torch.device) -> torch.Tensor:
         """Bias (heads, n, n) to add to the attention logits over n slices."""
-        return self.relative_attention_bias(self.buckets(n, device)).permute(2, 0, 1)
+        return self.relative_attention_bias(self.buckets(n, device)).permute(2, 0, 1).contiguous()
 
 
 class RotaryEmbedding(nn.Module):
@@ -130,7 +130,7 @@ class RotaryEmbedding(nn.Module):
         half_turn = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
         return torch.cat((head * angles.cos() + half_turn * angles.sin(), tail), dim=-1)
 
-    def tables(self, n: int, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, n: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, width) cos and signed sin such that rotate(t) = t * cos + swap_pairs(t) * sin.
 
         Features beyond the rotary width pass through (cos 1, sin 0).
@@ -138,12 +138,17 @@ class RotaryEmbedding(nn.Module):
         angles = self.angles(n)
         sign = torch.tensor([-1.0, 1.0], device=angles.device).repeat(angles.shape[-1] // 2)
         pad = (0, width - angles.shape[-1])
-        return F.pad(angles.cos(), pad, value=1.0).to(dtype), F.pad(angles.sin() * sign, pad).to(dtype)
+        return F.pad(angles.cos(), pad, value=1.0), F.pad(angles.sin() * sign, pad)
 
 
 def swap_pairs(t: torch.Tensor) -> torch.Tensor:
     """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...) along the last axis."""
     return t.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply rotary tables from ``RotaryEmbedding.tables`` (broadcast against t) along the last axis."""
+    return t * cos + swap_pairs(t) * sin
 
 
 class Attention(nn.Module):
@@ -179,8 +184,16 @@ class Attention(nn.Module):
     def attend_fused(self, tokens: torch.Tensor, over_slices: bool, pos_bias: torch.Tensor | None = None
                      ) -> torch.Tensor:
         d, b, p, c = tokens.shape
-        weight = self._fused_weight(d if self.rotary_emb is not None else None)
-        qkv = (tokens.reshape(d, b * p, c) @ weight.to(tokens.dtype)).view(d, b, p, self.heads, 3, self.dim_head)
+        h, e = self.heads, self.dim_head
+        gain = torch.tensor([self.scale, 1.0, 1.0], device=tokens.device)[:, None]
+        weight = (self.to_qkv.weight.view(3, h, e, c).permute(3, 1, 0, 2) * gain).contiguous()  # (C, heads, q/k/v, e)
+        rotation = self._rotation(d) if self.rotary_emb is not None else None
+        fold = rotation is not None and c <= b * p  # rotating the weights of each slice is the cheaper way
+        if fold:
+            weight = rotate(weight, *(r[:, None, None] for r in rotation))
+        qkv = (tokens.reshape(d, b * p, c) @ weight.flatten(-3)).view(d, b, p, h, 3, e)
+        if rotation is not None and not fold:
+            qkv = rotate(qkv, *(r[:, None, None, None].to(qkv.dtype) for r in rotation))
         if over_slices:  # sequences along D for every (b, p): (B*P, heads, D, e)
             q, k, v = (t.permute(1, 2, 3, 0, 4).flatten(0, 1) for t in qkv.unbind(4))
         else:  # sequences along P for every (d, b): (D*B, heads, P, e)
@@ -191,22 +204,13 @@ class Attention(nn.Module):
             out = out.unflatten(0, (b, p)).permute(3, 0, 1, 2, 4)
         else:
             out = out.unflatten(0, (d, b)).permute(0, 1, 3, 2, 4)
-        return self.to_out(out.reshape(d, b, p, self.heads * self.dim_head))
+        return self.to_out(out.reshape(d, b, p, h * e))
 
-    def _fused_weight(self, frames: int | None) -> torch.Tensor:
-        """Projection weight (C, 3*heads*e), or (frames, C, ...) with each slice's rotary rotation folded in;
-        outputs ordered (head, q/k/v, e) and q pre-scaled."""
-        h, e = self.heads, self.dim_head
-        weight = self.to_qkv.weight.view(3, h, e, -1).permute(3, 1, 0, 2)  # (C, heads, 3, e)
-        gain = torch.tensor([self.scale, 1.0, 1.0], dtype=weight.dtype, device=weight.device)[:, None]
-        weight = weight * gain
-        if frames is None:
-            return weight.flatten(1)
-        cos, sin = self.rotary_emb.tables(frames, e, weight.dtype)
-        rotates = torch.tensor([1.0, 1.0, 0.0], dtype=weight.dtype, device=weight.device)[:, None]  # q, k only
-        cos = (cos[:, None, :] * rotates + (1 - rotates))[:, None, None]  # (frames, 1, 1, 3, e)
-        sin = (sin[:, None, :] * rotates)[:, None, None]
-        return (weight * cos + swap_pairs(weight) * sin).flatten(2)
+    def _rotation(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary cos and sin tables (frames, q/k/v, e): q and k rotate, v does not."""
+        cos, sin = self.rotary_emb.tables(frames, self.dim_head)
+        rotates = torch.tensor([1.0, 1.0, 0.0], device=cos.device)[:, None]
+        return cos[:, None] * rotates + (1 - rotates), sin[:, None] * rotates
 
 
 class TokenView(nn.Module):
@@ -248,8 +252,9 @@ class SpatialLinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, d, h, w = x.shape
         slices = x.transpose(1, 2).reshape(b * d, c, h, w)
-        out = self._fused(slices) if self.fused else self._eager(slices)
-        return out.view(b, d, c, h, w).transpose(1, 2)
+        if self.fused:
+            return self._fused(slices).view(b, d, h, w, c).permute(0, 4, 1, 2, 3)
+        return self._eager(slices).view(b, d, c, h, w).transpose(1, 2)
 
     def _eager(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
@@ -261,15 +266,16 @@ class SpatialLinearAttention(nn.Module):
         return self.to_out(out.reshape(n, -1, h, w))
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        """Same math with batched matmuls on contiguous (slice*head, e, pixels) blocks; scale on the context."""
+        """Same math with batched matmuls on (slice*head, e, pixels) blocks, the scale applied to the small
+        context; returns pixel-major (slices, H*W, C)."""
         n, c, h, w = x.shape
         tokens = x.reshape(n, c, h * w)
         q, k, v = (torch.bmm(weight.expand(n, -1, -1), tokens).view(n * self.heads, self.dim_head, h * w)
                    for weight in self.to_qkv.weight.view(3, -1, c))
         context = torch.bmm(k.softmax(dim=-1), v.transpose(1, 2)) * self.scale
         out = torch.bmm(context.transpose(1, 2), q.softmax(dim=-2)).view(n, -1, h * w)
-        weight = self.to_out.weight.view(1, c, -1).expand(n, -1, -1)
-        return torch.baddbmm(self.to_out.bias[:, None], weight, out)
+        weight = self.to_out.weight.view(c, -1).t().expand(n, -1, -1)
+        return torch.baddbmm(self.to_out.bias, out.transpose(1, 2), weight)
 
 
 class ConvBlock(nn.Module):
@@ -370,6 +376,10 @@ class Unet3D(nn.Module):
     @fused.setter
     def fused(self, value: bool) -> None:
         self._fused = bool(value)
+        layout = torch.channels_last_3d if self._fused else torch.contiguous_format
+        for param in self.parameters():  # 3D convolution weights in the layout of the activations
+            if param.dim() == 5:
+                param.data = param.data.contiguous(memory_format=layout)
         for module in self.modules():
             if module is not self and hasattr(module, "fused"):
                 module.fused = self._fused
@@ -381,6 +391,8 @@ class Unet3D(nn.Module):
         ``None`` uses the learned null condition.
         """
         self._check_input(x, cond)
+        if self.fused:  # convolutions and channel norms run faster channels-last
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         bias = self.time_rel_pos_bias(x.shape[2], x.device)
         x = self.init_conv(x)
         skip_init = x
@@ -402,7 +414,7 @@ class Unet3D(nn.Module):
             x = torch.cat((x, skips.pop()), dim=1)
             x = block2(block1(x, emb), emb)
             x = upsample(temporal_attn(spatial_attn(x), bias))
-        return self.final_conv(torch.cat((x, skip_init), dim=1))
+        return self.final_conv(torch.cat((x, skip_init), dim=1)).contiguous()
 
     def _check_input(self, x: torch.Tensor, cond: torch.Tensor | None) -> None:
         c = self.config

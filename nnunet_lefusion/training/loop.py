@@ -161,9 +161,10 @@ class Ema:
                 target.lerp_(value, 1.0 - self.decay)
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """``torch.device(name)``, or a ``LeFusionError`` for an unknown name or CUDA missing."""
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LeFusionError(f"device '{name}' was requested but CUDA is not available here; use --device cpu.")
+        raise LeFusionError(f"device '{name}' was requested but CUDA is not available here; use cpu.")
     try:
         return torch.device(name)
     except RuntimeError:
@@ -174,9 +175,8 @@ def _meta_differences(stored: dict, meta: dict) -> list[str]:
     return sorted(k for k in set(stored) | set(meta) if stored.get(k) != meta.get(k))
 
 
-def _resume(path: Path, model: torch.nn.Module, ema: Ema, optimizer: torch.optim.Optimizer,
-            meta: dict, device: torch.device) -> int:
-    """Load a training checkpoint into model, EMA and optimizer; return its step."""
+def _read_resume(path: Path, meta: dict, device: torch.device) -> Any:
+    """The checkpoint to resume from, refused if it was trained with other metadata or lacks optimizer state."""
     loaded = ckpt_io.load_checkpoint(path, map_location=device)
     differences = _meta_differences(loaded.meta, meta)
     if differences:
@@ -184,10 +184,13 @@ def _resume(path: Path, model: torch.nn.Module, ema: Ema, optimizer: torch.optim
                             f"({', '.join(differences)}); use another output folder or drop --resume.")
     if loaded.extra.get(TRAIN_STATE_KEY) is None:
         raise LeFusionError(f"cannot resume from {path}: it holds no optimizer state (not written by this trainer).")
-    model.load_state_dict(loaded.model_state)
-    ema.model.load_state_dict(loaded.ema_state if loaded.ema_state is not None else loaded.model_state)
-    optimizer.load_state_dict(loaded.extra[TRAIN_STATE_KEY]["optimizer"])
-    return int(loaded.step)
+    return loaded
+
+
+def _keep_ema_schedule(config: TrainConfig, stored: dict) -> TrainConfig:
+    """A resumed run keeps the EMA schedule it started with (the automatic one depends on ``steps``)."""
+    return replace(config, ema_every=config.ema_every if config.ema_every is not None else stored["ema_every"],
+                   ema_start=config.ema_start if config.ema_start is not None else stored["ema_start"])
 
 
 def _save(path: Path, model: torch.nn.Module, ema: Ema, optimizer: torch.optim.Optimizer, step: int,
@@ -205,19 +208,27 @@ def train(model: torch.nn.Module, loss_fn: LossFn, make_batch: MakeBatch, out_di
     one line per ``log_every`` steps to ``training_log.txt``. ``resume=True`` continues from
     ``checkpoint_latest.pt`` when it exists (a finished run returns at once). The model stays on the device.
     """
-    config = config.resolved()
-    device = _device(config.device)
+    device = resolve_device(config.device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    ema = Ema(model, config.ema_decay, config.ema_every, config.ema_start)
-    start = 0
+    loaded = None
     if resume and (out / LATEST).is_file():
-        start = _resume(out / LATEST, model, ema, optimizer, meta, device)
+        loaded = _read_resume(out / LATEST, meta, device)
+        config = _keep_ema_schedule(config, loaded.extra[TRAIN_STATE_KEY]["config"])
     elif not resume and (out / LATEST).exists():
         raise LeFusionError(f"{out} already holds a training run; pass --resume to continue it, "
                             f"or choose another output folder.")
+    config = config.resolved()
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    start = 0
+    if loaded is not None:
+        model.load_state_dict(loaded.model_state)
+        optimizer.load_state_dict(loaded.extra[TRAIN_STATE_KEY]["optimizer"])
+        start = int(loaded.step)
+    ema = Ema(model, config.ema_decay, config.ema_every, config.ema_start)
+    if loaded is not None and loaded.ema_state is not None:
+        ema.model.load_state_dict(loaded.ema_state)
     if start > config.steps:
         raise LeFusionError(f"the checkpoint in {out} is at step {start}, beyond the requested {config.steps} steps.")
     log_file = (out / LOG_NAME).open("a")

@@ -1,0 +1,99 @@
+"""``nnUNetv2_lefusion_train_sampler``: train the LeFusion lesion-texture denoiser on an nnU-Net raw dataset.
+
+Reads ``$nnUNet_raw/DatasetXXX_*`` (dataset.json, imagesTr, labelsTr), keeps the training cases with lesions, crops
+the ROI around the host organ, maps it to [-1, 1] and trains with the official lesion-focused loss. Results go to
+``$nnUNet_results/DatasetXXX_Name/LeFusion__<config>/``: checkpoint_latest.pt (every --checkpoint-every steps),
+checkpoint_final.pt, training_log.txt and model_config.yaml. Official recipe (GPU): --config official
+--batch-size 20 --grad-accum 2 --steps 50000; a CPU run: --config small (a few thousand steps).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from nnunet_lefusion.cli.common import cli_main
+from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.labels import resolve_lesion_labels
+from nnunet_lefusion.model.config import ModelConfig, available_configs
+from nnunet_lefusion.nnunet.cache import atomic_write_text
+from nnunet_lefusion.nnunet.context import dataset_name, env_folder
+from nnunet_lefusion.roi import OFFICIAL_CARDIAC_SIZE
+from nnunet_lefusion.training.loop import TrainConfig
+from nnunet_lefusion.training.roi_data import load_roi_set
+from nnunet_lefusion.training.sampler import DEFAULT_CLUSTERS, check_model_fits, train_sampler
+
+
+def training_cases(raw_folder: Path, dataset_json: dict) -> list[tuple[str, Path, Path]]:
+    """(identifier, first-channel image, label) of every raw training case, as nnU-Net lists them."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    files = get_filenames_of_train_images_and_targets(str(raw_folder), dataset_json)
+    if not files:
+        raise LeFusionError(f"{raw_folder} has no training cases (imagesTr/labelsTr).")
+    return [(ident, Path(f["images"][0]), Path(f["label"])) for ident, f in sorted(files.items())]
+
+
+def config_name(config: str) -> str:
+    """The name in the results folder: a packaged config's name, or a YAML file's stem."""
+    return Path(config).stem if Path(config).suffix else config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnUNetv2_lefusion_train_sampler", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-d", dest="dataset", required=True, help="dataset id or name, e.g. 990 or Dataset990_X")
+    parser.add_argument("--config", default="small",
+                        help=f"model config: {', '.join(available_configs())} or a YAML file (default small)")
+    parser.add_argument("--steps", type=int, default=50000, help="optimisation steps in total (default 50000)")
+    parser.add_argument("--batch-size", type=int, default=4, help="ROIs per micro-batch (default 4; official 20)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1; official 2)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, official)")
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    parser.add_argument("--keep-every", type=int, default=0,
+                        help="also keep checkpoint_step<k>.pt every this many steps (default 0: never)")
+    parser.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--lesion-labels", type=int, nargs="+", help="lesion labels, outer to inner "
+                        "(default: guessed from dataset.json label names)")
+    parser.add_argument("--organ-labels", type=int, nargs="+", help="labels of the organ hosting the lesions")
+    parser.add_argument("--roi", type=int, nargs=3, metavar=("Z", "Y", "X"), default=list(OFFICIAL_CARDIAC_SIZE),
+                        help="ROI size in voxels (default 10 72 72, official cardiac)")
+    parser.add_argument("--clusters", type=int, default=DEFAULT_CLUSTERS,
+                        help=f"histogram clusters stored for sampling (default {DEFAULT_CLUSTERS})")
+    parser.add_argument("-o", "--output", help="output folder (default $nnUNet_results/<dataset>/LeFusion__<config>)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    model_config = ModelConfig.from_yaml(args.config)
+    name = dataset_name(args.dataset)
+    raw_folder = env_folder("nnUNet_raw") / name
+    if not (raw_folder / "dataset.json").is_file():
+        raise LeFusionError(f"{raw_folder} has no dataset.json (is nnUNet_raw right?).")
+    dataset_json = json.loads((raw_folder / "dataset.json").read_text())
+    labels = resolve_lesion_labels(dataset_json, args.lesion_labels, args.organ_labels)
+    out = Path(args.output) if args.output else env_folder("nnUNet_results") / name / f"LeFusion__{config_name(args.config)}"
+    train_config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                               checkpoint_every=args.checkpoint_every, keep_every=args.keep_every, seed=args.seed,
+                               device=args.device, bf16=args.bf16, progress=not args.quiet)
+    train_config.resolved()  # refuse bad settings before reading the data
+    check_model_fits(model_config, len(labels.lesions), args.roi)
+    rois = load_roi_set(training_cases(raw_folder, dataset_json), labels, args.roi, progress=not args.quiet)
+    print(f"{len(rois)} lesion cases, ROI {tuple(args.roi)}, lesion labels {list(labels.lesions)}, "
+          f"organ {list(labels.organ)}" + (f"; {rois.lesion_voxels_outside} lesion voxels fall outside the ROI"
+                                            if rois.lesion_voxels_outside else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "model_config.yaml", yaml.safe_dump(model_config.to_dict(), sort_keys=False))
+    result = train_sampler(rois, model_config, labels, args.roi, out, train_config, args.clusters, args.resume)
+    print(f"step {result.step}: {result.checkpoint}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""The learned lesion-mask generator: a small conditional diffusion model over multi-class lesion masks (DiffMask-like).
+
+The network is the LeFusion ``Unet3D``. Its input is the noisy masks (one channel per lesion class, outer to
+inner, in [-1, 1]) concatenated with the condition maps of ``mask_data.CONDITION_CHANNELS`` (host organ, cavity,
+control cylinder); its ``cond`` vector is the standardised size control (volume fraction per class and
+transmurality). It predicts the noise of the mask channels, on the cosine schedule, with an L1 loss over the
+network-grid cells that hold host organ (elsewhere masks are known to be -1).
+
+Sampling (``LearnedMaskGenerator``): a control measured on a training lesion is drawn (with the classes asked
+for), turned by a random angle about the LV centre and laid on the target organ; the diffusion package's
+``RePaintSampler`` then walks a strided DDIM schedule in which the cells outside the organ are known (-1). The
+result is zoomed back to the native grid, clipped to the organ, made one connected piece per class, and nested
+(MVO inside MI), giving a lesion map that ``placement.check_lesion_map`` accepts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nnunet_lefusion import roi
+from nnunet_lefusion.diffusion.loss import Denoiser, training_loss
+from nnunet_lefusion.diffusion.sampler import RePaintSampler, SamplerConfig
+from nnunet_lefusion.diffusion.schedule import CosineSchedule
+from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.labels import LesionLabels
+from nnunet_lefusion.masks.geometry import Spacing
+from nnunet_lefusion.masks.mask_data import (CONDITION_CHANNELS, ControlScale, LesionControl, MaskGrid, MaskPairs,
+                                             OrganFrame, condition_maps, generation_region, organ_window)
+from nnunet_lefusion.masks.rule_based import largest_component
+from nnunet_lefusion.model import ModelConfig, Unet3D
+from nnunet_lefusion.model import checkpoint as ckpt_io
+from nnunet_lefusion.training.loop import TrainConfig, TrainResult, train
+
+MASK_KIND = "lefusion_mask_generator"
+NUM_TIMESTEPS = 300
+# Small enough to train on a CPU: three levels, narrow attention, no linear attention at the finest level.
+ARCHITECTURE = {"dim": 16, "dim_mults": [1, 2, 4], "attn_heads": 2, "attn_dim_head": 16,
+                "linear_attn": [False, True, True], "temporal_attn": [True, True, True]}
+
+
+def mask_model_config(num_lesions: int, architecture: ModelConfig | dict | None = None) -> ModelConfig:
+    """The network for ``num_lesions`` lesion classes: ``architecture`` (default ``ARCHITECTURE``) with its
+    channels set to masks + condition maps, one output per class and a condition vector of num_lesions + 1."""
+    values = architecture.to_dict() if isinstance(architecture, ModelConfig) else dict(architecture or ARCHITECTURE)
+    values.update(channels=num_lesions + len(CONDITION_CHANNELS), out_channels=num_lesions,
+                  cond_dim=num_lesions + 1)
+    return ModelConfig.from_dict(values)
+
+
+def with_maps(model: torch.nn.Module, maps: torch.Tensor) -> Denoiser:
+    """The denoiser of the mask channels alone: ``model`` sees them concatenated with the condition maps."""
+    return lambda x, t, cond: model(torch.cat((x, maps.to(x)), dim=1), t, cond)
+
+
+class MaskLoss:
+    """``loss_fn`` of the training loop: eps L1 over the organ's network-grid cells, summed over the classes."""
+
+    def __init__(self, num_timesteps: int = NUM_TIMESTEPS) -> None:
+        self.schedule = CosineSchedule(num_timesteps)
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x0, maps = batch["x0"], batch["maps"]
+        self.schedule = self.schedule.to(x0.device)
+        region = generation_region(maps[:, :1]).expand_as(x0).float()
+        return training_loss(with_maps(model, maps), self.schedule, x0, region, batch["cond"],
+                             normalisation="lesion")
+
+
+@dataclass(frozen=True)
+class MaskModelMeta:
+    """Everything sampling needs besides the weights (the checkpoint's ``lefusion_meta``)."""
+
+    model_config: ModelConfig
+    labels: LesionLabels
+    grid: MaskGrid
+    controls: tuple[LesionControl, ...]
+    scale: ControlScale
+    num_timesteps: int = NUM_TIMESTEPS
+
+    def to_dict(self) -> dict:
+        return {"kind": MASK_KIND, "model_config": self.model_config.to_dict(), "lesion_labels": self.labels.to_dict(),
+                "grid": self.grid.to_dict(), "controls": [c.to_dict() for c in self.controls],
+                "control_scale": self.scale.to_dict(), "num_timesteps": self.num_timesteps}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MaskModelMeta":
+        if not isinstance(values, dict) or values.get("kind") != MASK_KIND:
+            kind = values.get("kind") if isinstance(values, dict) else None
+            raise LeFusionError(f"this checkpoint is not a lesion-mask generator (kind {kind!r}).")
+        return cls(ModelConfig.from_dict(values["model_config"]), LesionLabels.from_dict(values["lesion_labels"]),
+                   MaskGrid.from_dict(values["grid"]), tuple(LesionControl.from_dict(c) for c in values["controls"]),
+                   ControlScale.from_dict(values["control_scale"]), int(values["num_timesteps"]))
+
+
+def train_mask_model(pairs: MaskPairs, config: ModelConfig, labels: LesionLabels, grid: MaskGrid,
+                     out_dir: str | Path, train_config: TrainConfig, resume: bool = False) -> TrainResult:
+    """Train a fresh (or resumed) mask generator network of ``config`` on ``pairs``; files go to ``out_dir``."""
+    factor = 2 ** (len(config.dim_mults) - 1)
+    if grid.size[1] % factor or grid.size[2] % factor:
+        raise LeFusionError(f"the network grid {grid.size[1:]} (window / pooling) must be divisible by {factor} "
+                            f"in Y and X for a model of {len(config.dim_mults)} levels.")
+    if config != mask_model_config(len(labels.lesions), config):
+        raise LeFusionError(f"the model config's channels do not fit {len(labels.lesions)} lesion classes; build it "
+                            f"with mask_model_config.")
+    scale = ControlScale.fit(pairs.controls)
+    meta = MaskModelMeta(config, labels, grid, tuple(pairs.controls), scale).to_dict()
+    torch.manual_seed(train_config.seed)
+    model = config.build()
+    batch_size = train_config.batch_size
+    return train(model, MaskLoss(), lambda rng: pairs.make_batch(rng, batch_size, scale), out_dir, meta,
+                 train_config, resume=resume)
+
+
+def _piece(score: np.ndarray, within: np.ndarray, target: float, proper: bool) -> np.ndarray:
+    """One connected piece of ``within`` where ``score`` > 0 (the largest). If there is none, the ``target``
+    highest-scoring voxels of ``within`` stand in. ``proper``: leave at least one voxel of ``within`` out."""
+    size = int(within.sum())
+    if size - proper < 1:
+        raise LeFusionError("the generated lesion is too small to hold an inner lesion.")
+    piece = largest_component((score > 0) & within)
+    if not piece.any():
+        candidates = np.flatnonzero(within)
+        count = int(np.clip(round(target), 1, size - proper))
+        piece = np.zeros(within.shape, dtype=bool)
+        piece.flat[candidates[np.argsort(-score.flat[candidates], kind="stable")[:count]]] = True
+        piece = largest_component(piece)
+    if proper and int(piece.sum()) == size:
+        members = np.flatnonzero(piece)
+        piece.flat[members[np.argmin(score.flat[members])]] = False
+    return piece
+
+
+def assemble_lesion_map(scores: np.ndarray, host: np.ndarray, labels: LesionLabels, fractions: Sequence[float],
+                        dtype: np.dtype = np.uint8) -> np.ndarray:
+    """A lesion map from per-class scores (K, Z, Y, X) on the native grid (lesion where > 0).
+
+    Class k is present when ``fractions[k]`` > 0: its largest connected piece inside the host organ (class 0) or
+    inside the class around it, never all of it. An empty prediction falls back to the best-scoring voxels, as
+    many as the fraction of the host asks, so every class asked for is present.
+    """
+    lesion_map = np.zeros(host.shape, dtype=dtype)
+    within = host
+    for k, (label, fraction) in enumerate(zip(labels.lesions, fractions)):
+        if fraction <= 0:
+            break
+        within = _piece(scores[k], within, fraction * host.sum(), proper=k > 0)
+        lesion_map[within] = label
+    return lesion_map
+
+
+class LearnedMaskGenerator:
+    """A ``placement.MaskGenerator`` backed by a trained mask diffusion model.
+
+    ``sampler``: how to walk the reverse process (default: 50 strided DDIM steps, no jumps); ``rotation_jitter``:
+    the drawn control's offset turns about the LV centre by up to this many degrees either way; ``batch_size``:
+    masks sampled together by ``generate_many``.
+    """
+
+    def __init__(self, model: Unet3D, meta: MaskModelMeta, sampler: SamplerConfig | None = None,
+                 rotation_jitter: float = 15.0, batch_size: int = 8) -> None:
+        self.model = model.eval()
+        self.meta = meta
+        self.labels = meta.labels
+        self.sampler = (sampler or SamplerConfig(jump_length=1, jump_n_sample=1, strided_steps=50)).validate()
+        self.schedule = CosineSchedule(meta.num_timesteps)
+        self.rotation_jitter = float(rotation_jitter)
+        self.batch_size = int(batch_size)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", use_ema: bool = True, **kwargs) -> "LearnedMaskGenerator":
+        """A generator from a checkpoint written by ``train_mask_model`` (EMA weights unless ``use_ema`` is off)."""
+        loaded = ckpt_io.load_checkpoint(Path(path), map_location=device)
+        meta = MaskModelMeta.from_dict(loaded.meta)
+        model = meta.model_config.build()
+        state = loaded.ema_state if use_ema and loaded.ema_state is not None else loaded.model_state
+        model.load_state_dict(state)
+        return cls(model.to(device), meta, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(self, label_map: np.ndarray, rng: np.random.Generator, want_classes: Sequence[int] | None = None,
+                 spacing: Spacing = (1.0, 1.0, 1.0)) -> np.ndarray:
+        """A lesion map (lesion labels, 0 elsewhere) of the shape of ``label_map``, inside its host organ.
+
+        ``want_classes``: the lesion labels the result must contain (an inner lesion brings the lesions around it,
+        and ``(outer,)`` alone means no inner lesion); ``None`` draws them as often as in the training data.
+        """
+        return self.generate_many([label_map], rng, want_classes, [spacing])[0]
+
+    def generate_many(self, label_maps: Sequence[np.ndarray], rng: np.random.Generator,
+                      want_classes: Sequence[int] | None = None,
+                      spacings: Sequence[Spacing] | None = None) -> list[np.ndarray]:
+        """``generate`` for several label maps, sampled in batches of ``batch_size``."""
+        spacings = list(spacings) if spacings is not None else [(1.0, 1.0, 1.0)] * len(label_maps)
+        if len(spacings) != len(label_maps):
+            raise LeFusionError(f"got {len(label_maps)} label maps but {len(spacings)} spacings.")
+        levels = self._levels(want_classes)
+        results = []
+        for start in range(0, len(label_maps), self.batch_size):
+            chunk = range(start, min(start + self.batch_size, len(label_maps)))
+            results += self._sample([label_maps[i] for i in chunk], [spacings[i] for i in chunk], levels, rng)
+        return results
+
+    def _levels(self, want_classes: Sequence[int] | None) -> int | None:
+        """How many lesion classes (outer first) each mask must have; None: as drawn."""
+        if want_classes is None:
+            return None
+        lesions = self.labels.lesions
+        if not want_classes or set(want_classes) - set(lesions):
+            raise LeFusionError(f"want_classes must be a non-empty subset of the lesion labels {lesions}, "
+                                f"got {list(want_classes)}")
+        return 1 + max(lesions.index(label) for label in want_classes)
+
+    def _draw(self, rng: np.random.Generator, levels: int | None) -> LesionControl:
+        controls = [c for c in self.meta.controls if levels is None or sum(f > 0 for f in c.fractions) == levels]
+        if not controls:
+            raise LeFusionError(f"the generator's training data has no lesion with exactly the classes "
+                                f"{list(self.labels.lesions[:levels])}.")
+        return controls[int(rng.integers(len(controls)))]
+
+    def _sample(self, label_maps: list[np.ndarray], spacings: list[Spacing], levels: int | None,
+                rng: np.random.Generator) -> list[np.ndarray]:
+        grid, labels = self.meta.grid, self.labels
+        frames, specs, controls, maps = [], [], [], []
+        for label_map, spacing in zip(label_maps, spacings):
+            if np.asarray(label_map).ndim != 3:
+                raise LeFusionError(f"a label map must be a 3D (Z, Y, X) array, got shape {np.shape(label_map)}")
+            frame = OrganFrame.of(label_map, labels, spacing)
+            control = self._draw(rng, levels)
+            rotation = np.radians(rng.uniform(-self.rotation_jitter, self.rotation_jitter))
+            spec = organ_window(label_map, labels, grid)
+            frames.append(frame)
+            specs.append(spec)
+            controls.append(control)
+            maps.append(condition_maps(label_map, labels, control.region(frame, spacing, rotation), spec, grid.pool))
+        device = self.device
+        maps_t = torch.from_numpy(np.stack(maps)).to(device)
+        region = generation_region(maps_t[:, 0])
+        cond = torch.from_numpy(self.meta.scale.apply(controls)).to(device)
+        generator = torch.Generator(device).manual_seed(int(rng.integers(2 ** 62)))
+        sampler = RePaintSampler(with_maps(self.model, maps_t), self.schedule, self.sampler)
+        k = len(labels.lesions)
+        result = sampler.sample(torch.full(region.shape, -1.0, device=device), region.long(), (1,) * k, cond,
+                                generator)
+        scores = F.interpolate(result.channels, scale_factor=(1, grid.pool, grid.pool), mode="trilinear",
+                               align_corners=False).cpu().numpy()
+        lesion_maps = []
+        for label_map, frame, spec, control, window in zip(label_maps, frames, specs, controls, scores):
+            native = np.stack([roi.paste(np.full(label_map.shape, -1.0, np.float32), channel,
+                                         np.ones(grid.window, dtype=bool), spec) for channel in window])
+            lesion_maps.append(assemble_lesion_map(native, frame.host, labels, control.fractions, label_map.dtype))
+        return lesion_maps
