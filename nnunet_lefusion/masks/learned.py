@@ -32,15 +32,15 @@ from nnunet_lefusion.masks.geometry import Spacing
 from nnunet_lefusion.masks.mask_data import (CONDITION_CHANNELS, ControlScale, LesionControl, MaskGrid, MaskPairs,
                                              OrganFrame, condition_maps, generation_region, organ_window)
 from nnunet_lefusion.masks.rule_based import largest_component
-from nnunet_lefusion.model import ModelConfig, Unet3D
-from nnunet_lefusion.model import checkpoint as ckpt_io
+from nnunet_lefusion.model import Checkpoint, CheckpointMeta, ModelConfig, Unet3D, load_checkpoint
 from nnunet_lefusion.training.loop import TrainConfig, TrainResult, train
 
 MASK_KIND = "lefusion_mask_generator"
 NUM_TIMESTEPS = 300
-# Small enough to train on a CPU: three levels, narrow attention, no linear attention at the finest level.
+# Small enough to train on a CPU: three levels, narrow attention, none at the finest level (slices still mix
+# through the attention across slices of the two coarser levels and the bottleneck).
 ARCHITECTURE = {"dim": 16, "dim_mults": [1, 2, 4], "attn_heads": 2, "attn_dim_head": 16,
-                "linear_attn": [False, True, True], "temporal_attn": [True, True, True]}
+                "linear_attn": [False, False, True], "temporal_attn": [False, True, True]}
 
 
 def mask_model_config(num_lesions: int, architecture: ModelConfig | dict | None = None) -> ModelConfig:
@@ -73,7 +73,12 @@ class MaskLoss:
 
 @dataclass(frozen=True)
 class MaskModelMeta:
-    """Everything sampling needs besides the weights (the checkpoint's ``lefusion_meta``)."""
+    """Everything sampling needs besides the weights.
+
+    In a checkpoint (``model.checkpoint.CheckpointMeta``) it fills ``lesion_labels``, ``roi_size`` (the network
+    grid) and ``extras`` (``kind`` = ``MASK_KIND``, label roles, grid, controls, scale); the model config and the
+    schedule length are the checkpoint's own.
+    """
 
     model_config: ModelConfig
     labels: LesionLabels
@@ -82,19 +87,19 @@ class MaskModelMeta:
     scale: ControlScale
     num_timesteps: int = NUM_TIMESTEPS
 
-    def to_dict(self) -> dict:
-        return {"kind": MASK_KIND, "model_config": self.model_config.to_dict(), "lesion_labels": self.labels.to_dict(),
-                "grid": self.grid.to_dict(), "controls": [c.to_dict() for c in self.controls],
-                "control_scale": self.scale.to_dict(), "num_timesteps": self.num_timesteps}
+    def checkpoint_meta(self) -> CheckpointMeta:
+        extras = {"kind": MASK_KIND, "labels": self.labels.to_dict(), "grid": self.grid.to_dict(),
+                  "controls": [c.to_dict() for c in self.controls], "control_scale": self.scale.to_dict()}
+        return CheckpointMeta(lesion_labels=list(self.labels.lesions), roi_size=list(self.grid.size), extras=extras)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "MaskModelMeta":
-        if not isinstance(values, dict) or values.get("kind") != MASK_KIND:
-            kind = values.get("kind") if isinstance(values, dict) else None
-            raise LeFusionError(f"this checkpoint is not a lesion-mask generator (kind {kind!r}).")
-        return cls(ModelConfig.from_dict(values["model_config"]), LesionLabels.from_dict(values["lesion_labels"]),
-                   MaskGrid.from_dict(values["grid"]), tuple(LesionControl.from_dict(c) for c in values["controls"]),
-                   ControlScale.from_dict(values["control_scale"]), int(values["num_timesteps"]))
+    def from_checkpoint(cls, checkpoint: Checkpoint, source: str | Path = "the checkpoint") -> "MaskModelMeta":
+        extras = checkpoint.meta.extras if checkpoint.meta is not None else {}
+        if extras.get("kind") != MASK_KIND:
+            raise LeFusionError(f"{source} is not a lesion-mask generator checkpoint (kind {extras.get('kind')!r}).")
+        return cls(checkpoint.config, LesionLabels.from_dict(extras["labels"]), MaskGrid.from_dict(extras["grid"]),
+                   tuple(LesionControl.from_dict(c) for c in extras["controls"]),
+                   ControlScale.from_dict(extras["control_scale"]), checkpoint.num_steps)
 
 
 def train_mask_model(pairs: MaskPairs, config: ModelConfig, labels: LesionLabels, grid: MaskGrid,
@@ -108,12 +113,12 @@ def train_mask_model(pairs: MaskPairs, config: ModelConfig, labels: LesionLabels
         raise LeFusionError(f"the model config's channels do not fit {len(labels.lesions)} lesion classes; build it "
                             f"with mask_model_config.")
     scale = ControlScale.fit(pairs.controls)
-    meta = MaskModelMeta(config, labels, grid, tuple(pairs.controls), scale).to_dict()
+    meta = MaskModelMeta(config, labels, grid, tuple(pairs.controls), scale).checkpoint_meta()
     torch.manual_seed(train_config.seed)
     model = config.build()
     batch_size = train_config.batch_size
     return train(model, MaskLoss(), lambda rng: pairs.make_batch(rng, batch_size, scale), out_dir, meta,
-                 train_config, resume=resume)
+                 train_config, resume=resume, num_timesteps=NUM_TIMESTEPS)
 
 
 def _piece(score: np.ndarray, within: np.ndarray, target: float, proper: bool) -> np.ndarray:
@@ -174,12 +179,9 @@ class LearnedMaskGenerator:
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", use_ema: bool = True, **kwargs) -> "LearnedMaskGenerator":
         """A generator from a checkpoint written by ``train_mask_model`` (EMA weights unless ``use_ema`` is off)."""
-        loaded = ckpt_io.load_checkpoint(Path(path), map_location=device)
-        meta = MaskModelMeta.from_dict(loaded.meta)
-        model = meta.model_config.build()
-        state = loaded.ema_state if use_ema and loaded.ema_state is not None else loaded.model_state
-        model.load_state_dict(state)
-        return cls(model.to(device), meta, **kwargs)
+        checkpoint = load_checkpoint(path)
+        meta = MaskModelMeta.from_checkpoint(checkpoint, path)
+        return cls(checkpoint.build("ema" if use_ema else "model").to(device), meta, **kwargs)
 
     @property
     def device(self) -> torch.device:

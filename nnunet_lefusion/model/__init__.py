@@ -1,5 +1,15 @@
 """The LeFusion denoiser network, its model configs and checkpoint files (no nnU-Net imports)."""
+from nnunet_lefusion.model.checkpoint import Checkpoint, CheckpointMeta, infer_config, load_checkpoint, save_checkpoint
 from nnunet_lefusion.model.config import ModelConfig, available_configs
 from nnunet_lefusion.model.unet3d import Unet3D
 
-__all__ = ["ModelConfig", "Unet3D", "available_configs"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointMeta",
+    "ModelConfig",
+    "Unet3D",
+    "available_configs",
+    "infer_config",
+    "load_checkpoint",
+    "save_checkpoint",
+]

@@ -15,21 +15,20 @@ import numpy as np
 import torch
 
 from nnunet_lefusion import roi
-from nnunet_lefusion.diffusion.histograms import HistogramClusters, choose_condition, lesion_histograms
+from nnunet_lefusion.diffusion.histograms import NUM_BINS, HistogramClusters, choose_condition, lesion_histograms
 from nnunet_lefusion.diffusion.sampler import RePaintSampler, SamplerConfig
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.masks.placement import MaskGenerator, place_lesions
-from nnunet_lefusion.model import checkpoint as ckpt_io
-from nnunet_lefusion.model.config import ModelConfig
+from nnunet_lefusion.model.checkpoint import load_checkpoint
 from nnunet_lefusion.model.unet3d import Unet3D
 from nnunet_lefusion.synthesis.base import RawCase, Synthetic, SynthesisSkipped, lesion_voxel_counts
+from nnunet_lefusion.training.loop import resolve_device
 from nnunet_lefusion.training.roi_data import LesionRoi, lesion_roi
-from nnunet_lefusion.training.sampler import SAMPLER_KIND
+from nnunet_lefusion.training.sampler import SAMPLER_KIND, sampler_clusters
 
 MODES = ("fast", "official")
-WEIGHTS = ("ema", "model")
 # "random": a training-histogram cluster drawn by its size (perturbed +-10 %); an int: that cluster (perturbed);
 # "case": the lesion's own histograms in the ROI (same texture statistics, new pattern); an array: used as is.
 Histogram = Union[str, int, Sequence[float], np.ndarray]
@@ -53,14 +52,19 @@ def sampler_config(mode: str = "fast", jumps: tuple[int, int] | None = None,
 
 @dataclass
 class LesionSampler:
-    """A trained LeFusion denoiser with what sampling needs from its checkpoint metadata."""
+    """A trained LeFusion denoiser with what sampling needs from its checkpoint metadata.
+
+    ``in_plane_transposed``: the network sees ROIs as (Z, X, Y) instead of our (Z, Y, X). True for official
+    LeFusion checkpoints (torchio reads NIfTI as (X, Y, Z) and the official code permutes it to (Z, X, Y)).
+    """
 
     model: Unet3D
     labels: LesionLabels
     roi_size: tuple[int, int, int]
-    clusters: HistogramClusters
+    clusters: HistogramClusters | None
     schedule: CosineSchedule
     source: str = ""
+    in_plane_transposed: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -68,83 +72,172 @@ class LesionSampler:
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "cpu", weights: str = "ema") -> "LesionSampler":
-        """Read a sampler checkpoint (``nnUNetv2_lefusion_train_sampler``); ``weights`` picks EMA or online."""
-        if weights not in WEIGHTS:
-            raise LeFusionError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}.")
-        loaded = ckpt_io.load_checkpoint(checkpoint, map_location="cpu")
-        meta = loaded.meta or {}
-        if meta.get("kind") != SAMPLER_KIND:
-            raise LeFusionError(f"{checkpoint} is not a LeFusion sampler checkpoint (no sampler metadata; "
-                                f"kind {meta.get('kind')!r}).")
-        state = loaded.ema_state if weights == "ema" and loaded.ema_state is not None else loaded.model_state
-        model = ModelConfig.from_dict(meta["model_config"]).build()
-        model.load_state_dict(state)
-        model.to(_device(device)).eval()
-        return cls(model, LesionLabels.from_dict(meta["lesion_labels"]), tuple(meta["roi_size"]),
-                   HistogramClusters.from_dict(meta["histogram_clusters"]), CosineSchedule(meta["num_timesteps"]),
-                   str(checkpoint))
+        """Read a sampler checkpoint; ``weights`` picks the EMA (default) or the online weights.
+
+        Our checkpoints (``nnUNetv2_lefusion_train_sampler``) carry labels, ROI size and histogram clusters. An
+        official cardiac checkpoint (2 channels) gets the Emidec setting: labels 3/4 in myocardium 2, ROI
+        10x72x72, in-plane axes transposed, and no clusters (give a histogram or use the lesion's own).
+        """
+        loaded = load_checkpoint(checkpoint)
+        meta = loaded.meta
+        if meta is not None and meta.extras.get("kind") != SAMPLER_KIND:
+            raise LeFusionError(f"{checkpoint} is not a LeFusion sampler checkpoint (kind {meta.extras.get('kind')!r}).")
+        if meta is None and (loaded.config.channels != 2 or loaded.config.cond_dim != 2 * NUM_BINS):
+            raise LeFusionError(f"{checkpoint} is an official checkpoint but not the cardiac (Emidec) sampler; "
+                                f"only that one can be used without our metadata.")
+        model = loaded.build(weights).to(resolve_device(device))
+        schedule = CosineSchedule(loaded.num_steps)
+        if meta is None:
+            return cls(model, LesionLabels.emidec(), roi.OFFICIAL_CARDIAC_SIZE, None, schedule, str(checkpoint), True)
+        return cls(model, LesionLabels.from_dict(meta.extras["labels"]), tuple(meta.roi_size),
+                   sampler_clusters(meta), schedule, str(checkpoint))
 
     def condition(self, item: LesionRoi, lesion_labels: Sequence[int], histogram: Histogram,
                   rng: np.random.Generator) -> np.ndarray:
         """The histogram condition (cond_dim values) for one ROI."""
+        cluster = None
         if isinstance(histogram, str):
             if histogram == "case":
                 return lesion_histograms(item.image, item.label, lesion_labels)
             if histogram != "random":
                 raise LeFusionError(f"histogram must be 'random', 'case', a cluster index or values, got {histogram!r}.")
-            return choose_condition(self.clusters, rng)
-        if isinstance(histogram, (int, np.integer)):
-            return choose_condition(self.clusters, rng, cluster=int(histogram))
-        return choose_condition(self.clusters, rng, histogram=histogram)
+        elif isinstance(histogram, (int, np.integer)):
+            cluster = int(histogram)
+        else:  # explicit values: only their length is taken from the clusters
+            clusters = self.clusters or HistogramClusters([[0.0] * self.model.config.cond_dim], [1])
+            return choose_condition(clusters, rng, histogram=histogram)
+        if self.clusters is None:
+            raise LeFusionError("this checkpoint holds no histogram clusters; give a histogram or use the lesion's "
+                                "own (--histogram FILE / --own-histogram).")
+        return choose_condition(self.clusters, rng, cluster=cluster)
 
-    def resynthesize_many(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
-                          lesion_labels: Sequence[int], rng: np.random.Generator, config: SamplerConfig,
-                          histogram: Histogram = "random", batch_size: int = 4) -> list[np.ndarray]:
+    def _network_axes(self, roi_array: np.ndarray) -> np.ndarray:
+        """ROI (Z, Y, X) in the network's axis order (and back: the transposition is its own inverse)."""
+        return np.ascontiguousarray(np.swapaxes(roi_array, -1, -2)) if self.in_plane_transposed else roi_array
+
+    def resynthesize_many(self, images: Sequence[np.ndarray], label_maps: Sequence[np.ndarray],
+                          rng: np.random.Generator, config: SamplerConfig, histogram: Histogram = "random",
+                          labels: LesionLabels | None = None, batch_size: int = 4) -> list[np.ndarray]:
         """New lesion textures for several native-grid cases (Z, Y, X), ``batch_size`` ROIs per sampler call.
 
-        Returns copies of ``images`` (same dtype) differing only on lesion voxels inside each ROI.
+        ``labels`` are the roles of the cases' labels (default: those the sampler was trained with); network
+        channel k re-textures ``labels.lesions[k]``. Returns copies of ``images`` (same dtype) that differ only on
+        lesion voxels inside each case's ROI.
         """
-        if len(lesion_labels) != self.model.config.channels:
-            raise LeFusionError(f"the sampler has {self.model.config.channels} lesion channel(s) but "
-                                f"{len(lesion_labels)} lesion label(s) {list(lesion_labels)} were given.")
+        labels = labels or self.labels
+        if len(labels.lesions) != self.model.config.channels:
+            raise LeFusionError(f"the sampler has {self.model.config.channels} lesion channel(s) but the data has "
+                                f"{len(labels.lesions)} lesion label(s) {list(labels.lesions)}.")
         if batch_size < 1:
             raise LeFusionError(f"the sampling batch size must be >= 1, got {batch_size}.")
         items, conds = [], []
-        host = LesionLabels(tuple(lesion_labels), self.labels.organ if not _shared(self.labels, lesion_labels)
-                            else self.labels.organ, self.labels.cavity)
-        for image, label in zip(images, labels):
+        for image, label in zip(images, label_maps, strict=True):
             image, label = np.asarray(image), np.asarray(label)
             if image.shape != label.shape or image.ndim != 3:
                 raise LeFusionError(f"image {image.shape} and label {label.shape} must be 3D (Z, Y, X) of one shape.")
-            if not np.isin(label, lesion_labels).any():
-                raise LeFusionError(f"the label map has no voxel of the lesion labels {list(lesion_labels)}.")
-            item = lesion_roi(image, label, host, self.roi_size)
+            if not np.isin(label, labels.lesions).any():
+                raise LeFusionError(f"the label map has no voxel of the lesion labels {list(labels.lesions)}.")
+            item = lesion_roi(image, label, labels, self.roi_size)
             items.append(item)
-            conds.append(self.condition(item, lesion_labels, histogram, rng))
+            conds.append(self.condition(item, labels.lesions, histogram, rng))
         sampler = RePaintSampler(self.model, self.schedule, config)
         generator = torch.Generator(self.device).manual_seed(int(rng.integers(2 ** 63)))
         out = []
         for first in range(0, len(items), batch_size):
-            chunk = items[first:first + batch_size]
-            device = self.device
-            result = sampler.sample(torch.from_numpy(np.stack([i.image for i in chunk])).to(device),
-                                    torch.from_numpy(np.stack([i.label.astype(np.int64) for i in chunk])).to(device),
-                                    lesion_labels, torch.from_numpy(np.stack(conds[first:first + batch_size])),
-                                    generator)
-            for item, roi_unit, image in zip(chunk, result.image.cpu().numpy(), images[first:first + batch_size]):
-                where = np.isin(item.label, lesion_labels)
-                out.append(roi.paste_image(image, roi_unit, where, item.spec))
+            chunk, chunk_images = items[first:first + batch_size], images[first:first + batch_size]
+            roi_images = self._network_axes(np.stack([i.image for i in chunk]))
+            roi_labels = self._network_axes(np.stack([i.label.astype(np.int64) for i in chunk]))
+            result = sampler.sample(torch.from_numpy(roi_images).to(self.device),
+                                    torch.from_numpy(roi_labels).to(self.device), labels.lesions,
+                                    torch.from_numpy(np.stack(conds[first:first + batch_size])), generator)
+            for item, roi_unit, image in zip(chunk, self._network_axes(result.image.cpu().numpy()), chunk_images):
+                out.append(roi.paste_image(image, roi_unit, np.isin(item.label, labels.lesions), item.spec))
         return out
 
 
-def _shared(labels: LesionLabels, lesion_labels: Sequence[int]) -> bool:
-    return tuple(lesion_labels) == labels.lesions
+def resynthesize(image: np.ndarray, label: np.ndarray, sampler: LesionSampler | str | Path, mode: str = "fast",
+                 histogram: Histogram = "random", seed: int = 0, device: str = "cpu",
+                 labels: LesionLabels | None = None, jumps: tuple[int, int] | None = None,
+                 strided_steps: int | None = None) -> np.ndarray:
+    """``image`` (Z, Y, X) with the lesions of ``label`` re-textured; every other voxel is bit-identical.
+
+    ``sampler`` is a loaded :class:`LesionSampler` or a checkpoint path. The result keeps the dtype and lies
+    within the image's own intensity range.
+    """
+    if not isinstance(sampler, LesionSampler):
+        sampler = LesionSampler.load(sampler, device)
+    config = sampler_config(mode, jumps, strided_steps)
+    return sampler.resynthesize_many([image], [label], np.random.default_rng(seed), config, histogram, labels)[0]
 
 
-def _device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LeFusionError(f"device '{name}' was requested but CUDA is not available here; use cpu.")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise LeFusionError(f"unknown device '{name}'; use cpu or cuda.") from None
+class LeFusionSynthesizer:
+    """The Synthesizer of the LeFusion method: re-textures the target's lesions (P'), or, with a
+    ``mask_generator``, draws new lesions onto targets without lesions and textures them (N').
+
+    Targets that already have lesions always keep their real masks: placing new ones would fold the old
+    lesions into the organ while their lesion texture stayed, i.e. wrong labels. Only channel ``channel`` of
+    a multi-channel image is re-textured.
+    """
+
+    name = "lefusion"
+
+    def __init__(self, checkpoint: str | Path | LesionSampler, labels: LesionLabels, mode: str = "fast",
+                 device: str = "cpu", histogram: Histogram = "random", mask_generator: MaskGenerator | None = None,
+                 weights: str = "ema", jumps: tuple[int, int] | None = None, strided_steps: int | None = None,
+                 channel: int = 0) -> None:
+        self.sampler = checkpoint if isinstance(checkpoint, LesionSampler) else LesionSampler.load(
+            checkpoint, device, weights)
+        self.labels = labels
+        self.mode = mode
+        self.config = sampler_config(mode, jumps, strided_steps)
+        self.histogram = histogram
+        self.mask_generator = mask_generator
+        self.channel = channel
+
+    def _label_map(self, target: RawCase, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+        """The label map to texture and where its lesions come from ('real' or 'generated')."""
+        seg = target.seg[0]
+        if np.isin(seg, self.labels.lesions).any():
+            return seg, "real"
+        if self.mask_generator is None:
+            raise SynthesisSkipped(f"{target.identifier} has no lesion to re-texture")
+        if not np.isin(seg, self.labels.organ).any():
+            raise SynthesisSkipped(f"{target.identifier} has no organ (labels {list(self.labels.organ)})")
+        try:
+            lesion_map = self.mask_generator.generate(seg, rng, spacing=target.spacing)
+            placed = place_lesions(seg, lesion_map, self.labels)
+        except LeFusionError as exc:
+            raise SynthesisSkipped(f"no lesion could be placed on {target.identifier}: {exc}") from None
+        if not np.isin(placed, self.labels.lesions).any():
+            raise SynthesisSkipped(f"the mask generator drew no lesion on {target.identifier}")
+        return placed.astype(seg.dtype, copy=False), "generated"
+
+    def synthesize(self, target: RawCase, rng: np.random.Generator) -> Synthetic:
+        result = self.synthesize_many([target], rng)[0]
+        if isinstance(result, SynthesisSkipped):
+            raise result
+        return result
+
+    def synthesize_many(self, targets: Sequence[RawCase], rng: np.random.Generator
+                        ) -> list[Synthetic | SynthesisSkipped]:
+        """Synthesize several targets with batched sampler calls; a target that cannot host a lesion gets its
+        ``SynthesisSkipped`` in its place of the list."""
+        maps: list[tuple[np.ndarray, str] | SynthesisSkipped] = []
+        for target in targets:
+            try:
+                maps.append(self._label_map(target, rng))
+            except SynthesisSkipped as skipped:
+                maps.append(skipped)
+        usable = [(t, m) for t, m in zip(targets, maps) if not isinstance(m, SynthesisSkipped)]
+        images = self.sampler.resynthesize_many([t.image[self.channel] for t, _ in usable],
+                                                [m[0] for _, m in usable], rng, self.config, self.histogram,
+                                                self.labels) if usable else []
+        made = {}
+        for (target, (seg, origin)), channel_image in zip(usable, images):
+            image = target.image.copy()
+            image[self.channel] = channel_image
+            made[id(target)] = Synthetic(target.with_arrays(image, seg[None]), {
+                "method": self.name, "masks": origin, "mode": self.mode,
+                "evaluations": self.config.evaluations(self.sampler.schedule.num_steps),
+                "checkpoint": self.sampler.source, "lesion_voxels": lesion_voxel_counts(seg, self.labels)})
+        return [m if isinstance(m, SynthesisSkipped) else made[id(t)] for t, m in zip(targets, maps)]

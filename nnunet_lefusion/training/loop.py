@@ -14,9 +14,10 @@ It serves the LeFusion texture sampler (``nnUNetv2_lefusion_train_sampler``) and
         # A scalar loss. Torch randomness (t, noise) may use the global torch RNG: the loop seeds it.
         return training_loss(model, schedule, batch["x0"], batch["masks"], batch["cond"])
 
-    result = train(model, loss_fn, make_batch, out_dir, meta={"model_config": config.to_dict(), ...},
+    meta = CheckpointMeta(lesion_labels=[3, 4], roi_size=[32, 64, 64], extras={"kind": "lefusion_masks", ...})
+    result = train(model, loss_fn, make_batch, out_dir, meta,
                    config=TrainConfig(steps=20_000, batch_size=4, checkpoint_every=500, seed=0),
-                   resume=args.resume)
+                   resume=args.resume)  # model: a Unet3D (the checkpoint format stores Unet3D weights)
     # out_dir/checkpoint_latest.pt (every checkpoint_every steps), checkpoint_final.pt, training_log.txt
 
 Determinism: the randomness of optimisation step k (micro-batch j) comes from (seed, k, j) only: the loop hands
@@ -26,9 +27,9 @@ remaining steps exactly as an uninterrupted run would (bit-identical weights on 
 non-determinism of its kernels), and no RNG state needs to be stored.
 
 Checkpoints are written by ``nnunet_lefusion.model.checkpoint`` in the official layout (``step``, ``model``,
-``ema``, ``scaler``) with our ``lefusion_meta`` (the ``meta`` argument, verbatim); the optimizer state and the
-training bookkeeping go under the extra key ``TRAIN_STATE_KEY``. Resuming from a checkpoint whose metadata differs
-from ``meta`` is refused with a ``LeFusionError``.
+``ema``, ``scaler``) with our ``lefusion_meta`` (the model config plus the ``meta`` argument); the optimizer state
+and the training settings go into the checkpoint's optimizer slot (``{"optimizer": ..., "train_config": ...}``).
+Resuming from a checkpoint whose model config or metadata differ is refused with a ``LeFusionError``.
 
 EMA (official: decay 0.995, updated every 10 steps, reset to the online weights until step 2000): with
 ``ema_every`` / ``ema_start`` left at ``None`` they scale with ``steps`` so that short CPU runs still average
@@ -48,9 +49,9 @@ import torch
 from tqdm import tqdm
 
 from nnunet_lefusion.errors import LeFusionError
-from nnunet_lefusion.model import checkpoint as ckpt_io
+from nnunet_lefusion.model.checkpoint import Checkpoint, CheckpointMeta, load_checkpoint, save_checkpoint
+from nnunet_lefusion.model.unet3d import Unet3D
 
-TRAIN_STATE_KEY = "lefusion_train"
 LATEST = "checkpoint_latest.pt"
 FINAL = "checkpoint_final.pt"
 LOG_NAME = "training_log.txt"
@@ -171,18 +172,17 @@ def resolve_device(name: str) -> torch.device:
         raise LeFusionError(f"unknown device '{name}'; use cpu or cuda.") from None
 
 
-def _meta_differences(stored: dict, meta: dict) -> list[str]:
-    return sorted(k for k in set(stored) | set(meta) if stored.get(k) != meta.get(k))
-
-
-def _read_resume(path: Path, meta: dict, device: torch.device) -> Any:
-    """The checkpoint to resume from, refused if it was trained with other metadata or lacks optimizer state."""
-    loaded = ckpt_io.load_checkpoint(path, map_location=device)
-    differences = _meta_differences(loaded.meta, meta)
+def _read_resume(path: Path, model: Unet3D, meta: CheckpointMeta) -> Checkpoint:
+    """The checkpoint to resume from, refused if it holds another network or metadata, or no optimizer state."""
+    loaded = load_checkpoint(path)
+    stored = loaded.meta.to_dict() if loaded.meta is not None else {}
+    differences = sorted(k for k, v in meta.to_dict().items() if stored.get(k) != v)
+    if loaded.config != model.config:
+        differences.insert(0, "model config")
     if differences:
         raise LeFusionError(f"cannot resume from {path}: it was trained with different settings "
                             f"({', '.join(differences)}); use another output folder or drop --resume.")
-    if loaded.extra.get(TRAIN_STATE_KEY) is None:
+    if not isinstance(loaded.optimizer_state, dict) or "optimizer" not in loaded.optimizer_state:
         raise LeFusionError(f"cannot resume from {path}: it holds no optimizer state (not written by this trainer).")
     return loaded
 
@@ -193,28 +193,30 @@ def _keep_ema_schedule(config: TrainConfig, stored: dict) -> TrainConfig:
                    ema_start=config.ema_start if config.ema_start is not None else stored["ema_start"])
 
 
-def _save(path: Path, model: torch.nn.Module, ema: Ema, optimizer: torch.optim.Optimizer, step: int,
-          meta: dict, config: TrainConfig) -> None:
-    state = {"optimizer": optimizer.state_dict(), "config": asdict(config)}
-    ckpt_io.save_checkpoint(path, model, step=step, ema=ema.model, meta=meta, extra={TRAIN_STATE_KEY: state})
+def _save(path: Path, model: Unet3D, ema: Ema, optimizer: torch.optim.Optimizer, step: int,
+          meta: CheckpointMeta, config: TrainConfig, num_timesteps: int) -> None:
+    save_checkpoint(path, model, ema=ema.model, step=step, num_steps=num_timesteps, meta=meta,
+                    optimizer_state={"optimizer": optimizer.state_dict(), "train_config": asdict(config)})
 
 
-def train(model: torch.nn.Module, loss_fn: LossFn, make_batch: MakeBatch, out_dir: str | Path, meta: dict,
-          config: TrainConfig, resume: bool = False, log: Callable[[str], None] | None = None) -> TrainResult:
+def train(model: Unet3D, loss_fn: LossFn, make_batch: MakeBatch, out_dir: str | Path, meta: CheckpointMeta,
+          config: TrainConfig, resume: bool = False, num_timesteps: int = 300,
+          log: Callable[[str], None] | None = None) -> TrainResult:
     """Train ``model`` in place for ``config.steps`` optimisation steps (counted from zero, across resumes).
 
     Each step averages ``loss_fn`` over ``config.grad_accum`` micro-batches from ``make_batch``. Writes
     ``out_dir/checkpoint_latest.pt`` every ``checkpoint_every`` steps, ``checkpoint_final.pt`` at the end and
     one line per ``log_every`` steps to ``training_log.txt``. ``resume=True`` continues from
-    ``checkpoint_latest.pt`` when it exists (a finished run returns at once). The model stays on the device.
+    ``checkpoint_latest.pt`` when it exists (a finished run returns at once). ``num_timesteps`` is the length of
+    the diffusion schedule written into the checkpoint (official 300). The model stays on the device.
     """
     device = resolve_device(config.device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     loaded = None
     if resume and (out / LATEST).is_file():
-        loaded = _read_resume(out / LATEST, meta, device)
-        config = _keep_ema_schedule(config, loaded.extra[TRAIN_STATE_KEY]["config"])
+        loaded = _read_resume(out / LATEST, model, meta)
+        config = _keep_ema_schedule(config, loaded.optimizer_state["train_config"])
     elif not resume and (out / LATEST).exists():
         raise LeFusionError(f"{out} already holds a training run; pass --resume to continue it, "
                             f"or choose another output folder.")
@@ -224,7 +226,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, make_batch: MakeBatch, out_di
     start = 0
     if loaded is not None:
         model.load_state_dict(loaded.model_state)
-        optimizer.load_state_dict(loaded.extra[TRAIN_STATE_KEY]["optimizer"])
+        optimizer.load_state_dict(loaded.optimizer_state["optimizer"])
         start = int(loaded.step)
     ema = Ema(model, config.ema_decay, config.ema_every, config.ema_start)
     if loaded is not None and loaded.ema_state is not None:
@@ -271,13 +273,13 @@ def train(model: torch.nn.Module, loss_fn: LossFn, make_batch: MakeBatch, out_di
                     log(line)
                 window = []
             if done % config.checkpoint_every == 0 and done < config.steps:
-                _save(out / LATEST, model, ema, optimizer, done, meta, config)
+                _save(out / LATEST, model, ema, optimizer, done, meta, config, num_timesteps)
                 if config.keep_every and done % config.keep_every == 0:
-                    _save(out / f"checkpoint_step{done}.pt", model, ema, optimizer, done, meta, config)
+                    _save(out / f"checkpoint_step{done}.pt", model, ema, optimizer, done, meta, config, num_timesteps)
         bar.close()
         if result.step > start or not (out / FINAL).is_file():
-            _save(out / LATEST, model, ema, optimizer, result.step, meta, config)
-            _save(out / FINAL, model, ema, optimizer, result.step, meta, config)
+            _save(out / LATEST, model, ema, optimizer, result.step, meta, config, num_timesteps)
+            _save(out / FINAL, model, ema, optimizer, result.step, meta, config, num_timesteps)
     finally:
         log_file.close()
     result.checkpoint = out / FINAL

@@ -6,11 +6,12 @@ from typing import Sequence
 
 import torch
 
-from nnunet_lefusion.diffusion.histograms import NUM_BINS, cluster_histograms
+from nnunet_lefusion.diffusion.histograms import NUM_BINS, HistogramClusters, cluster_histograms
 from nnunet_lefusion.diffusion.loss import lesion_channel_masks, training_loss
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
+from nnunet_lefusion.model.checkpoint import CheckpointMeta
 from nnunet_lefusion.model.config import ModelConfig
 from nnunet_lefusion.training.loop import TrainConfig, TrainResult, train
 from nnunet_lefusion.training.roi_data import FLIP_AXIS, INTENSITY_PERCENTILES, RoiSet
@@ -35,25 +36,29 @@ def check_model_fits(config: ModelConfig, num_classes: int, roi_size: Sequence[i
                             f"for this model config ({len(config.dim_mults)} levels).")
 
 
-def sampler_meta(config: ModelConfig, labels: LesionLabels, roi_size: Sequence[int], rois: RoiSet,
-                 num_clusters: int = DEFAULT_CLUSTERS, seed: int = 0) -> dict:
+def sampler_meta(labels: LesionLabels, roi_size: Sequence[int], rois: RoiSet,
+                 num_clusters: int = DEFAULT_CLUSTERS, seed: int = 0) -> CheckpointMeta:
     """The ``lefusion_meta`` of a sampler checkpoint: everything sampling needs besides the weights.
 
-    Includes k-means clusters of the training histograms (the texture presets offered at sampling).
+    ``histogram_clusters`` holds k-means centres of the training histograms (the texture presets offered at
+    sampling, official-style: one cond_dim vector each); their sizes and the label roles are in ``extras``.
     """
     clusters = cluster_histograms(rois.histograms, num_clusters, seed=seed)
-    return {
-        "kind": SAMPLER_KIND,
-        "model_config": config.to_dict(),
-        "num_timesteps": NUM_TIMESTEPS,
-        "lesion_labels": labels.to_dict(),
-        "roi_size": [int(s) for s in roi_size],
-        "intensity": {"mapping": "per-volume percentile range to [-1, 1], clipped",
-                      "percentiles": list(INTENSITY_PERCENTILES), "roi_padding": -1.0},
-        "augmentation": {"flip_axis": "Y", "probability": 0.5, "array_axis": FLIP_AXIS},
-        "histogram_clusters": clusters.to_dict(),
-        "training_cases": len(rois),
-    }
+    return CheckpointMeta(
+        lesion_labels=list(labels.lesions),
+        roi_size=[int(s) for s in roi_size],
+        intensity={"mapping": "per-volume percentile range to [-1, 1], clipped",
+                   "percentiles": list(INTENSITY_PERCENTILES), "roi_padding": -1.0},
+        histogram_clusters=clusters.to_dict()["centers"],
+        extras={"kind": SAMPLER_KIND, "labels": labels.to_dict(), "cluster_counts": clusters.to_dict()["counts"],
+                "histogram_bins": clusters.num_bins, "training_cases": len(rois),
+                "augmentation": {"flip_axis": "Y", "probability": 0.5, "array_axis": FLIP_AXIS}})
+
+
+def sampler_clusters(meta: CheckpointMeta) -> HistogramClusters:
+    """The histogram clusters stored by :func:`sampler_meta`."""
+    return HistogramClusters.from_dict({"centers": meta.histogram_clusters, "counts": meta.extras["cluster_counts"],
+                                        "num_bins": meta.extras["histogram_bins"]})
 
 
 class LesionLoss:
@@ -77,10 +82,10 @@ def train_sampler(rois: RoiSet, config: ModelConfig, labels: LesionLabels, roi_s
                   resume: bool = False) -> TrainResult:
     """Train a fresh (or resumed) LeFusion denoiser of ``config`` on ``rois``; files go to ``out_dir``."""
     check_model_fits(config, len(labels.lesions), roi_size)
-    meta = sampler_meta(config, labels, roi_size, rois, num_clusters, seed=train_config.seed)
+    meta = sampler_meta(labels, roi_size, rois, num_clusters, seed=train_config.seed)
     torch.manual_seed(train_config.seed)
     model = config.build()
     batch_size = train_config.batch_size
     return train(model, LesionLoss(labels.lesions), lambda rng: rois.make_batch(rng, batch_size), out_dir, meta,
-                 train_config, resume=resume)
+                 train_config, resume=resume, num_timesteps=NUM_TIMESTEPS)
 

@@ -1,0 +1,128 @@
+"""How real do re-synthesized lesions look? Intensity distributions of real vs synthetic lesions, fast vs full schedule.
+
+Run: ``PYTHONPATH=. .venv/bin/python benchmarks/lesion_quality.py --checkpoint CKPT --raw RAW_DATASET_FOLDER
+[--cases 8] [--full-schedule 5/5] [--histogram case|random] [--batch 4] [--device cpu]``.
+
+The lesions of held-out cases (not seen in training) are re-textured on their real masks with the checkpoint's
+sampler, once in the fast mode and once on the full 300-step schedule with the RePaint jumps of
+``--full-schedule`` (official 5/5; 2/2 bounds CPU time). Per lesion class it prints the 1-Wasserstein distance
+between the real and the synthetic lesion intensities of each case (native units, mean over cases, and relative
+to the real lesion's standard deviation). For scale, two reference rows: a lesion whose voxels are the
+case's own healthy myocardium (wrong tissue), and the distance between the two halves of the real lesion
+(sampling noise). The background check is the largest absolute change outside the lesions (must be 0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import wasserstein_distance
+
+from nnunet_lefusion.cli.train_sampler import training_cases
+from nnunet_lefusion.labels import resolve_lesion_labels
+from nnunet_lefusion.synthesis.lefusion import LesionSampler, sampler_config
+from nnunet_lefusion.training.roi_data import read_volume
+
+
+def parse_jumps(text: str) -> tuple[int, int]:
+    """'5/5' -> (5, 5): RePaint jump length / resamplings."""
+    try:
+        length, resamplings = (int(v) for v in text.split("/"))
+        return length, resamplings
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LENGTH/RESAMPLINGS such as 5/5, got {text!r}") from None
+
+
+def held_out_cases(raw: Path, lesions: tuple[int, ...], limit: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Up to ``limit`` (identifier, image, label) cases of a raw dataset that have lesion voxels."""
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    cases = []
+    for identifier, image_file, label_file in training_cases(raw, dataset_json):
+        label, _ = read_volume(label_file)
+        if np.isin(label, lesions).any():
+            cases.append((identifier, read_volume(image_file)[0], label))
+        if len(cases) == limit:
+            break
+    return cases
+
+
+def split_half_distance(values: np.ndarray, rng: np.random.Generator) -> float:
+    """W1 between two random halves of a sample: what chance alone gives at this sample size."""
+    order = rng.permutation(values.size)
+    half = values.size // 2
+    return wasserstein_distance(values[order[:half]], values[order[half:]]) if half else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="sampler checkpoint (e.g. a small model's checkpoint_final.pt)")
+    parser.add_argument("--raw", required=True, help="raw nnU-Net dataset folder with held-out cases")
+    parser.add_argument("--cases", type=int, default=8, help="held-out lesion cases to use (default 8)")
+    parser.add_argument("--full-schedule", type=parse_jumps, default=(5, 5),
+                        help="RePaint jumps of the full 300-step schedule, LENGTH/RESAMPLINGS (default 5/5, official)")
+    parser.add_argument("--histogram", default="case", choices=("case", "random"),
+                        help="texture condition: the lesion's own histogram or a random training cluster (default case)")
+    parser.add_argument("--batch", type=int, default=4, help="ROIs per sampler call (default 4)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--weights", default="ema", choices=("ema", "model"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-full", action="store_true", help="only the fast mode")
+    args = parser.parse_args()
+
+    sampler = LesionSampler.load(args.checkpoint, args.device, args.weights)
+    raw = Path(args.raw)
+    labels = resolve_lesion_labels(json.loads((raw / "dataset.json").read_text()), list(sampler.labels.lesions),
+                                   list(sampler.labels.organ))
+    cases = held_out_cases(raw, labels.lesions, args.cases)
+    images, label_maps = [c[1] for c in cases], [c[2] for c in cases]
+    jl, jn = args.full_schedule
+    modes = {"fast": sampler_config("fast")}
+    if not args.skip_full:
+        modes[f"full {jl}/{jn}"] = sampler_config("official", (jl, jn))
+    print(f"checkpoint {args.checkpoint} ({args.weights} weights), {len(cases)} held-out cases from {raw.name}, "
+          f"histogram condition: {args.histogram}, torch threads {torch.get_num_threads()}")
+
+    rng = np.random.default_rng(args.seed)
+    rows: dict[str, dict[int, list[float]]] = {}
+    stds = {lab: [float(i[m == lab].std()) for i, m in zip(images, label_maps) if (m == lab).any()]
+            for lab in labels.lesions}
+    for name, config in modes.items():
+        start = time.perf_counter()
+        outputs = sampler.resynthesize_many(images, label_maps, np.random.default_rng(args.seed), config,
+                                            args.histogram, labels, args.batch)
+        seconds = time.perf_counter() - start
+        background = max(float(np.abs(o.astype(np.float64) - i)[~np.isin(m, labels.lesions)].max())
+                         for o, i, m in zip(outputs, images, label_maps))
+        evaluations = config.evaluations(sampler.schedule.num_steps)
+        print(f"{name}: {evaluations} network evaluations per batch, {seconds / len(cases):.1f} s per ROI, "
+              f"background max |difference| = {background:g}")
+        rows[name] = {lab: [wasserstein_distance(i[m == lab], o[m == lab])
+                            for i, o, m in zip(images, outputs, label_maps) if (m == lab).any()]
+                      for lab in labels.lesions}
+    rows["ref: healthy myocardium as lesion"] = {
+        lab: [wasserstein_distance(i[m == lab], i[np.isin(m, labels.organ)])
+              for i, m in zip(images, label_maps) if (m == lab).any()] for lab in labels.lesions}
+    rows["ref: real lesion split in halves"] = {
+        lab: [split_half_distance(i[m == lab].astype(np.float64), rng)
+              for i, m in zip(images, label_maps) if (m == lab).any()] for lab in labels.lesions}
+
+    print(f"\n1-Wasserstein distance to the real lesion intensities, mean over cases "
+          f"(native units | relative to the real lesion's s.d.)")
+    header = f"{'':40s}" + "".join(f"{'label ' + str(lab) + ' (n=' + str(len(stds[lab])) + ')':>28s}"
+                                    for lab in labels.lesions)
+    print(header)
+    for name, per_label in rows.items():
+        cells = []
+        for lab in labels.lesions:
+            values = np.asarray(per_label[lab])
+            rel = values / np.maximum(np.asarray(stds[lab]), 1e-9)
+            cells.append(f"{values.mean():12.1f} | {rel.mean():6.2f}" if values.size else f"{'-':>21s}")
+        print(f"{name:40s}" + "".join(f"{c:>28s}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()

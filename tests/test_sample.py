@@ -1,0 +1,130 @@
+"""nnUNetv2_lefusion_sample, resynthesize() and LeFusionSynthesizer with a tiny sampler trained on phantom ROIs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_lefusion.cli.sample import main as sample_main
+from nnunet_lefusion.labels import LesionLabels
+from nnunet_lefusion.masks.rule_based import RuleBasedMaskGenerator
+from nnunet_lefusion.synthesis.base import RawCase, SynthesisSkipped
+from nnunet_lefusion.synthesis.lefusion import LeFusionSynthesizer, LesionSampler, resynthesize
+from nnunet_lefusion.training.loop import FINAL
+from tests.test_train_sampler import lesion_dataset, train_tiny
+
+# A very short fast-mode walk: 4 strided steps, no resampling -> 4 network evaluations per ROI.
+QUICK = ["--strided-steps", "4", "--jumps", "1", "1"]
+QUICK_KW = {"strided_steps": 4, "jumps": (1, 1)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine, two OpenMP threads wait on each other (~40x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset(nnunet_dirs) -> Path:
+    return lesion_dataset(nnunet_dirs["nnUNet_raw"])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sampler")
+    train_tiny(out, 2)
+    return out / FINAL
+
+
+def _case(dataset: Path, name: str) -> tuple[sitk.Image, sitk.Image]:
+    return (sitk.ReadImage(str(dataset / "imagesTr" / f"{name}_0000.nii.gz")),
+            sitk.ReadImage(str(dataset / "labelsTr" / f"{name}.nii.gz")))
+
+
+def test_cli_rewrites_only_lesion_voxels(dataset, checkpoint, tmp_path):
+    out = tmp_path / "syn.nii.gz"
+    sample_main(["-i", str(dataset / "imagesTr" / "Case_P001_0000.nii.gz"),
+                 "-l", str(dataset / "labelsTr" / "Case_P001.nii.gz"), "-o", str(out),
+                 "--checkpoint", str(checkpoint), "--seed", "3", *QUICK])
+    image, label = _case(dataset, "Case_P001")
+    synthetic = sitk.ReadImage(str(out))
+    assert synthetic.GetSize() == image.GetSize() and synthetic.GetPixelID() == image.GetPixelID()
+    assert synthetic.GetSpacing() == image.GetSpacing() and synthetic.GetOrigin() == image.GetOrigin()
+    assert synthetic.GetDirection() == image.GetDirection()
+    before, after = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(synthetic)
+    lesion = np.isin(sitk.GetArrayFromImage(label), (3, 4))
+    assert np.array_equal(before[~lesion], after[~lesion])
+    assert np.count_nonzero(before[lesion] != after[lesion]) > 20  # the lesion voxels inside the small test ROI
+    assert before.min() <= after.min() and after.max() <= before.max()
+
+
+def test_resynthesize_api_is_seeded_and_keeps_dtype(dataset, checkpoint):
+    image, label = (sitk.GetArrayFromImage(v) for v in _case(dataset, "Case_P002"))
+    image = image.astype(np.float32) * 0.5  # any float image, any range
+    sampler = LesionSampler.load(checkpoint)
+    a = resynthesize(image, label, sampler, seed=1, **QUICK_KW)
+    b = resynthesize(image, label, sampler, seed=1, **QUICK_KW)
+    c = resynthesize(image, label, sampler, seed=2, histogram=0, **QUICK_KW)
+    lesion = np.isin(label, (3, 4))
+    assert a.dtype == np.float32 and np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.array_equal(a[~lesion], image[~lesion]) and np.array_equal(c[~lesion], image[~lesion])
+    assert image.min() <= a.min() and a.max() <= image.max()
+
+
+def _raw_case(dataset: Path, name: str) -> RawCase:
+    image, label = (sitk.GetArrayFromImage(v) for v in _case(dataset, name))
+    spacing = sitk.ReadImage(str(dataset / "labelsTr" / f"{name}.nii.gz")).GetSpacing()[::-1]
+    return RawCase(name, image[None].astype(np.float32), label[None].astype(np.float32), {"spacing": list(spacing)})
+
+
+def test_synthesizer_retextures_real_and_generated_lesions(dataset, checkpoint):
+    labels = LesionLabels.emidec()
+    sick, normal = _raw_case(dataset, "Case_P003"), _raw_case(dataset, "Case_N001")
+    plain = LeFusionSynthesizer(checkpoint, labels, **QUICK_KW)
+    with pytest.raises(SynthesisSkipped):
+        plain.synthesize(normal, np.random.default_rng(0))
+    generated = LeFusionSynthesizer(LesionSampler.load(checkpoint), labels, mask_generator=RuleBasedMaskGenerator(),
+                                    **QUICK_KW)
+    real, new = generated.synthesize_many([sick, normal], np.random.default_rng(0))
+    assert real.provenance["masks"] == "real" and new.provenance["masks"] == "generated"
+    assert np.array_equal(real.case.seg, sick.seg)
+    lesion = np.isin(sick.seg[0], labels.lesions)
+    assert np.array_equal(real.case.image[0][~lesion], sick.image[0][~lesion])
+    assert not np.array_equal(real.case.image[0][lesion], sick.image[0][lesion])
+    new_lesion = np.isin(new.case.seg[0], labels.lesions)
+    assert new_lesion.any() and not np.isin(normal.seg, labels.lesions).any()
+    assert np.array_equal(new.case.image[0][~new_lesion], normal.image[0][~new_lesion])
+    assert np.array_equal(new.case.seg[0][~new_lesion], normal.seg[0][~new_lesion])
+
+
+def _error(capsys, argv) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        sample_main(argv)
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and ": error: " in err[0], err
+    return err[0]
+
+
+def test_bad_input_is_one_error_line(dataset, checkpoint, tmp_path, capsys):
+    image = str(dataset / "imagesTr" / "Case_P001_0000.nii.gz")
+    label = str(dataset / "labelsTr" / "Case_P001.nii.gz")
+    out = str(tmp_path / "o.nii.gz")
+    not_a_checkpoint = checkpoint.parent / "model_config.yaml"
+    assert "checkpoint" in _error(capsys, ["-i", image, "-l", label, "-o", out, "--checkpoint", str(not_a_checkpoint)])
+    normal = str(dataset / "labelsTr" / "Case_N001.nii.gz")
+    other_image = str(dataset / "imagesTr" / "Case_N001_0000.nii.gz")
+    assert "grid" in _error(capsys, ["-i", image, "-l", normal, "-o", out, "--checkpoint", str(checkpoint)])
+    assert "no voxel of the lesion labels" in _error(capsys, ["-i", other_image, "-l", normal, "-o", out,
+                                                              "--checkpoint", str(checkpoint)])
+    assert "cluster" in _error(capsys, ["-i", image, "-l", label, "-o", out, "--checkpoint", str(checkpoint),
+                                        "--cluster", "9", *QUICK])
+    assert "does not exist" in _error(capsys, ["-i", image, "-l", label, "-o", str(tmp_path / "no" / "o.nii.gz"),
+                                               "--checkpoint", str(checkpoint)])

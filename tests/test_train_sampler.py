@@ -1,0 +1,176 @@
+"""nnUNetv2_lefusion_train_sampler and the generic training loop, on a tiny heart-FOV phantom dataset."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from nnunet_lefusion.cli.train_sampler import main as train_main, training_cases
+from nnunet_lefusion.labels import LesionLabels
+from nnunet_lefusion.model.config import ModelConfig
+from nnunet_lefusion.phantom import write_dataset
+from nnunet_lefusion.model.checkpoint import META_KEY, OPTIMIZER_KEY, load_checkpoint
+from nnunet_lefusion.training.loop import FINAL, LATEST, LOG_NAME, TrainConfig, train
+from nnunet_lefusion.training.roi_data import load_roi_set
+from nnunet_lefusion.training.sampler import LesionLoss, sampler_meta
+
+LESION_ID, NORMAL_ID = 981, 982
+ROI = ("2", "32", "32")  # Z, Y, X: small enough for CPU tests, large enough to hold most of the phantom lesions
+
+
+def lesion_dataset(raw_root: str) -> Path:
+    """Dataset981: 4 heart-FOV phantom cases (3 with lesions), written once per session."""
+    found = sorted(Path(raw_root).glob(f"Dataset{LESION_ID}_*"))
+    if found:
+        return found[0]
+    return write_dataset(LESION_ID, 4, 0, raw_root, name="LeFusionTiny", fov="heart", normal_fraction=0.25)
+
+
+def train_tiny(out: Path, steps: int, *extra: str) -> None:
+    """The training command with the tiny model on Dataset981, writing to ``out``."""
+    train_main(["-d", str(LESION_ID), "--config", "tiny", "--roi", *ROI, "--steps", str(steps), "--batch-size", "1",
+                "--checkpoint-every", "2", "--lr", "1e-3", "--quiet", "-o", str(out), *extra])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine, two OpenMP threads wait on each other (~40x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset(nnunet_dirs) -> Path:
+    return lesion_dataset(nnunet_dirs["nnUNet_raw"])
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_reproduces_uninterrupted_run(dataset, tmp_path):
+    train_tiny(tmp_path / "straight", 4)
+    train_tiny(tmp_path / "resumed", 2)
+    train_tiny(tmp_path / "resumed", 4, "--resume")
+    a = torch.load(tmp_path / "straight" / FINAL, weights_only=True)
+    b = torch.load(tmp_path / "resumed" / FINAL, weights_only=True)
+    assert a["step"] == b["step"] == 4
+    assert _states_equal(a["model"], b["model"])
+    assert _states_equal(a["ema"], b["ema"])
+    log = (tmp_path / "resumed" / LOG_NAME).read_text()
+    assert "step 2 loss" in log and "step 4 loss" in log
+
+
+def test_checkpoint_layout_and_metadata(dataset, tmp_path):
+    train_tiny(tmp_path / "run", 2)
+    raw = torch.load(tmp_path / "run" / FINAL, weights_only=True)
+    assert {"step", "model", "ema", "scaler", META_KEY, OPTIMIZER_KEY} <= set(raw)
+    assert any(k.startswith("denoise_fn.") for k in raw["model"]) and "betas" in raw["model"]
+    ckpt = load_checkpoint(tmp_path / "run" / FINAL)
+    assert ckpt.step == 2 and ckpt.num_steps == 300
+    assert ckpt.config == ModelConfig.from_yaml(tmp_path / "run" / "model_config.yaml") == ModelConfig.from_yaml("tiny")
+    meta = ckpt.meta
+    assert meta.lesion_labels == [3, 4] and meta.extras["labels"] == LesionLabels.emidec().to_dict()
+    assert meta.roi_size == [int(v) for v in ROI]
+    assert meta.intensity["percentiles"] == [0.0, 100.0]
+    centres, counts = meta.histogram_clusters, meta.extras["cluster_counts"]
+    assert 1 <= len(centres) == len(counts) <= 3 and sum(counts) == meta.extras["training_cases"] == 3
+    assert all(len(c) == 32 for c in centres)
+    assert (tmp_path / "run" / LATEST).is_file()
+
+
+def test_interrupted_loop_resumes_exactly(dataset, tmp_path):
+    """A KeyboardInterrupt mid-run loses only the steps since the last checkpoint; the resumed run is exact."""
+    labels = LesionLabels.emidec()
+    rois = load_roi_set(training_cases(dataset, json.loads((dataset / "dataset.json").read_text())), labels,
+                        (2, 32, 32), progress=False)
+    config = ModelConfig.from_yaml("tiny")
+    meta = sampler_meta(labels, (2, 32, 32), rois)
+    settings = TrainConfig(steps=5, batch_size=1, checkpoint_every=2, lr=1e-3, progress=False)
+    calls = []
+
+    def interrupted_batches(rng):
+        calls.append(1)
+        if len(calls) == 4:  # during step 4, after the checkpoint of step 2
+            raise KeyboardInterrupt
+        return rois.make_batch(rng, 1)
+
+    def run(out, make_batch):
+        torch.manual_seed(0)
+        return train(config.build(), LesionLoss(labels.lesions), make_batch, out, meta, settings, resume=True)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", interrupted_batches)
+    assert load_checkpoint(tmp_path / "b" / LATEST).step == 2
+    resumed = run(tmp_path / "b", lambda rng: rois.make_batch(rng, 1))
+    straight = run(tmp_path / "a", lambda rng: rois.make_batch(rng, 1))
+    assert resumed.start_step == 2 and straight.start_step == 0
+    assert resumed.losses == straight.losses[2:]
+    a = torch.load(tmp_path / "a" / FINAL, weights_only=True)
+    b = torch.load(tmp_path / "b" / FINAL, weights_only=True)
+    assert _states_equal(a["model"], b["model"]) and _states_equal(a["ema"], b["ema"])
+
+
+def test_roi_set_keeps_lesion_cases_and_flips_consistently(dataset):
+    labels = LesionLabels.emidec()
+    rois = load_roi_set(training_cases(dataset, json.loads((dataset / "dataset.json").read_text())), labels,
+                        (2, 32, 32), progress=False)
+    assert len(rois) == 3 and all(i.startswith("Case_P") for i in rois.identifiers)
+    assert rois.images.min() >= -1 and rois.images.max() <= 1
+    batch = rois.make_batch(np.random.default_rng(0), 16)
+    assert batch["x0"].shape == (16, 2, 2, 32, 32) and torch.equal(batch["x0"][:, 0], batch["x0"][:, 1])
+    # every image comes with its own (possibly flipped) label map: flipped pairs are flipped together
+    for image, label in zip(batch["x0"][:, 0].numpy(), batch["label"].numpy()):
+        i = next(j for j in range(len(rois)) if np.array_equal(rois.images[j], image)
+                 or np.array_equal(np.flip(rois.images[j], 1), image))
+        flipped = not np.array_equal(rois.images[i], image)
+        assert np.array_equal(np.flip(rois.labels[i], 1) if flipped else rois.labels[i], label)
+
+
+def _error(capsys, argv) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        train_main(argv)
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and ": error: " in err[0], err
+    return err[0]
+
+
+def test_bad_input_is_one_error_line(dataset, nnunet_dirs, tmp_path, capsys):
+    raw = nnunet_dirs["nnUNet_raw"]
+    if not list(Path(raw).glob(f"Dataset{NORMAL_ID}_*")):
+        write_dataset(NORMAL_ID, 2, 0, raw, name="NoLesions", fov="heart", normal_fraction=1.0)
+    base = ["--config", "tiny", "--roi", *ROI, "--steps", "1", "--quiet"]
+    assert "not found" in _error(capsys, ["-d", "777", *base, "-o", str(tmp_path / "x")])
+    assert "none of the 2 training cases" in _error(capsys, ["-d", str(NORMAL_ID), *base, "-o", str(tmp_path / "y")])
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(yaml.safe_dump({**ModelConfig.from_yaml("tiny").to_dict(), "cond_dim": 16}))
+    assert "cond_dim 16" in _error(capsys, ["-d", str(LESION_ID), "--config", str(wrong), "--roi", *ROI, "-o",
+                                            str(tmp_path / "z")])
+    assert "divisible" in _error(capsys, ["-d", str(LESION_ID), "--config", "tiny", "--roi", "2", "31", "32",
+                                          "-o", str(tmp_path / "w")])
+    train_tiny(tmp_path / "run", 2)
+    assert "--resume" in _error(capsys, ["-d", str(LESION_ID), *base, "-o", str(tmp_path / "run")])
+    assert "different settings" in _error(capsys, ["-d", str(LESION_ID), "--config", "tiny", "--roi", "2", "32", "24",
+                                                   "--steps", "4", "--resume", "--quiet", "-o", str(tmp_path / "run")])
+
+
+@pytest.mark.slow
+def test_loss_falls(dataset, tmp_path):
+    labels = LesionLabels.emidec()
+    rois = load_roi_set(training_cases(dataset, json.loads((dataset / "dataset.json").read_text())), labels,
+                        (2, 32, 32), progress=False)
+    config = ModelConfig.from_yaml("tiny")
+    torch.manual_seed(0)
+    result = train(config.build(), LesionLoss(labels.lesions), lambda rng: rois.make_batch(rng, 2), tmp_path,
+                   sampler_meta(labels, (2, 32, 32), rois),
+                   TrainConfig(steps=60, batch_size=2, checkpoint_every=60, lr=1e-3, progress=False))
+    first, last = np.mean(result.losses[:15]), np.mean(result.losses[-15:])
+    assert last < 0.8 * first, (first, last)
