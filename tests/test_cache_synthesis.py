@@ -56,7 +56,8 @@ def test_copypaste_changes_only_lesion_voxels_inside_the_organ(phantom_dataset):
     synthesizer = CopyPasteSynthesizer(cases, labels)
     rng = np.random.default_rng(0)
     for target in cases:
-        out = synthesizer.synthesize(target, rng).case
+        kind = "newmask" if np.isin(target.seg, labels.lesions).any() else "normal"
+        out = synthesizer.render(synthesizer.propose(target, kind, rng), rng).case
         changed = (out.seg != target.seg) | (out.image != target.image).any(axis=0, keepdims=True)
         new_lesion = np.isin(out.seg, labels.lesions)
         assert new_lesion.any()
@@ -98,3 +99,19 @@ def test_dataset_without_lesions_is_refused(nnunet_dirs):
     assert res.returncode == 2
     lines = error_lines(res)
     assert len(lines) == 1 and "no training case" in lines[0], res.stderr
+
+
+def test_plan_puts_lesions_on_normal_cases_and_raises_the_rare_class(phantom_dataset, tmp_path):
+    ctx = DatasetContext(phantom_dataset, "3d_fullres", 0)
+    labels = resolve_lesion_labels(ctx.dataset_json)
+    normal = {c.identifier for c in map(lambda i: load_raw_case(ctx, i), ctx.split[0])
+              if not np.isin(c.seg, labels.lesions).any()}
+    res = run_cli("nnUNetv2_lefusion_synthesize", "-d", "990", "-n", "8", "--mix", "newmask=0.5,normal=0.5",
+                  "--target-share", "4=0.2", "--cache", str(tmp_path / "plan"))
+    manifest = Manifest.load(tmp_path / "plan")
+    kinds = [c["kind"] for c in manifest.cases.values()]
+    assert kinds.count("normal") == 4 and kinds.count("newmask") == 4
+    assert all((c["source"] in normal) == (c["kind"] == "normal") for c in manifest.cases.values())
+    real, synthetic = manifest.real_lesion_voxels, manifest.lesion_voxel_totals()
+    assert synthetic["4"] / sum(synthetic.values()) > real["4"] / sum(real.values())
+    assert "lesion voxels, synthetic" in res.stdout

@@ -7,6 +7,7 @@ from nnunet_lefusion.cli.common import cli_main
 from nnunet_lefusion.labels import resolve_lesion_labels
 from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.synthesize import METHODS, synthesize_cache
+from nnunet_lefusion.synthesis.plan import SynthesisPlan
 
 
 @cli_main
@@ -30,11 +31,25 @@ def main(argv: list[str] | None = None) -> None:
                         help="lesion labels, outer to inner (default: from dataset.json label names)")
     parser.add_argument("--organ-labels", type=int, nargs="+", default=None,
                         help="labels of the organ that hosts lesions (default: the other foreground labels)")
+    parser.add_argument("--mix", default=None,
+                        help="kinds of synthetic case and their shares, e.g. retexture=0.5,newmask=0.25,normal=0.25 "
+                             "(retexture: real lesion masks re-textured; newmask: new lesion shapes on pathological "
+                             "cases; normal: lesions on normal cases). Default: what the method makes, over all cases")
+    parser.add_argument("--target-share", default=None,
+                        help="wanted share of each lesion label among the synthetic lesion voxels, e.g. 4=0.2 "
+                             "(raises the rare no-reflow)")
+    parser.add_argument("--candidates", type=int, default=8,
+                        help="proposals drawn per case to meet --target-share (default 8)")
     args = parser.parse_args(argv)
 
     ctx = DatasetContext(args.dataset, args.configuration, args.fold, args.plans)
     labels = resolve_lesion_labels(ctx.dataset_json, args.lesion_labels, args.organ_labels)
+    plan = SynthesisPlan.parse(args.mix, args.target_share, args.candidates) if args.mix or args.target_share else None
     folder, manifest = synthesize_cache(ctx, labels, args.method, args.num_cases, args.seed, args.cache,
-                                        args.overwrite)
+                                        args.overwrite, plan)
     print(f"{len(manifest.cases)} synthetic cases in {folder}")
-    print(f"lesion voxels (raw grid) real {manifest.real_lesion_voxels} | synthetic {manifest.lesion_voxel_totals()}")
+    synthetic = manifest.lesion_voxel_totals()
+    for name, counts in (("real (training cases)", manifest.real_lesion_voxels), ("synthetic", synthetic)):
+        total = sum(counts.values()) or 1
+        print(f"lesion voxels, {name}: " + ", ".join(
+            f"label {k}: {v} ({v / total:.1%})" for k, v in sorted(counts.items())))

@@ -15,6 +15,7 @@ from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.preprocess import load_raw_case, preprocess_case
 from nnunet_lefusion.synthesis.base import RawCase, Synthesizer, SynthesisSkipped, lesion_voxel_counts
 from nnunet_lefusion.synthesis.copypaste import CopyPasteSynthesizer
+from nnunet_lefusion.synthesis.plan import ShareTracker, SynthesisPlan
 
 METHODS = ("copypaste",)
 
@@ -60,48 +61,77 @@ def _case_seed(seed: int, identifier: str, index: int) -> int:
     return zlib.crc32(f"{seed}/{identifier}/{index}".encode())
 
 
+def _pools(cases: list[RawCase], labels: LesionLabels, seed: int) -> dict[str, list[RawCase]]:
+    """Targets per kind, each in a seeded order: pathological cases for retexture/newmask, normal ones for normal."""
+    rng = np.random.default_rng(seed)
+    pathological = [c for c in cases if np.isin(c.seg, labels.lesions).any()]
+    normal = [c for c in cases if not np.isin(c.seg, labels.lesions).any()]
+    pathological = [pathological[i] for i in rng.permutation(len(pathological))]
+    normal = [normal[i] for i in rng.permutation(len(normal))]
+    return {"retexture": pathological, "newmask": pathological, "normal": normal}
+
+
+def default_plan(synthesizer: Synthesizer, pools: dict[str, list[RawCase]]) -> SynthesisPlan:
+    """Without ``--mix``: every training case that the synthesizer can use, in proportion to the pools."""
+    if "retexture" in synthesizer.kinds:
+        return SynthesisPlan(mix={"retexture": 1.0})
+    return SynthesisPlan(mix={k: float(len(pools[k])) for k in synthesizer.kinds if pools[k]})
+
+
 def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num_cases: int, seed: int = 0,
-                     cache_folder: Path | None = None, overwrite: bool = False) -> tuple[Path, Manifest]:
-    """Write ``num_cases`` synthetic variants of the fold's training cases (spread evenly over them)."""
+                     cache_folder: Path | None = None, overwrite: bool = False,
+                     plan: SynthesisPlan | None = None) -> tuple[Path, Manifest]:
+    """Write ``num_cases`` synthetic variants of the fold's training cases, following ``plan``."""
     if num_cases < 1:
         raise LeFusionError(f"the number of synthetic cases must be >= 1, got {num_cases}")
     folder = Path(cache_folder) if cache_folder else default_cache_folder(ctx)
-    training = sorted(ctx.split[0])
     existing = existing_manifest(ctx, folder, overwrite)
-    cases = [load_raw_case(ctx, i) for i in tqdm(training, desc="reading training cases", unit="case")]
+    cases = [load_raw_case(ctx, i) for i in tqdm(sorted(ctx.split[0]), desc="reading training cases", unit="case")]
     if not any(np.isin(c.seg, labels.lesions).any() for c in cases):
         raise LeFusionError(f"no training case of fold {ctx.fold} contains a lesion label {list(labels.lesions)}")
     synthesizer = make_synthesizer(method, cases, labels)
+    pools = _pools(cases, labels, seed)
+    plan = (plan or default_plan(synthesizer, pools)).validate(labels)
+    for kind in plan.mix:
+        if kind not in synthesizer.kinds and plan.mix[kind] > 0:
+            raise LeFusionError(f"method {method} cannot make {kind!r} cases (it makes {', '.join(synthesizer.kinds)})")
+        if plan.mix[kind] > 0 and not pools[kind]:
+            raise LeFusionError(f"no training case of fold {ctx.fold} can be a {kind!r} target "
+                                f"({'no normal case' if kind == 'normal' else 'no case with lesions'})")
     manifest = start_cache(ctx, folder, existing)
     manifest.lesion_labels = labels.to_dict()
     manifest.real_lesion_voxels = real_lesion_voxels(cases, labels)
-    by_id = {c.identifier: c for c in cases}
-    order = np.random.default_rng(seed).permutation(training)
+    tracker = ShareTracker(labels, plan.target_share)
+    tracker.totals.update({int(k): v for k, v in manifest.lesion_voxel_totals().items()})
     made: dict[str, int] = {s: len(v) for s, v in manifest.variants_by_source().items()}
-    skipped = 0
-    with tqdm(total=num_cases, desc=f"synthesizing ({method})", unit="case") as bar:
-        attempt = 0
-        while bar.n < num_cases:
-            if attempt >= 2 * num_cases + len(order):
-                raise LeFusionError(f"only {bar.n} of {num_cases} cases could be synthesized ({skipped} skipped)")
-            source = str(order[attempt % len(order)])
-            attempt += 1
-            index = made.get(source, 0)
-            rng = np.random.default_rng(_case_seed(seed, source, index))
-            try:
-                synthetic = synthesizer.synthesize(by_id[source], rng)
-            except SynthesisSkipped:
-                skipped += 1
-                continue
+    next_target = {kind: 0 for kind in pools}
+    with tqdm(plan.allocate(num_cases), desc=f"synthesizing ({method})", unit="case") as kinds:
+        for kind in kinds:
+            pool = pools[kind]
+            for _ in range(len(pool)):  # a target that cannot host a lesion is skipped for the next one
+                target = pool[next_target[kind] % len(pool)]
+                next_target[kind] += 1
+                index = made.get(target.identifier, 0)
+                case_seed = _case_seed(seed, target.identifier, index)
+                rng = np.random.default_rng(case_seed)
+                try:
+                    proposals = [synthesizer.propose(target, kind, rng)
+                                 for _ in range(plan.candidates if plan.target_share and kind != "retexture" else 1)]
+                except SynthesisSkipped:
+                    continue
+                synthetic = synthesizer.render(proposals[tracker.pick([p.seg for p in proposals])], rng)
+                break
+            else:
+                raise LeFusionError(f"no {kind!r} target could be synthesized by {method}")
+            tracker.add(synthetic.case.seg)
             data, seg, properties = preprocess_case(ctx, synthetic.case)
-            syn_id = f"{source}__syn{index:03d}"
-            provenance = {"source": source, "seed": int(_case_seed(seed, source, index)), **synthetic.provenance}
+            syn_id = f"{target.identifier}__syn{index:03d}"
+            provenance = {"source": target.identifier, "seed": int(case_seed), **synthetic.provenance}
             properties["lefusion"] = provenance
             write_case(folder, syn_id, data, seg, properties, ctx.configuration_manager.patch_size)
             manifest.cases[syn_id] = provenance
             manifest.save(folder)
-            made[source] = index + 1
-            bar.update(1)
+            made[target.identifier] = index + 1
     return folder, manifest
 
 

@@ -35,14 +35,34 @@ class Synthetic:
     provenance: dict
 
 
+@dataclass
+class Proposal:
+    """A planned synthetic case: its label map (1, Z, Y, X), decided before the (possibly costly) rendering.
+
+    ``rendered`` is set by synthesizers whose proposal already is the finished case (copy-paste)."""
+
+    target: RawCase
+    seg: np.ndarray
+    provenance: dict
+    rendered: RawCase | None = None
+
+
 class Synthesizer(Protocol):
-    """Turns a real training case into a synthetic one; ``name`` is recorded as the method."""
+    """Turns a real training case into a synthetic one, in two steps so that a plan can choose among proposals.
+
+    ``kind`` is one of :data:`nnunet_lefusion.synthesis.plan.KINDS`: ``retexture`` keeps the target's real lesion
+    masks, ``newmask`` / ``normal`` give the (pathological / normal) target new lesions."""
 
     name: str
     labels: LesionLabels
+    kinds: tuple[str, ...]
 
-    def synthesize(self, target: RawCase, rng: np.random.Generator) -> Synthetic:
-        """Return a new case derived from ``target``; raise ``SynthesisSkipped`` if it cannot host a lesion."""
+    def propose(self, target: RawCase, kind: str, rng: np.random.Generator) -> Proposal:
+        """Plan the lesions of a new case; raise ``SynthesisSkipped`` if the target cannot host one."""
+        ...
+
+    def render(self, proposal: Proposal, rng: np.random.Generator) -> Synthetic:
+        """Produce the image for a proposal."""
         ...
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from nnunet_lefusion.labels import LesionLabels
-from nnunet_lefusion.synthesis.base import RawCase, Synthetic, SynthesisSkipped, lesion_voxel_counts
+from nnunet_lefusion.synthesis.base import Proposal, RawCase, Synthetic, SynthesisSkipped, lesion_voxel_counts
 
 
 @dataclass
@@ -43,6 +43,7 @@ class CopyPasteSynthesizer:
     """Moves a real lesion of another training case into the target's organ."""
 
     name = "copypaste"
+    kinds = ("newmask", "normal")
 
     def __init__(self, donors: list[RawCase], labels: LesionLabels, max_rotation_deg: float = 30.0,
                  min_kept_fraction: float = 0.3, attempts: int = 8):
@@ -66,7 +67,8 @@ class CopyPasteSynthesizer:
                       np.array([s.start for s in box]) - centre, np.array(case.spacing[1:]),
                       _intensity_range(case.image, organ))
 
-    def synthesize(self, target: RawCase, rng: np.random.Generator) -> Synthetic:
+    def propose(self, target: RawCase, kind: str, rng: np.random.Generator) -> Proposal:
+        """Paste a random donor's lesion (``kind`` only says whether the target is pathological or normal)."""
         seg = target.seg[0]
         organ = _organ_region(seg, self.labels)
         host = np.isin(seg, self.labels.host)
@@ -81,12 +83,15 @@ class CopyPasteSynthesizer:
             pasted = self._paste(donor, target, centre, angle, host, target_range)
             if pasted is not None:
                 image, new_seg, kept = pasted
-                out = target.with_arrays(image, new_seg[None])
-                return Synthetic(out, {"method": self.name, "donor": donor.identifier,
-                                       "rotation_deg": round(float(np.rad2deg(angle)), 2),
-                                       "kept_fraction": round(kept, 3),
-                                       "lesion_voxels": lesion_voxel_counts(new_seg, self.labels)})
+                return Proposal(target, new_seg[None], {
+                    "method": self.name, "kind": kind, "donor": donor.identifier,
+                    "rotation_deg": round(float(np.rad2deg(angle)), 2), "kept_fraction": round(kept, 3)},
+                    rendered=target.with_arrays(image, new_seg[None]))
         raise SynthesisSkipped(f"no donor lesion fits into the organ of {target.identifier}")
+
+    def render(self, proposal: Proposal, rng: np.random.Generator) -> Synthetic:
+        return Synthetic(proposal.rendered, {**proposal.provenance,
+                                             "lesion_voxels": lesion_voxel_counts(proposal.seg, self.labels)})
 
     def _paste(self, donor: _Donor, target: RawCase, centre: np.ndarray, angle: float, host: np.ndarray,
                target_range: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:

@@ -200,8 +200,7 @@ def _save(path: Path, model: Unet3D, ema: Ema, optimizer: torch.optim.Optimizer,
 
 
 def train(model: Unet3D, loss_fn: LossFn, make_batch: MakeBatch, out_dir: str | Path, meta: CheckpointMeta,
-          config: TrainConfig, resume: bool = False, num_timesteps: int = 300,
-          log: Callable[[str], None] | None = None) -> TrainResult:
+          config: TrainConfig, resume: bool = False, num_timesteps: int = 300) -> TrainResult:
     """Train ``model`` in place for ``config.steps`` optimisation steps (counted from zero, across resumes).
 
     Each step averages ``loss_fn`` over ``config.grad_accum`` micro-batches from ``make_batch``. Writes
@@ -269,8 +268,6 @@ def train(model: Unet3D, loss_fn: LossFn, make_batch: MakeBatch, out_dir: str | 
                 line = f"step {done} loss {np.mean(window):.6f} steps/s {rate:.4f}"
                 log_file.write(line + "\n")
                 log_file.flush()
-                if log is not None:
-                    log(line)
                 window = []
             if done % config.checkpoint_every == 0 and done < config.steps:
                 _save(out / LATEST, model, ema, optimizer, done, meta, config, num_timesteps)
