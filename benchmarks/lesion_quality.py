@@ -25,7 +25,7 @@ from scipy.stats import wasserstein_distance
 from nnunet_lefusion.cli.train_sampler import training_cases
 from nnunet_lefusion.labels import resolve_lesion_labels
 from nnunet_lefusion.synthesis.lefusion import LesionSampler, sampler_config
-from nnunet_lefusion.training.roi_data import read_volume
+from nnunet_lefusion.training.roi_data import lesion_roi, read_volume
 
 
 def parse_jumps(text: str) -> tuple[int, int]:
@@ -50,6 +50,13 @@ def held_out_cases(raw: Path, lesions: tuple[int, ...], limit: int) -> list[tupl
     return cases
 
 
+def in_window(image: np.ndarray, label: np.ndarray, labels, size) -> np.ndarray:
+    """Native voxels inside the case's ROI window."""
+    window = np.zeros(label.shape, dtype=bool)
+    window[lesion_roi(image, label, labels, size).spec.overlap()[0]] = True
+    return window
+
+
 def split_half_distance(values: np.ndarray, rng: np.random.Generator) -> float:
     """W1 between two random halves of a sample: what chance alone gives at this sample size."""
     order = rng.permutation(values.size)
@@ -59,13 +66,15 @@ def split_half_distance(values: np.ndarray, rng: np.random.Generator) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="sampler checkpoint (e.g. a small model's checkpoint_final.pt)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="sampler checkpoint (e.g. a small model's checkpoint_final.pt)")
     parser.add_argument("--raw", required=True, help="raw nnU-Net dataset folder with held-out cases")
     parser.add_argument("--cases", type=int, default=8, help="held-out lesion cases to use (default 8)")
     parser.add_argument("--full-schedule", type=parse_jumps, default=(5, 5),
                         help="RePaint jumps of the full 300-step schedule, LENGTH/RESAMPLINGS (default 5/5, official)")
     parser.add_argument("--histogram", default="case", choices=("case", "random"),
-                        help="texture condition: the lesion's own histogram or a random training cluster (default case)")
+                        help="texture condition: the lesion's own histogram or a random training cluster "
+                             "(default case)")
     parser.add_argument("--batch", type=int, default=4, help="ROIs per sampler call (default 4)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--weights", default="ema", choices=("ema", "model"))
@@ -78,13 +87,18 @@ def main() -> None:
     labels = resolve_lesion_labels(json.loads((raw / "dataset.json").read_text()), list(sampler.labels.lesions),
                                    list(sampler.labels.organ))
     cases = held_out_cases(raw, labels.lesions, args.cases)
-    images, label_maps = [c[1] for c in cases], [c[2] for c in cases]
+    images = [c[1] for c in cases]
+    # Lesion voxels outside a case's ROI window are not re-synthesized: leave them out of the comparison.
+    label_maps = [np.where(in_window(i, m, labels, sampler.roi_size) | ~np.isin(m, labels.lesions),
+                           m.astype(np.int32), -1) for _, i, m in cases]
+    outside = sum(int((m == -1).sum()) for m in label_maps)
     jl, jn = args.full_schedule
     modes = {"fast": sampler_config("fast")}
     if not args.skip_full:
         modes[f"full {jl}/{jn}"] = sampler_config("official", (jl, jn))
     print(f"checkpoint {args.checkpoint} ({args.weights} weights), {len(cases)} held-out cases from {raw.name}, "
-          f"histogram condition: {args.histogram}, torch threads {torch.get_num_threads()}")
+          f"histogram condition: {args.histogram}, torch threads {torch.get_num_threads()}"
+          + (f"; {outside} lesion voxels outside the ROI windows are left out" if outside else ""))
 
     rng = np.random.default_rng(args.seed)
     rows: dict[str, dict[int, list[float]]] = {}
@@ -92,11 +106,11 @@ def main() -> None:
             for lab in labels.lesions}
     for name, config in modes.items():
         start = time.perf_counter()
-        outputs = sampler.resynthesize_many(images, label_maps, np.random.default_rng(args.seed), config,
+        outputs = sampler.resynthesize_many(images, [c[2] for c in cases], np.random.default_rng(args.seed), config,
                                             args.histogram, labels, args.batch)
         seconds = time.perf_counter() - start
         background = max(float(np.abs(o.astype(np.float64) - i)[~np.isin(m, labels.lesions)].max())
-                         for o, i, m in zip(outputs, images, label_maps))
+                         for o, i, (_, _, m) in zip(outputs, images, cases))
         evaluations = config.evaluations(sampler.schedule.num_steps)
         print(f"{name}: {evaluations} network evaluations per batch, {seconds / len(cases):.1f} s per ROI, "
               f"background max |difference| = {background:g}")

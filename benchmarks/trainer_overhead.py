@@ -1,7 +1,7 @@
 """Training-iteration time of nnUNetTrainerLeFusion (rate 0.5, cache) vs the control nnUNetTrainerLeFusion_r000.
 
 Both trainers run side by side in one process on the same phantom dataset, in alternating blocks of iterations
-(A B A B ...) so that machine drift hits both; the figure is the ratio of median seconds per iteration.
+(A B, B A, A B, ...) so that machine drift hits both; the figure is the ratio of median seconds per iteration.
 Target: ratio <= 1.03.  Usage: python benchmarks/trainer_overhead.py [--iterations 15 --blocks 4 -c 3d_fullres]
 """
 from __future__ import annotations
@@ -50,8 +50,9 @@ def main() -> None:
         for _ in range(3):  # warm-up
             trainer.train_step(next(trainer.dataloader_train))
         trainers[cls.__name__] = (trainer, [])
-    for _ in range(args.blocks):
-        for trainer, times in trainers.values():
+    runs = list(trainers.values())
+    for block in range(args.blocks):
+        for trainer, times in (runs if block % 2 == 0 else runs[::-1]):
             for _ in range(args.iterations):
                 start = time.perf_counter()
                 trainer.train_step(next(trainer.dataloader_train))

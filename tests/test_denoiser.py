@@ -166,3 +166,25 @@ def test_unknown_or_unreadable_config_files_raise(tmp_path):
     bad.write_text("dim: [16\n")
     with pytest.raises(LeFusionError, match="not valid YAML"):
         ModelConfig.from_yaml(bad)
+
+
+def test_fused_path_runs_under_bfloat16_autocast(reference):
+    model = ModelConfig.from_dict(reference["config"]).build().eval()
+    model.load_state_dict(reference["state_dict"])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(reference["x"], reference["t"], reference["cond"])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference["y"], atol=0.1, rtol=0.05)
+
+
+@pytest.mark.slow
+def test_fused_path_compiles_to_one_graph_forward_and_backward():
+    torch.manual_seed(0)
+    model = ModelConfig.from_yaml("tiny").build()
+    x, t, cond = torch.randn(2, 2, 4, 8, 8), torch.tensor([1, 250]), torch.rand(2, 32)
+    expected = model(x, t, cond)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # no graph breaks, no C++ toolchain
+    out = compiled(x, t, cond)
+    torch.testing.assert_close(out, expected)
+    out.square().mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n != "null_cond_emb")

@@ -9,30 +9,17 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_lefusion.cli.sample import main as sample_main
+from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.masks.rule_based import RuleBasedMaskGenerator
 from nnunet_lefusion.synthesis.base import RawCase, SynthesisSkipped
 from nnunet_lefusion.synthesis.lefusion import LeFusionSynthesizer, LesionSampler, resynthesize
 from nnunet_lefusion.training.loop import FINAL
-from tests.test_train_sampler import lesion_dataset, train_tiny
+from tests.test_train_sampler import dataset, one_thread, train_tiny  # noqa: F401  (shared fixtures)
 
 # A very short fast-mode walk: 4 strided steps, no resampling -> 4 network evaluations per ROI.
 QUICK = ["--strided-steps", "4", "--jumps", "1", "1"]
 QUICK_KW = {"strided_steps": 4, "jumps": (1, 1)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine, two OpenMP threads wait on each other (~40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def dataset(nnunet_dirs) -> Path:
-    return lesion_dataset(nnunet_dirs["nnUNet_raw"])
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +115,18 @@ def test_bad_input_is_one_error_line(dataset, checkpoint, tmp_path, capsys):
                                         "--cluster", "9", *QUICK])
     assert "does not exist" in _error(capsys, ["-i", image, "-l", label, "-o", str(tmp_path / "no" / "o.nii.gz"),
                                                "--checkpoint", str(checkpoint)])
+
+
+def test_official_checkpoint_without_metadata(dataset, checkpoint, tmp_path):
+    """A file in the bare official layout (no lefusion_meta) is used with the Emidec settings."""
+    payload = torch.load(checkpoint, weights_only=True)
+    official = {key: payload[key] for key in ("step", "model", "ema", "scaler")}
+    torch.save(official, tmp_path / "official.pt")
+    sampler = LesionSampler.load(tmp_path / "official.pt", weights="model")
+    assert sampler.in_plane_transposed and sampler.clusters is None and sampler.roi_size == (10, 72, 72)
+    image, label = (sitk.GetArrayFromImage(v) for v in _case(dataset, "Case_P001"))
+    out = resynthesize(image, label, sampler, histogram="case", **QUICK_KW)
+    lesion = np.isin(label, (3, 4))
+    assert np.array_equal(out[~lesion], image[~lesion]) and not np.array_equal(out[lesion], image[lesion])
+    with pytest.raises(LeFusionError, match="no histogram clusters"):
+        resynthesize(image, label, sampler, histogram="random", **QUICK_KW)

@@ -29,7 +29,7 @@ def read_histogram(path: str) -> list[float]:
     except OSError as exc:
         raise LeFusionError(f"cannot read histogram file {path}: {exc.strerror or exc}.") from None
     try:
-        values = json.loads(text) if text.lstrip().startswith("[") else [float(v) for v in text.replace(",", " ").split()]
+        values = json.loads(text) if text.lstrip().startswith("[") else text.replace(",", " ").split()
         return [float(v) for v in np.ravel(values)]
     except (ValueError, TypeError):
         raise LeFusionError(f"{path} must hold a list of numbers (JSON or plain text).") from None
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     image, reference = read_volume(args.image)
     label, label_image = read_volume(args.label)
     if not same_grid(reference, label_image):
-        raise LeFusionError(f"{args.label} is not on the grid of {args.image} (size, spacing, origin or direction differ).")
+        raise LeFusionError(f"{args.label} is not on the grid of {args.image} "
+                            f"(size, spacing, origin or direction differ).")
     sampler = LesionSampler.load(args.checkpoint, args.device, args.weights)
     labels = LesionLabels(tuple(args.lesion_labels or sampler.labels.lesions),
                           tuple(args.organ_labels or sampler.labels.organ), sampler.labels.cavity)

@@ -30,10 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="network settings: a packaged model config name or a YAML file of "
                                          "ModelConfig keys (channels, out_channels and cond_dim are set from the "
                                          "data); default: a small CPU-trainable network")
-    parser.add_argument("--steps", type=int, default=4000, help="optimisation steps (default 4000)")
-    parser.add_argument("--batch-size", type=int, default=8, help="masks per step (default 8)")
+    parser.add_argument("--steps", type=int, default=2500, help="optimisation steps (default 2500)")
+    parser.add_argument("--batch-size", type=int, default=4, help="masks per step (default 4)")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
-    parser.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (default 5e-4)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     parser.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default 250)")
     parser.add_argument("--window", type=int, nargs=3, default=list(MaskGrid.window), metavar=("Z", "Y", "X"),
                         help="native-grid window around the host organ (default %(default)s)")

@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         raise LeFusionError(f"{raw_folder} has no dataset.json (is nnUNet_raw right?).")
     dataset_json = json.loads((raw_folder / "dataset.json").read_text())
     labels = resolve_lesion_labels(dataset_json, args.lesion_labels, args.organ_labels)
-    out = Path(args.output) if args.output else env_folder("nnUNet_results") / name / f"LeFusion__{config_name(args.config)}"
+    out = (Path(args.output) if args.output
+           else env_folder("nnUNet_results") / name / f"LeFusion__{config_name(args.config)}")
     train_config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
                                checkpoint_every=args.checkpoint_every, keep_every=args.keep_every, seed=args.seed,
                                device=args.device, bf16=args.bf16, progress=not args.quiet)

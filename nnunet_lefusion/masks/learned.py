@@ -37,10 +37,11 @@ from nnunet_lefusion.training.loop import TrainConfig, TrainResult, train
 
 MASK_KIND = "lefusion_mask_generator"
 NUM_TIMESTEPS = 300
-# Small enough to train on a CPU: three levels, narrow attention, none at the finest level (slices still mix
-# through the attention across slices of the two coarser levels and the bottleneck).
-ARCHITECTURE = {"dim": 16, "dim_mults": [1, 2, 4], "attn_heads": 2, "attn_dim_head": 16,
-                "linear_attn": [False, False, True], "temporal_attn": [False, True, True]}
+# Small enough to train on a CPU at native resolution (10 x 64 x 64): four levels starting only 8 channels wide,
+# narrow attention and none at the two finest levels (slices mix through the attention across slices of the two
+# coarser levels and the bottleneck). About 0.56 M parameters.
+ARCHITECTURE = {"dim": 8, "dim_mults": [1, 2, 4, 8], "attn_heads": 2, "attn_dim_head": 16, "resnet_groups": 4,
+                "linear_attn": [False, False, True, True], "temporal_attn": [False, False, True, True]}
 
 
 def mask_model_config(num_lesions: int, architecture: ModelConfig | dict | None = None) -> ModelConfig:
@@ -121,19 +122,24 @@ def train_mask_model(pairs: MaskPairs, config: ModelConfig, labels: LesionLabels
                  train_config, resume=resume, num_timesteps=NUM_TIMESTEPS)
 
 
-def _piece(score: np.ndarray, within: np.ndarray, target: float, proper: bool) -> np.ndarray:
-    """One connected piece of ``within`` where ``score`` > 0 (the largest). If there is none, the ``target``
-    highest-scoring voxels of ``within`` stand in. ``proper``: leave at least one voxel of ``within`` out."""
+def _best(score: np.ndarray, within: np.ndarray, count: int) -> np.ndarray:
+    """The largest connected piece of the ``count`` highest-scoring voxels of ``within``."""
+    candidates = np.flatnonzero(within)
+    best = np.zeros(within.shape, dtype=bool)
+    best.flat[candidates[np.argsort(-score.flat[candidates], kind="stable")[:count]]] = True
+    return largest_component(best)
+
+
+def _piece(score: np.ndarray, within: np.ndarray, target: float, proper: bool, match_size: bool) -> np.ndarray:
+    """One connected piece of ``within``: the largest where ``score`` > 0, or with ``match_size`` (or when that
+    is empty) the best-scoring ``target`` voxels. ``proper``: leave at least one voxel of ``within`` out."""
     size = int(within.sum())
     if size - proper < 1:
         raise LeFusionError("the generated lesion is too small to hold an inner lesion.")
-    piece = largest_component((score > 0) & within)
+    count = int(np.clip(round(target), 1, size - proper))
+    piece = _best(score, within, count) if match_size else largest_component((score > 0) & within)
     if not piece.any():
-        candidates = np.flatnonzero(within)
-        count = int(np.clip(round(target), 1, size - proper))
-        piece = np.zeros(within.shape, dtype=bool)
-        piece.flat[candidates[np.argsort(-score.flat[candidates], kind="stable")[:count]]] = True
-        piece = largest_component(piece)
+        piece = _best(score, within, count)
     if proper and int(piece.sum()) == size:
         members = np.flatnonzero(piece)
         piece.flat[members[np.argmin(score.flat[members])]] = False
@@ -141,19 +147,20 @@ def _piece(score: np.ndarray, within: np.ndarray, target: float, proper: bool) -
 
 
 def assemble_lesion_map(scores: np.ndarray, host: np.ndarray, labels: LesionLabels, fractions: Sequence[float],
-                        dtype: np.dtype = np.uint8) -> np.ndarray:
+                        match_size: bool = False, dtype: np.dtype = np.uint8) -> np.ndarray:
     """A lesion map from per-class scores (K, Z, Y, X) on the native grid (lesion where > 0).
 
     Class k is present when ``fractions[k]`` > 0: its largest connected piece inside the host organ (class 0) or
     inside the class around it, never all of it. An empty prediction falls back to the best-scoring voxels, as
-    many as the fraction of the host asks, so every class asked for is present.
+    many as the fraction of the host asks, so every class asked for is present; ``match_size`` always takes
+    that many (DiffMask-style thresholding to a target size; the largest connected piece of them is kept).
     """
     lesion_map = np.zeros(host.shape, dtype=dtype)
     within = host
     for k, (label, fraction) in enumerate(zip(labels.lesions, fractions)):
         if fraction <= 0:
             break
-        within = _piece(scores[k], within, fraction * host.sum(), proper=k > 0)
+        within = _piece(scores[k], within, fraction * host.sum(), k > 0, match_size)
         lesion_map[within] = label
     return lesion_map
 
@@ -162,18 +169,20 @@ class LearnedMaskGenerator:
     """A ``placement.MaskGenerator`` backed by a trained mask diffusion model.
 
     ``sampler``: how to walk the reverse process (default: 50 strided DDIM steps, no jumps); ``rotation_jitter``:
-    the drawn control's offset turns about the LV centre by up to this many degrees either way; ``batch_size``:
-    masks sampled together by ``generate_many``.
+    the drawn control's offset turns about the LV centre by up to this many degrees either way; ``match_size``:
+    each lesion takes exactly the drawn control's volume (``assemble_lesion_map``); ``batch_size``: masks sampled
+    together by ``generate_many``.
     """
 
     def __init__(self, model: Unet3D, meta: MaskModelMeta, sampler: SamplerConfig | None = None,
-                 rotation_jitter: float = 15.0, batch_size: int = 8) -> None:
+                 rotation_jitter: float = 15.0, match_size: bool = False, batch_size: int = 8) -> None:
         self.model = model.eval()
         self.meta = meta
         self.labels = meta.labels
         self.sampler = (sampler or SamplerConfig(jump_length=1, jump_n_sample=1, strided_steps=50)).validate()
         self.schedule = CosineSchedule(meta.num_timesteps)
         self.rotation_jitter = float(rotation_jitter)
+        self.match_size = bool(match_size)
         self.batch_size = int(batch_size)
 
     @classmethod
@@ -257,5 +266,6 @@ class LearnedMaskGenerator:
         for label_map, frame, spec, control, window in zip(label_maps, frames, specs, controls, scores):
             native = np.stack([roi.paste(np.full(label_map.shape, -1.0, np.float32), channel,
                                          np.ones(grid.window, dtype=bool), spec) for channel in window])
-            lesion_maps.append(assemble_lesion_map(native, frame.host, labels, control.fractions, label_map.dtype))
+            lesion_maps.append(assemble_lesion_map(native, frame.host, labels, control.fractions, self.match_size,
+                                                   label_map.dtype))
         return lesion_maps

@@ -1,8 +1,10 @@
 """Training pairs for the learned lesion-mask generator: lesion masks, their organ conditions and size controls.
 
 A case is seen through a native-grid window of ``MaskGrid.window`` voxels (Z, Y, X) centred on the host organ,
-average-pooled in-plane by ``MaskGrid.pool`` onto the network grid (masks are smooth; DiffMask likewise works on a
-coarse grid and zooms up). Everything on the network grid is in [-1, 1]; pooling leaves soft values on edges.
+optionally average-pooled in-plane by ``MaskGrid.pool`` onto a coarser network grid (default 1: native; on the
+phantom, pooling by 2 alone already biases transmurality upwards, thin lesion edges being lost). Everything on the
+network grid is in [-1, 1]; pooling leaves soft values on edges (lesion targets count the organ's voxels of a cell
+only, so a cell half cavity, half lesion is all lesion).
 
 - Targets, one channel per lesion class (outer to inner): the class's region, i.e. the class plus every lesion
   nested in it (Emidec: channel 0 = MI = labels 3 and 4, channel 1 = MVO = label 4), so nesting is a subset test.
@@ -40,7 +42,7 @@ class MaskGrid:
     """The native window (Z, Y, X) around the host organ and the in-plane pooling onto the network grid."""
 
     window: tuple[int, int, int] = (10, 64, 64)
-    pool: int = 2
+    pool: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "window", tuple(int(v) for v in self.window))
@@ -188,6 +190,14 @@ def pool_in_plane(volume: np.ndarray, pool: int) -> np.ndarray:
     return volume.reshape(*lead, d, h // pool, pool, w // pool, pool).mean(axis=(-3, -1))
 
 
+def pool_within(masks: np.ndarray, host: np.ndarray, pool: int) -> np.ndarray:
+    """Pool (..., D, H, W) boolean masks as their share of the ``host`` voxels of each cell, in [-1, 1]; cells
+    without host are -1."""
+    host_share = pool_in_plane(host.astype(np.float32), pool)
+    share = pool_in_plane((masks & host).astype(np.float32), pool) / np.maximum(host_share, 1e-6)
+    return np.where(host_share > 0, 2.0 * share - 1.0, -1.0).astype(np.float32)
+
+
 def signed(mask: np.ndarray) -> np.ndarray:
     """A boolean mask as float32 in {-1, +1}."""
     return np.where(mask, 1.0, -1.0).astype(np.float32)
@@ -253,7 +263,7 @@ def mask_pair(label_map: np.ndarray, labels: LesionLabels, spacing: Spacing, gri
     frame = OrganFrame.of(label_map, labels, spacing)
     spec = organ_window(label_map, labels, grid)
     regions = np.stack([lesion_region(label_map, labels, lesion) for lesion in labels.lesions])
-    masks = pool_in_plane(np.stack([signed(roi.crop(r, spec)) for r in regions]), grid.pool)
+    masks = pool_within(np.stack([roi.crop(r, spec) for r in regions]), roi.crop(frame.host, spec), grid.pool)
     maps = condition_maps(label_map, labels, control.region(frame, spacing), spec, grid.pool)
     outside = int(regions[0].sum()) - int(roi.crop(regions[0], spec).sum())
     return masks, maps, control, outside

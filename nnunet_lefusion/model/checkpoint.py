@@ -138,9 +138,11 @@ def load_checkpoint(path: str | os.PathLike, *, channels: int | None = None,
     if channels is not None and config.channels != channels:
         raise LeFusionError(f"{path} holds a network for {config.channels} image channel(s), "
                             f"but {channels} were requested.")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in config.build().state_dict().items()}
     for state in (model_state, ema_state):
         if state is not None:
-            _check_against(state, config, path)
+            _check_against(state, expected, config, path)
     return Checkpoint(
         config=config,
         model_state=model_state,
@@ -217,10 +219,9 @@ def _network_state(wrapper_state: Any, path: Path, part: str) -> tuple[dict[str,
     return network, 300 if betas is None else int(betas.shape[0])
 
 
-def _check_against(state: dict[str, torch.Tensor], config: ModelConfig, path: Path) -> None:
-    """Raise one readable error when ``state`` does not fit the network of ``config`` key for key."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in config.build().state_dict().items()}
+def _check_against(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], config: ModelConfig,
+                   path: Path) -> None:
+    """Raise one readable error when ``state`` does not have the keys and shapes ``expected`` of ``config``."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in expected

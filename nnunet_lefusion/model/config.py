@@ -22,7 +22,8 @@ class ModelConfig:
     ``linear_attn`` and ``temporal_attn`` say, per resolution level (finest first), whether the per-slice
     linear attention and the attention across slices are used there (in the down and the up path alike);
     ``None`` means everywhere, as in the official network. The attention across slices at the finest
-    level also switches the initial one. All attention modules are ``attn_heads`` x ``attn_dim_head`` wide.
+    level also switches the initial one; the bottleneck always has both of its attentions. All attention
+    modules are ``attn_heads`` x ``attn_dim_head`` wide (the official network: 8 x 32 everywhere).
     """
 
     dim: int

@@ -6,7 +6,9 @@ attention over the pixels of each slice at the bottleneck. The time embedding, c
 histogram condition, enters every ResNet block through FiLM (scale, shift).
 
 Two execution paths share the weights: ``fused=False`` mirrors the official math step by step;
-``fused=True`` (default) uses ``scaled_dot_product_attention``, table-based rotary and fewer layout copies.
+``fused=True`` (default) keeps activations channels-last, runs the attention across slices and at the
+bottleneck through ``scaled_dot_product_attention`` (T5 bias as the mask), folds the query scale and the
+rotary rotation into the projection weights where that is cheaper, and avoids layout copies.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ class Passthrough(nn.Module):
 
 
 class Residual(nn.Module):
+    """x + fn(x)."""
+
     def __init__(self, fn: nn.Module) -> None:
         super().__init__()
         self.fn = fn
@@ -60,6 +64,8 @@ class ChannelLayerNorm(nn.Module):
 
 
 class PreNorm(nn.Module):
+    """fn(norm(x)) with a channel layer norm."""
+
     def __init__(self, dim: int, fn: nn.Module) -> None:
         super().__init__()
         self.fn = fn
@@ -148,16 +154,16 @@ def swap_pairs(t: torch.Tensor) -> torch.Tensor:
 
 def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Apply rotary tables from ``RotaryEmbedding.tables`` (broadcast against t) along the last axis."""
-    return t * cos + swap_pairs(t) * sin
+    return t * cos.to(t.dtype) + swap_pairs(t) * sin.to(t.dtype)
 
 
 class Attention(nn.Module):
     """Multi-head softmax attention with optional rotary embedding (official ``Attention``).
 
     ``forward`` is the plain path on tokens (..., L, C) attending along L. ``attend_fused`` is the optimised
-    path on tokens (D, B, P, C) attending along D (slices) or P (pixels): the query scale and the rotary
-    rotation of each slice are folded into per-slice projection weights, and q, k, v go to
-    ``scaled_dot_product_attention`` as strided views of one projection output.
+    path on tokens (D, B, P, C) attending along D (slices) or P (pixels): the query scale is folded into the
+    weights, and so is the rotary rotation of each slice where the weights are smaller than the activations;
+    q, k, v reach ``scaled_dot_product_attention`` as strided views, without layout copies.
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, rotary: bool) -> None:
@@ -185,19 +191,22 @@ class Attention(nn.Module):
                      ) -> torch.Tensor:
         d, b, p, c = tokens.shape
         h, e = self.heads, self.dim_head
-        gain = torch.tensor([self.scale, 1.0, 1.0], device=tokens.device)[:, None]
-        weight = (self.to_qkv.weight.view(3, h, e, c).permute(3, 1, 0, 2) * gain).contiguous()  # (C, heads, q/k/v, e)
-        rotation = self._rotation(d) if self.rotary_emb is not None else None
-        fold = rotation is not None and c <= b * p  # rotating the weights of each slice is the cheaper way
+        wq, wk, wv = self.to_qkv.weight.view(3, h, e, c).permute(0, 3, 1, 2)  # each (C, heads, e)
+        wq = wq * self.scale
+        tables = self.rotary_emb.tables(d, e) if self.rotary_emb is not None else None
+        fold = tables is not None and c <= b * p  # rotating the weights of each slice is the cheaper way
         if fold:
-            weight = rotate(weight, *(r[:, None, None] for r in rotation))
-        qkv = (tokens.reshape(d, b * p, c) @ weight.flatten(-3)).view(d, b, p, h, 3, e)
-        if rotation is not None and not fold:
-            qkv = rotate(qkv, *(r[:, None, None, None].to(qkv.dtype) for r in rotation))
+            cos, sin = (r[:, None, None] for r in tables)  # (D, 1, 1, e): weights become (D, C, heads, e)
+            wq, wk = rotate(wq, cos, sin), rotate(wk, cos, sin)
+        rows = tokens.reshape(d, b * p, c)
+        q, k, v = ((rows @ w.flatten(-2)).view(d, b, p, h, e) for w in (wq, wk, wv))
+        if tables is not None and not fold:
+            cos, sin = (r[:, None, None, None] for r in tables)  # (D, 1, 1, 1, e)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if over_slices:  # sequences along D for every (b, p): (B*P, heads, D, e)
-            q, k, v = (t.permute(1, 2, 3, 0, 4).flatten(0, 1) for t in qkv.unbind(4))
+            q, k, v = (t.permute(1, 2, 3, 0, 4).flatten(0, 1) for t in (q, k, v))
         else:  # sequences along P for every (d, b): (D*B, heads, P, e)
-            q, k, v = (t.permute(0, 1, 3, 2, 4).flatten(0, 1) for t in qkv.unbind(4))
+            q, k, v = (t.permute(0, 1, 3, 2, 4).flatten(0, 1) for t in (q, k, v))
         mask = None if pos_bias is None else pos_bias.to(q.dtype)[None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
         if over_slices:
@@ -205,12 +214,6 @@ class Attention(nn.Module):
         else:
             out = out.unflatten(0, (d, b)).permute(0, 1, 3, 2, 4)
         return self.to_out(out.reshape(d, b, p, h * e))
-
-    def _rotation(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary cos and sin tables (frames, q/k/v, e): q and k rotate, v does not."""
-        cos, sin = self.rotary_emb.tables(frames, self.dim_head)
-        rotates = torch.tensor([1.0, 1.0, 0.0], device=cos.device)[:, None]
-        return cos[:, None] * rotates + (1 - rotates), sin[:, None] * rotates
 
 
 class TokenView(nn.Module):
@@ -278,6 +281,20 @@ class SpatialLinearAttention(nn.Module):
         return torch.baddbmm(self.to_out.bias, out.transpose(1, 2), weight)
 
 
+class PointwiseConv3d(nn.Conv3d):
+    """1x1x1 convolution; the optimised path runs it as a matrix product over the channels of a channels-last
+    view (the 3D convolution kernels have no fast 1x1x1 case for that layout)."""
+
+    def __init__(self, dim: int, dim_out: int) -> None:
+        super().__init__(dim, dim_out, 1)
+        self.fused = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return super().forward(x)
+        return F.linear(x.movedim(1, -1), self.weight.flatten(1), self.bias).movedim(-1, 1)
+
+
 class ConvBlock(nn.Module):
     """1x3x3 convolution -> GroupNorm -> optional FiLM x (scale + 1) + shift -> SiLU."""
 
@@ -302,7 +319,7 @@ class ResnetBlock(nn.Module):
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * dim_out)) if emb_dim else None
         self.block1 = ConvBlock(dim, dim_out, groups)
         self.block2 = ConvBlock(dim_out, dim_out, groups)
-        self.res_conv = nn.Conv3d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+        self.res_conv = PointwiseConv3d(dim, dim_out) if dim != dim_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         scale_shift = None
@@ -331,7 +348,8 @@ class Unet3D(nn.Module):
 
         self.time_rel_pos_bias = RelativePositionBias(heads)
         pad = c.init_kernel_size // 2
-        self.init_conv = nn.Conv3d(c.channels, c.dim, (1, c.init_kernel_size, c.init_kernel_size), padding=(0, pad, pad))
+        kernel = (1, c.init_kernel_size, c.init_kernel_size)
+        self.init_conv = nn.Conv3d(c.channels, c.dim, kernel, padding=(0, pad, pad))
         self.init_temporal_attn = flagged(c.temporal_attn[0], over_slices, c.dim)
         self.time_mlp = nn.Sequential(
             SinusoidalEmbedding(c.dim), nn.Linear(c.dim, c.time_dim), nn.GELU(), nn.Linear(c.time_dim, c.time_dim)
@@ -354,7 +372,8 @@ class Unet3D(nn.Module):
             ]))
         mid = dims[-1]
         self.mid_block1 = ResnetBlock(mid, mid, emb_dim, groups)
-        self.mid_spatial_attn = Residual(PreNorm(mid, TokenView(Attention(mid, heads, dim_head, rotary=False), "pixels")))
+        pixel_attention = TokenView(Attention(mid, heads, dim_head, rotary=False), "pixels")
+        self.mid_spatial_attn = Residual(PreNorm(mid, pixel_attention))
         self.mid_temporal_attn = over_slices(mid)
         self.mid_block2 = ResnetBlock(mid, mid, emb_dim, groups)
         for level, (d_in, d_out) in reversed(list(enumerate(pairs))):
@@ -365,7 +384,9 @@ class Unet3D(nn.Module):
                 flagged(c.temporal_attn[level], over_slices, d_in),
                 nn.ConvTranspose3d(d_in, d_in, (1, 4, 4), (1, 2, 2), (0, 1, 1)) if level > 0 else Passthrough(),
             ]))
-        self.final_conv = nn.Sequential(ResnetBlock(2 * c.dim, c.dim, None, groups), nn.Conv3d(c.dim, c.out_channels, 1))
+        self.final_conv = nn.Sequential(
+            ResnetBlock(2 * c.dim, c.dim, None, groups), PointwiseConv3d(c.dim, c.out_channels)
+        )
         self.fused = fused
 
     @property
@@ -424,5 +445,7 @@ class Unet3D(nn.Module):
         if x.shape[-1] % factor or x.shape[-2] % factor:
             raise LeFusionError(f"Height and width must be divisible by {factor} for this network, "
                                 f"got {tuple(x.shape[-2:])}.")
-        if cond is not None and cond.shape[-1] != (c.cond_dim or 0):
+        if cond is not None and c.cond_dim is None:
+            raise LeFusionError("This denoiser takes no condition (its model config has no cond_dim).")
+        if cond is not None and cond.shape[-1] != c.cond_dim:
             raise LeFusionError(f"The denoiser expects a condition of {c.cond_dim} values, got {tuple(cond.shape)}.")

@@ -81,7 +81,8 @@ class LesionSampler:
         loaded = load_checkpoint(checkpoint)
         meta = loaded.meta
         if meta is not None and meta.extras.get("kind") != SAMPLER_KIND:
-            raise LeFusionError(f"{checkpoint} is not a LeFusion sampler checkpoint (kind {meta.extras.get('kind')!r}).")
+            raise LeFusionError(f"{checkpoint} is not a LeFusion sampler checkpoint "
+                                f"(kind {meta.extras.get('kind')!r}).")
         if meta is None and (loaded.config.channels != 2 or loaded.config.cond_dim != 2 * NUM_BINS):
             raise LeFusionError(f"{checkpoint} is an official checkpoint but not the cardiac (Emidec) sampler; "
                                 f"only that one can be used without our metadata.")
@@ -100,7 +101,8 @@ class LesionSampler:
             if histogram == "case":
                 return lesion_histograms(item.image, item.label, lesion_labels)
             if histogram != "random":
-                raise LeFusionError(f"histogram must be 'random', 'case', a cluster index or values, got {histogram!r}.")
+                raise LeFusionError(f"histogram must be 'random', 'case', a cluster index or values, "
+                                    f"got {histogram!r}.")
         elif isinstance(histogram, (int, np.integer)):
             cluster = int(histogram)
         else:  # explicit values: only their length is taken from the clusters

@@ -91,7 +91,8 @@ def load_roi_set(cases: Iterable[tuple[str, str | Path, str | Path]], labels: Le
     ids, images, label_maps, hists = [], [], [], []
     outside = 0
     cases = list(cases)
-    for identifier, image_file, label_file in tqdm(cases, desc="reading lesion ROIs", unit="case", disable=not progress):
+    for identifier, image_file, label_file in tqdm(cases, desc="reading lesion ROIs", unit="case",
+                                                   disable=not progress):
         label, _ = read_volume(label_file)
         lesion = np.isin(label, labels.lesions)
         if not lesion.any():
