@@ -57,7 +57,7 @@ def test_copypaste_changes_only_lesion_voxels_inside_the_organ(phantom_dataset):
     rng = np.random.default_rng(0)
     for target in cases:
         kind = "newmask" if np.isin(target.seg, labels.lesions).any() else "normal"
-        out = synthesizer.render(synthesizer.propose(target, kind, rng), rng).case
+        out = synthesizer.render_many([synthesizer.propose(target, kind, rng)], rng)[0].case
         changed = (out.seg != target.seg) | (out.image != target.image).any(axis=0, keepdims=True)
         new_lesion = np.isin(out.seg, labels.lesions)
         assert new_lesion.any()

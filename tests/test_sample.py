@@ -73,13 +73,19 @@ def _raw_case(dataset: Path, name: str) -> RawCase:
 def test_synthesizer_retextures_real_and_generated_lesions(dataset, checkpoint):
     labels = LesionLabels.emidec()
     sick, normal = _raw_case(dataset, "Case_P003"), _raw_case(dataset, "Case_N001")
+    rng = np.random.default_rng(0)
     plain = LeFusionSynthesizer(checkpoint, labels, **QUICK_KW)
+    assert plain.kinds == ("retexture",)
     with pytest.raises(SynthesisSkipped):
-        plain.synthesize(normal, np.random.default_rng(0))
+        plain.propose(normal, "retexture", rng)
+    with pytest.raises(LeFusionError, match="mask generator"):
+        plain.propose(normal, "normal", rng)
     generated = LeFusionSynthesizer(LesionSampler.load(checkpoint), labels, mask_generator=RuleBasedMaskGenerator(),
                                     **QUICK_KW)
-    real, new = generated.synthesize_many([sick, normal], np.random.default_rng(0))
-    assert real.provenance["masks"] == "real" and new.provenance["masks"] == "generated"
+    proposals = [generated.propose(sick, "retexture", rng), generated.propose(normal, "normal", rng),
+                 generated.propose(sick, "newmask", rng)]
+    real, new, added = generated.render_many(proposals, rng)
+    assert [s.provenance["kind"] for s in (real, new, added)] == ["retexture", "normal", "newmask"]
     assert np.array_equal(real.case.seg, sick.seg)
     lesion = np.isin(sick.seg[0], labels.lesions)
     assert np.array_equal(real.case.image[0][~lesion], sick.image[0][~lesion])
@@ -88,6 +94,10 @@ def test_synthesizer_retextures_real_and_generated_lesions(dataset, checkpoint):
     assert new_lesion.any() and not np.isin(normal.seg, labels.lesions).any()
     assert np.array_equal(new.case.image[0][~new_lesion], normal.image[0][~new_lesion])
     assert np.array_equal(new.case.seg[0][~new_lesion], normal.seg[0][~new_lesion])
+    # new lesions are added to a pathological case: its own lesion voxels stay lesion voxels
+    grown = np.isin(added.case.seg[0], labels.lesions)
+    assert (grown & lesion).sum() == lesion.sum() and grown.sum() > lesion.sum()
+    assert np.array_equal(added.case.image[0][~grown], sick.image[0][~grown])
 
 
 def _error(capsys, argv) -> str:

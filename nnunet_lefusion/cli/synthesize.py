@@ -6,7 +6,7 @@ import argparse
 from nnunet_lefusion.cli.common import cli_main
 from nnunet_lefusion.labels import resolve_lesion_labels
 from nnunet_lefusion.nnunet.context import DatasetContext
-from nnunet_lefusion.nnunet.synthesize import METHODS, synthesize_cache
+from nnunet_lefusion.nnunet.synthesize import METHODS, SynthesizerOptions, synthesize_cache
 from nnunet_lefusion.synthesis.plan import SynthesisPlan
 
 
@@ -40,13 +40,20 @@ def main(argv: list[str] | None = None) -> None:
                              "(raises the rare no-reflow)")
     parser.add_argument("--candidates", type=int, default=8,
                         help="proposals drawn per case to meet --target-share (default 8)")
+    parser.add_argument("--checkpoint", default=None, help="LeFusion sampler checkpoint (--method lefusion)")
+    parser.add_argument("--sampling", default="fast", choices=("fast", "official"),
+                        help="LeFusion sampling schedule: fast (<= 150 network evaluations) or the official 5/5 jumps")
+    parser.add_argument("--mask-generator", default=None,
+                        help="new lesion masks for newmask/normal cases: 'rule' or a learned mask-generator checkpoint")
+    parser.add_argument("--device", default="cpu", help="device for LeFusion sampling (cpu, cuda)")
     args = parser.parse_args(argv)
 
     ctx = DatasetContext(args.dataset, args.configuration, args.fold, args.plans)
     labels = resolve_lesion_labels(ctx.dataset_json, args.lesion_labels, args.organ_labels)
     plan = SynthesisPlan.parse(args.mix, args.target_share, args.candidates) if args.mix or args.target_share else None
     folder, manifest = synthesize_cache(ctx, labels, args.method, args.num_cases, args.seed, args.cache,
-                                        args.overwrite, plan)
+                                        args.overwrite, plan, SynthesizerOptions(
+                                            args.checkpoint, args.sampling, args.device, args.mask_generator))
     print(f"{len(manifest.cases)} synthetic cases in {folder}")
     synthetic = manifest.lesion_voxel_totals()
     for name, counts in (("real (training cases)", manifest.real_lesion_voxels), ("synthetic", synthetic)):

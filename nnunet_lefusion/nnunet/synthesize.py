@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,23 +11,55 @@ from tqdm import tqdm
 
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
+from nnunet_lefusion.masks import MaskGenerator, RuleBasedMaskGenerator
 from nnunet_lefusion.nnunet.cache import (Manifest, default_cache_folder, remove_stale_temporaries, write_case)
 from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.preprocess import load_raw_case, preprocess_case
-from nnunet_lefusion.synthesis.base import RawCase, Synthesizer, SynthesisSkipped, lesion_voxel_counts
+from nnunet_lefusion.synthesis.base import (Proposal, RawCase, Synthesizer, SynthesisSkipped,
+                                            lesion_voxel_counts)
 from nnunet_lefusion.synthesis.copypaste import CopyPasteSynthesizer
 from nnunet_lefusion.synthesis.plan import ShareTracker, SynthesisPlan
 
-METHODS = ("copypaste",)
+METHODS = ("copypaste", "lefusion")
 
 
-def make_synthesizer(method: str, cases: list[RawCase], labels: LesionLabels) -> Synthesizer:
+@dataclass
+class SynthesizerOptions:
+    """What the LeFusion method needs beyond the cases: its checkpoint, sampling mode and mask generator."""
+
+    checkpoint: str | None = None
+    mode: str = "fast"
+    device: str = "cpu"
+    mask_generator: str | None = None  # "rule" or a learned mask-generator checkpoint
+
+
+def make_mask_generator(spec: str | None, labels: LesionLabels, device: str) -> MaskGenerator | None:
+    """``None``, the rule-based generator (``"rule"``) or a learned one loaded from a checkpoint path."""
+    if spec is None:
+        return None
+    if spec == "rule":
+        return RuleBasedMaskGenerator(labels)
+    from nnunet_lefusion.masks.learned import LearnedMaskGenerator
+
+    return LearnedMaskGenerator.load(spec, device)
+
+
+def make_synthesizer(method: str, cases: list[RawCase], labels: LesionLabels,
+                     options: SynthesizerOptions | None = None) -> Synthesizer:
     """The synthesizer called ``method``, set up on the fold's training cases."""
+    options = options or SynthesizerOptions()
     if method == "copypaste":
         try:
             return CopyPasteSynthesizer(cases, labels)
         except SynthesisSkipped as exc:
             raise LeFusionError(f"copy-paste impossible: {exc}") from None
+    if method == "lefusion":
+        if not options.checkpoint:
+            raise LeFusionError("--method lefusion needs --checkpoint (train one with nnUNetv2_lefusion_train_sampler)")
+        from nnunet_lefusion.synthesis.lefusion import LeFusionSynthesizer
+
+        return LeFusionSynthesizer(options.checkpoint, labels, options.mode, options.device,
+                                   mask_generator=make_mask_generator(options.mask_generator, labels, options.device))
     raise LeFusionError(f"unknown synthesis method {method!r} (available: {', '.join(METHODS)})")
 
 
@@ -80,7 +113,8 @@ def default_plan(synthesizer: Synthesizer, pools: dict[str, list[RawCase]]) -> S
 
 def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num_cases: int, seed: int = 0,
                      cache_folder: Path | None = None, overwrite: bool = False,
-                     plan: SynthesisPlan | None = None) -> tuple[Path, Manifest]:
+                     plan: SynthesisPlan | None = None,
+                     options: SynthesizerOptions | None = None) -> tuple[Path, Manifest]:
     """Write ``num_cases`` synthetic variants of the fold's training cases, following ``plan``."""
     if num_cases < 1:
         raise LeFusionError(f"the number of synthetic cases must be >= 1, got {num_cases}")
@@ -89,7 +123,7 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
     cases = [load_raw_case(ctx, i) for i in tqdm(sorted(ctx.split[0]), desc="reading training cases", unit="case")]
     if not any(np.isin(c.seg, labels.lesions).any() for c in cases):
         raise LeFusionError(f"no training case of fold {ctx.fold} contains a lesion label {list(labels.lesions)}")
-    synthesizer = make_synthesizer(method, cases, labels)
+    synthesizer = make_synthesizer(method, cases, labels, options)
     pools = _pools(cases, labels, seed)
     plan = (plan or default_plan(synthesizer, pools)).validate(labels)
     for kind in plan.mix:
@@ -105,8 +139,24 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
     tracker.totals.update({int(k): v for k, v in manifest.lesion_voxel_totals().items()})
     made: dict[str, int] = {s: len(v) for s, v in manifest.variants_by_source().items()}
     next_target = {kind: 0 for kind in pools}
-    with tqdm(plan.allocate(num_cases), desc=f"synthesizing ({method})", unit="case") as kinds:
-        for kind in kinds:
+    pending: list[tuple[str, int, Proposal]] = []  # (synthetic id, seed, proposal) waiting to be rendered
+
+    def flush() -> None:
+        """Render the pending proposals in one batch, preprocess them with nnU-Net and add them to the cache."""
+        rendered = synthesizer.render_many([p for _, _, p in pending], np.random.default_rng(pending[0][1]))
+        for (syn_id, case_seed, proposal), synthetic in zip(pending, rendered):
+            data, seg, properties = preprocess_case(ctx, synthetic.case)
+            provenance = {"source": proposal.target.identifier, "seed": case_seed, **synthetic.provenance}
+            properties["lefusion"] = provenance
+            write_case(folder, syn_id, data, seg, properties, ctx.configuration_manager.patch_size)
+            manifest.cases[syn_id] = provenance
+            manifest.save(folder)
+            bar.update(1)
+        pending.clear()
+
+    batch_size = getattr(synthesizer, "batch_size", 1)
+    with tqdm(total=num_cases, desc=f"synthesizing ({method})", unit="case") as bar:
+        for kind in plan.allocate(num_cases):
             pool = pools[kind]
             for _ in range(len(pool)):  # a target that cannot host a lesion is skipped for the next one
                 target = pool[next_target[kind] % len(pool)]
@@ -119,19 +169,17 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
                                  for _ in range(plan.candidates if plan.target_share and kind != "retexture" else 1)]
                 except SynthesisSkipped:
                     continue
-                synthetic = synthesizer.render(proposals[tracker.pick([p.seg for p in proposals])], rng)
                 break
             else:
                 raise LeFusionError(f"no {kind!r} target could be synthesized by {method}")
-            tracker.add(synthetic.case.seg)
-            data, seg, properties = preprocess_case(ctx, synthetic.case)
-            syn_id = f"{target.identifier}__syn{index:03d}"
-            provenance = {"source": target.identifier, "seed": int(case_seed), **synthetic.provenance}
-            properties["lefusion"] = provenance
-            write_case(folder, syn_id, data, seg, properties, ctx.configuration_manager.patch_size)
-            manifest.cases[syn_id] = provenance
-            manifest.save(folder)
+            chosen = proposals[tracker.pick([p.seg for p in proposals])]
+            tracker.add(chosen.seg)
+            pending.append((f"{target.identifier}__syn{index:03d}", case_seed, chosen))
             made[target.identifier] = index + 1
+            if len(pending) >= batch_size:
+                flush()
+        if pending:
+            flush()
     return folder, manifest
 
 

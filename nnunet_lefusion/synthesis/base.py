@@ -61,8 +61,8 @@ class Synthesizer(Protocol):
         """Plan the lesions of a new case; raise ``SynthesisSkipped`` if the target cannot host one."""
         ...
 
-    def render(self, proposal: Proposal, rng: np.random.Generator) -> Synthetic:
-        """Produce the image for a proposal."""
+    def render_many(self, proposals: list[Proposal], rng: np.random.Generator) -> list[Synthetic]:
+        """Produce the images for several proposals (in one batch where the method can batch)."""
         ...
 
 

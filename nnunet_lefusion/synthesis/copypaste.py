@@ -89,9 +89,10 @@ class CopyPasteSynthesizer:
                     rendered=target.with_arrays(image, new_seg[None]))
         raise SynthesisSkipped(f"no donor lesion fits into the organ of {target.identifier}")
 
-    def render(self, proposal: Proposal, rng: np.random.Generator) -> Synthetic:
-        return Synthetic(proposal.rendered, {**proposal.provenance,
-                                             "lesion_voxels": lesion_voxel_counts(proposal.seg, self.labels)})
+    def render_many(self, proposals: list[Proposal], rng: np.random.Generator) -> list[Synthetic]:
+        """Copy-paste proposals are finished cases already."""
+        return [Synthetic(p.rendered, {**p.provenance, "lesion_voxels": lesion_voxel_counts(p.seg, self.labels)})
+                for p in proposals]
 
     def _paste(self, donor: _Donor, target: RawCase, centre: np.ndarray, angle: float, host: np.ndarray,
                target_range: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:

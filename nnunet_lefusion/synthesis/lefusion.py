@@ -3,7 +3,7 @@
 One case: ROI around the host organ -> [-1, 1] -> RePaint sampler (official jump schedule or the fast strided
 mode) under a histogram condition -> lesion voxels mapped back to native intensities and dtype and pasted into
 the native grid. :class:`LeFusionSynthesizer` does this for nnU-Net training cases: on their real lesion masks
-(the paper's P') or, given a mask generator, on new lesions drawn onto lesion-free cases (N').
+(the paper's P') or, given a mask generator, on generated lesions added to a case (on normal cases: N').
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.masks.placement import MaskGenerator, place_lesions
 from nnunet_lefusion.model.checkpoint import load_checkpoint
 from nnunet_lefusion.model.unet3d import Unet3D
-from nnunet_lefusion.synthesis.base import RawCase, Synthetic, SynthesisSkipped, lesion_voxel_counts
+from nnunet_lefusion.synthesis.base import Proposal, RawCase, Synthetic, SynthesisSkipped, lesion_voxel_counts
+from nnunet_lefusion.synthesis.plan import KINDS
 from nnunet_lefusion.training.loop import resolve_device
 from nnunet_lefusion.training.roi_data import LesionRoi, lesion_roi
 from nnunet_lefusion.training.sampler import SAMPLER_KIND, sampler_clusters
@@ -173,12 +174,13 @@ def resynthesize(image: np.ndarray, label: np.ndarray, sampler: LesionSampler | 
 
 
 class LeFusionSynthesizer:
-    """The Synthesizer of the LeFusion method: re-textures the target's lesions (P'), or, with a
-    ``mask_generator``, draws new lesions onto targets without lesions and textures them (N').
+    """The Synthesizer of the LeFusion method (``propose`` the label map, then ``render`` its lesion textures).
 
-    Targets that already have lesions always keep their real masks: placing new ones would fold the old
-    lesions into the organ while their lesion texture stayed, i.e. wrong labels. Only channel ``channel`` of
-    a multi-channel image is re-textured.
+    Kinds: ``retexture`` re-textures the target's real lesions (P'). With a ``mask_generator`` also ``newmask``
+    and ``normal``: generated lesions are drawn onto the target's organ with ``place_lesions``, keeping the lesions
+    it already has (so no voxel keeps a lesion texture under an organ label), and every lesion voxel is then
+    textured; on a normal case that is the paper's N'. Only channel ``channel`` of a multi-channel image is
+    re-textured.
     """
 
     name = "lefusion"
@@ -186,7 +188,7 @@ class LeFusionSynthesizer:
     def __init__(self, checkpoint: str | Path | LesionSampler, labels: LesionLabels, mode: str = "fast",
                  device: str = "cpu", histogram: Histogram = "random", mask_generator: MaskGenerator | None = None,
                  weights: str = "ema", jumps: tuple[int, int] | None = None, strided_steps: int | None = None,
-                 channel: int = 0) -> None:
+                 channel: int = 0, batch_size: int = 4) -> None:
         self.sampler = checkpoint if isinstance(checkpoint, LesionSampler) else LesionSampler.load(
             checkpoint, device, weights)
         self.labels = labels
@@ -194,52 +196,47 @@ class LeFusionSynthesizer:
         self.config = sampler_config(mode, jumps, strided_steps)
         self.histogram = histogram
         self.mask_generator = mask_generator
+        self.kinds = ("retexture",) if mask_generator is None else KINDS
         self.channel = channel
+        self.batch_size = batch_size
 
-    def _label_map(self, target: RawCase, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-        """The label map to texture and where its lesions come from ('real' or 'generated')."""
+    def propose(self, target: RawCase, kind: str, rng: np.random.Generator) -> Proposal:
+        """The label map of the new case: the target's own (``retexture``) or with generated lesions added."""
+        if kind not in self.kinds:
+            raise LeFusionError(f"the LeFusion synthesizer makes {', '.join(self.kinds)} cases, not {kind!r}"
+                                + ("" if self.mask_generator else " (new lesions need a mask generator)"))
         seg = target.seg[0]
-        if np.isin(seg, self.labels.lesions).any():
-            return seg, "real"
-        if self.mask_generator is None:
-            raise SynthesisSkipped(f"{target.identifier} has no lesion to re-texture")
+        has_lesions = bool(np.isin(seg, self.labels.lesions).any())
+        if kind == "retexture":
+            if not has_lesions:
+                raise SynthesisSkipped(f"{target.identifier} has no lesion to re-texture")
+            return Proposal(target, target.seg, {"method": self.name, "kind": kind})
         if not np.isin(seg, self.labels.organ).any():
             raise SynthesisSkipped(f"{target.identifier} has no organ (labels {list(self.labels.organ)})")
+        old = np.where(np.isin(seg, self.labels.lesions), seg, 0)
         try:
-            lesion_map = self.mask_generator.generate(seg, rng, spacing=target.spacing)
-            placed = place_lesions(seg, lesion_map, self.labels)
+            drawn = self.mask_generator.generate(seg, rng, spacing=target.spacing)
+            if not (drawn > 0).any():
+                raise SynthesisSkipped(f"the mask generator drew no lesion on {target.identifier}")
+            placed = place_lesions(seg, np.where(drawn > 0, drawn, old), self.labels)
         except LeFusionError as exc:
             raise SynthesisSkipped(f"no lesion could be placed on {target.identifier}: {exc}") from None
-        if not np.isin(placed, self.labels.lesions).any():
-            raise SynthesisSkipped(f"the mask generator drew no lesion on {target.identifier}")
-        return placed.astype(seg.dtype, copy=False), "generated"
+        return Proposal(target, placed.astype(seg.dtype, copy=False)[None], {"method": self.name, "kind": kind})
 
-    def synthesize(self, target: RawCase, rng: np.random.Generator) -> Synthetic:
-        result = self.synthesize_many([target], rng)[0]
-        if isinstance(result, SynthesisSkipped):
-            raise result
-        return result
+    def render(self, proposal: Proposal, rng: np.random.Generator) -> Synthetic:
+        return self.render_many([proposal], rng)[0]
 
-    def synthesize_many(self, targets: Sequence[RawCase], rng: np.random.Generator
-                        ) -> list[Synthetic | SynthesisSkipped]:
-        """Synthesize several targets with batched sampler calls; a target that cannot host a lesion gets its
-        ``SynthesisSkipped`` in its place of the list."""
-        maps: list[tuple[np.ndarray, str] | SynthesisSkipped] = []
-        for target in targets:
-            try:
-                maps.append(self._label_map(target, rng))
-            except SynthesisSkipped as skipped:
-                maps.append(skipped)
-        usable = [(t, m) for t, m in zip(targets, maps) if not isinstance(m, SynthesisSkipped)]
-        images = self.sampler.resynthesize_many([t.image[self.channel] for t, _ in usable],
-                                                [m[0] for _, m in usable], rng, self.config, self.histogram,
-                                                self.labels) if usable else []
-        made = {}
-        for (target, (seg, origin)), channel_image in zip(usable, images):
-            image = target.image.copy()
+    def render_many(self, proposals: Sequence[Proposal], rng: np.random.Generator) -> list[Synthetic]:
+        """Render several proposals, ``batch_size`` ROIs per sampler call."""
+        images = self.sampler.resynthesize_many([p.target.image[self.channel] for p in proposals],
+                                                [p.seg[0] for p in proposals], rng, self.config, self.histogram,
+                                                self.labels, self.batch_size)
+        out = []
+        for proposal, channel_image in zip(proposals, images):
+            image = proposal.target.image.copy()
             image[self.channel] = channel_image
-            made[id(target)] = Synthetic(target.with_arrays(image, seg[None]), {
-                "method": self.name, "masks": origin, "mode": self.mode,
+            out.append(Synthetic(proposal.target.with_arrays(image, proposal.seg), {
+                **proposal.provenance, "mode": self.mode,
                 "evaluations": self.config.evaluations(self.sampler.schedule.num_steps),
-                "checkpoint": self.sampler.source, "lesion_voxels": lesion_voxel_counts(seg, self.labels)})
-        return [m if isinstance(m, SynthesisSkipped) else made[id(t)] for t, m in zip(targets, maps)]
+                "checkpoint": self.sampler.source, "lesion_voxels": lesion_voxel_counts(proposal.seg, self.labels)}))
+        return out

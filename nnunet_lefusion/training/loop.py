@@ -33,7 +33,9 @@ Resuming from a checkpoint whose model config or metadata differ is refused with
 
 EMA (official: decay 0.995, updated every 10 steps, reset to the online weights until step 2000): with
 ``ema_every`` / ``ema_start`` left at ``None`` they scale with ``steps`` so that short CPU runs still average
-(see :meth:`TrainConfig.resolved`).
+(see :meth:`TrainConfig.resolved`); a resumed run keeps the EMA schedule it started with, so resuming with a larger
+``steps`` gives the same online weights as a straight run, and the same EMA weights when the automatic schedule
+of both lengths coincides.
 """
 from __future__ import annotations
 
