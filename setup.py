@@ -29,6 +29,9 @@ setup(
             "nnUNetv2_lefusion_phantom=nnunet_lefusion.cli.phantom:main",
             "nnUNetv2_lefusion_register=nnunet_lefusion.cli.register:main",
             "nnUNetv2_lefusion_synthesize=nnunet_lefusion.cli.synthesize:main",
+            "nnUNetv2_lefusion_train_sampler=nnunet_lefusion.cli.train_sampler:main",
+            "nnUNetv2_lefusion_sample=nnunet_lefusion.cli.sample:main",
+            "nnUNetv2_lefusion_train_masks=nnunet_lefusion.cli.train_masks:main",
             "nnUNetv2_lefusion_demo=nnunet_lefusion.cli.demo:main",
         ]
     },
