@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from nnunet_lefusion.nnunet.register import register
 from tests.nnunet_helpers import run_cli
@@ -38,3 +39,12 @@ def phantom_dataset(nnunet_dirs) -> str:
     run_cli("nnUNetv2_lefusion_phantom", "-d", str(DATASET_ID), "-n", "10", "--fov", "heart", "--seed", "0")
     run_cli("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "3d_fullres", "-np", "2", "-npfp", "2")
     return next(Path(nnunet_dirs["nnUNet_raw"]).glob(f"Dataset{DATASET_ID}_*")).name
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for model tests: on two shared cores, two OpenMP threads stall each other badly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -32,6 +32,9 @@ GRID = MaskGrid((10, 64, 64), pool=4)
 FAST = SamplerConfig(jump_length=1, jump_n_sample=1, strided_steps=4)
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def _label_files(folder):
     return [(p.name.removesuffix(".nii.gz"), p) for p in sorted((folder / "labelsTr").glob("*.nii.gz"))]
 
@@ -44,15 +47,6 @@ def _read(path):
 def _train(pairs, out, steps, resume=False, checkpoint_every=2):
     config = TrainConfig(steps=steps, batch_size=2, checkpoint_every=checkpoint_every, lr=1e-3, progress=False)
     return train_mask_model(pairs, mask_model_config(2, TINY), EMIDEC, GRID, out, config, resume=resume)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the two shared cores, two OpenMP threads stall each other ~10x when other work runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

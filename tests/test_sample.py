@@ -15,11 +15,14 @@ from nnunet_lefusion.masks.rule_based import RuleBasedMaskGenerator
 from nnunet_lefusion.synthesis.base import RawCase, SynthesisSkipped
 from nnunet_lefusion.synthesis.lefusion import LeFusionSynthesizer, LesionSampler, resynthesize
 from nnunet_lefusion.training.loop import FINAL
-from tests.test_train_sampler import dataset, one_thread, train_tiny  # noqa: F401  (shared fixtures)
+from tests.test_train_sampler import dataset, train_tiny  # noqa: F401  (shared fixtures)
 
 # A very short fast-mode walk: 4 strided steps, no resampling -> 4 network evaluations per ROI.
 QUICK = ["--strided-steps", "4", "--jumps", "1", "1"]
 QUICK_KW = {"strided_steps": 4, "jumps": (1, 1)}
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,9 @@ LESION_ID, NORMAL_ID = 981, 982
 ROI = ("2", "32", "32")  # Z, Y, X: small enough for CPU tests, large enough to hold most of the phantom lesions
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def lesion_dataset(raw_root: str) -> Path:
     """Dataset981: 4 heart-FOV phantom cases (3 with lesions), written once per session."""
     found = sorted(Path(raw_root).glob(f"Dataset{LESION_ID}_*"))
@@ -34,15 +37,6 @@ def train_tiny(out: Path, steps: int, *extra: str) -> None:
     """The training command with the tiny model on Dataset981, writing to ``out``."""
     train_main(["-d", str(LESION_ID), "--config", "tiny", "--roi", *ROI, "--steps", str(steps), "--batch-size", "1",
                 "--checkpoint-every", "2", "--lr", "1e-3", "--quiet", "-o", str(out), *extra])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine, two OpenMP threads wait on each other (~40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
