@@ -15,7 +15,7 @@ from scipy import ndimage
 from nnunet_lefusion.cli.train_masks import main as train_masks_main
 from nnunet_lefusion.diffusion.sampler import SamplerConfig
 from nnunet_lefusion.errors import LeFusionError
-from nnunet_lefusion.masks import check_lesion_map, host_mask, lesion_region, place_lesions
+from nnunet_lefusion.masks import MaskGenerator, check_lesion_map, host_mask, lesion_region, place_lesions
 from nnunet_lefusion.masks.learned import LearnedMaskGenerator, MaskModelMeta, assemble_lesion_map, mask_model_config, \
     train_mask_model
 from nnunet_lefusion.masks.mask_data import (CONDITION_CHANNELS, ControlScale, LesionControl, MaskGrid, OrganFrame,
@@ -174,6 +174,7 @@ def test_other_checkpoints_are_refused(tmp_path):
 
 def test_generated_masks_are_valid_on_normal_and_lesion_cases(checkpoint, dataset):
     generator = LearnedMaskGenerator.load(checkpoint, sampler=FAST, batch_size=3)
+    assert isinstance(generator, MaskGenerator)
     cases = [_read(path) for _, path in _label_files(dataset)]
     label_maps, spacings = [c[0] for c in cases], [c[1] for c in cases]
     assert any(not (m >= MI).any() for m in label_maps), "the dataset must hold normal cases"
