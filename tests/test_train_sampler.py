@@ -154,6 +154,12 @@ def test_bad_input_is_one_error_line(dataset, nnunet_dirs, tmp_path, capsys):
     assert "--resume" in _error(capsys, ["-d", str(LESION_ID), *base, "-o", str(tmp_path / "run")])
     assert "different settings" in _error(capsys, ["-d", str(LESION_ID), "--config", "tiny", "--roi", "2", "32", "24",
                                                    "--steps", "4", "--resume", "--quiet", "-o", str(tmp_path / "run")])
+    wider = tmp_path / "wider.yaml"
+    wider.write_text(yaml.safe_dump({**ModelConfig.from_yaml("tiny").to_dict(), "dim": 8}))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    assert "model config" in _error(capsys, ["-d", str(LESION_ID), "--config", str(wider), "--roi", *ROI, "--steps",
+                                             "4", "--resume", "--quiet", "-o", str(tmp_path / "run")])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before  # a refused resume writes nothing
 
 
 @pytest.mark.slow

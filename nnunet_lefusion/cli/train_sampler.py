@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
           f"organ {list(labels.organ)}" + (f"; {rois.lesion_voxels_outside} lesion voxels fall outside the ROI"
                                             if rois.lesion_voxels_outside else ""))
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "model_config.yaml", yaml.safe_dump(model_config.to_dict(), sort_keys=False))
+    if not args.resume:  # a resumed run is refused unless its checkpoint holds this config: the file stays valid
+        atomic_write_text(out / "model_config.yaml", yaml.safe_dump(model_config.to_dict(), sort_keys=False))
     result = train_sampler(rois, model_config, labels, args.roi, out, train_config, args.clusters, args.resume)
     print(f"step {result.step}: {result.checkpoint}")
 

@@ -9,7 +9,8 @@ network-grid cells that hold host organ (elsewhere masks are known to be -1).
 Sampling (``LearnedMaskGenerator``): a control measured on a training lesion is drawn (with the classes asked
 for), turned by a random angle about the LV centre and laid on the target organ; the diffusion package's
 ``RePaintSampler`` then walks a strided DDIM schedule in which the cells outside the organ are known (-1). The
-result is zoomed back to the native grid, clipped to the organ, made one connected piece per class, and nested
+result is pasted back into the native grid (zoomed up first if the grid is pooled), thresholded at 0 (or, with
+``match_size``, cut to the control's volume), clipped to the organ, made one connected piece per class and nested
 (MVO inside MI), giving a lesion map that ``placement.check_lesion_map`` accepts.
 """
 from __future__ import annotations
@@ -236,30 +237,32 @@ class LearnedMaskGenerator:
                                 f"{list(self.labels.lesions[:levels])}.")
         return controls[int(rng.integers(len(controls)))]
 
+    def _prepare(self, label_map: np.ndarray, spacing: Spacing, levels: int | None, rng: np.random.Generator
+                 ) -> tuple[OrganFrame, roi.RoiSpec, LesionControl, np.ndarray]:
+        """One case's organ frame, window, drawn control and condition maps."""
+        if np.asarray(label_map).ndim != 3:
+            raise LeFusionError(f"a label map must be a 3D (Z, Y, X) array, got shape {np.shape(label_map)}")
+        frame = OrganFrame.of(label_map, self.labels, spacing)
+        control = self._draw(rng, levels)
+        rotation = np.radians(rng.uniform(-self.rotation_jitter, self.rotation_jitter))
+        spec = organ_window(label_map, self.labels, self.meta.grid)
+        region = control.region(frame, spacing, rotation)
+        return frame, spec, control, condition_maps(label_map, self.labels, region, spec, self.meta.grid.pool)
+
     def _sample(self, label_maps: list[np.ndarray], spacings: list[Spacing], levels: int | None,
                 rng: np.random.Generator) -> list[np.ndarray]:
         grid, labels = self.meta.grid, self.labels
-        frames, specs, controls, maps = [], [], [], []
-        for label_map, spacing in zip(label_maps, spacings):
-            if np.asarray(label_map).ndim != 3:
-                raise LeFusionError(f"a label map must be a 3D (Z, Y, X) array, got shape {np.shape(label_map)}")
-            frame = OrganFrame.of(label_map, labels, spacing)
-            control = self._draw(rng, levels)
-            rotation = np.radians(rng.uniform(-self.rotation_jitter, self.rotation_jitter))
-            spec = organ_window(label_map, labels, grid)
-            frames.append(frame)
-            specs.append(spec)
-            controls.append(control)
-            maps.append(condition_maps(label_map, labels, control.region(frame, spacing, rotation), spec, grid.pool))
+        frames, specs, controls, maps = zip(*(self._prepare(m, s, levels, rng) for m, s in zip(label_maps, spacings)))
         device = self.device
         maps_t = torch.from_numpy(np.stack(maps)).to(device)
         region = generation_region(maps_t[:, 0])
         cond = torch.from_numpy(self.meta.scale.apply(controls)).to(device)
         generator = torch.Generator(device).manual_seed(int(rng.integers(2 ** 62)))
+        # Every mask channel is generated over the organ's cells ("lesion" label 1 there); elsewhere the known
+        # image is -1. ``channels`` is the final clamped x0 of each channel.
         sampler = RePaintSampler(with_maps(self.model, maps_t), self.schedule, self.sampler)
-        k = len(labels.lesions)
-        result = sampler.sample(torch.full(region.shape, -1.0, device=device), region.long(), (1,) * k, cond,
-                                generator)
+        known = torch.full(region.shape, -1.0, device=device)
+        result = sampler.sample(known, region.long(), (1,) * len(labels.lesions), cond, generator)
         scores = F.interpolate(result.channels, scale_factor=(1, grid.pool, grid.pool), mode="trilinear",
                                align_corners=False).cpu().numpy()
         lesion_maps = []

@@ -238,8 +238,9 @@ class MaskPairs:
         return len(self.identifiers)
 
     def make_batch(self, rng: np.random.Generator, batch_size: int, scale: ControlScale) -> dict[str, torch.Tensor]:
-        """A random batch (with replacement), each pair under a random in-plane flip / transpose (the same for
-        masks and maps; the condition vector is invariant). Returns ``x0``, ``maps`` and ``cond``."""
+        """A random batch (with replacement), each pair under random in-plane flips and, on a square grid, a random
+        transpose (the same for masks and maps; the condition vector is invariant). Returns ``x0``, ``maps`` and
+        ``cond``."""
         index = rng.integers(len(self), size=batch_size)
         square = self.masks.shape[-1] == self.masks.shape[-2]
         x0, maps = [], []
