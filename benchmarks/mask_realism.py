@@ -87,7 +87,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2024, help="seed of the held-out cases and the sampling")
     parser.add_argument("--steps", type=int, default=50, help="strided sampling steps (default 50)")
     parser.add_argument("--batch-size", type=int, default=10, help="masks sampled together (default 10)")
-    parser.add_argument("--match-size", action="store_true", help="learned lesions take their control's exact volume")
+    parser.add_argument("--uncalibrated", action="store_true",
+                        help="learned lesions as the network draws them (score > 0), not calibrated to their control")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -101,7 +102,7 @@ def main() -> None:
 
     learned = LearnedMaskGenerator.load(args.checkpoint, device=args.device, batch_size=args.batch_size,
                                         sampler=SamplerConfig(jump_length=1, jump_n_sample=1, strided_steps=args.steps),
-                                        match_size=args.match_size)
+                                        calibrate=not args.uncalibrated)
     generated = {}
     for name, generator in (("learned", learned), ("rule-based", RuleBasedMaskGenerator())):
         maps, seconds = generate(generator, hosts, spacings, args.seed)
@@ -111,7 +112,7 @@ def main() -> None:
     generated["copy"] = (train, 0.0, 1.0)
 
     print(f"\n{len(train_maps)} training masks, {args.heldout} held-out real masks, one generated mask per held-out "
-          f"organ; sampler {args.steps} strided steps on {args.device}; size-matched: {args.match_size}")
+          f"organ; sampler {args.steps} strided steps on {args.device}; calibrated to the control: {not args.uncalibrated}")
     print("real held-out means: " + ", ".join(f"{k} {real.values[k].mean():.3f}" for k in MEASURES)
           + f", MVO in {real.mvo.mean():.0%}; nearest-IoU of held-out real masks to training masks "
             f"{np.mean([nearest_iou(v, train.voxels) for v in real.voxels]):.3f}")

@@ -15,9 +15,11 @@ from scipy import ndimage
 from nnunet_lefusion.cli.train_masks import main as train_masks_main
 from nnunet_lefusion.diffusion.sampler import SamplerConfig
 from nnunet_lefusion.errors import LeFusionError
-from nnunet_lefusion.masks import MaskGenerator, check_lesion_map, host_mask, lesion_region, place_lesions
-from nnunet_lefusion.masks.learned import LearnedMaskGenerator, MaskModelMeta, assemble_lesion_map, mask_model_config, \
-    train_mask_model
+from nnunet_lefusion.masks import (MaskGenerator, check_lesion_map, host_mask, lesion_region, place_lesions,
+                                   transmurality)
+from nnunet_lefusion.masks.geometry import myocardial_coordinates
+from nnunet_lefusion.masks.learned import (DepthTarget, LearnedMaskGenerator, MaskModelMeta, assemble_lesion_map,
+                                          mask_model_config, train_mask_model)
 from nnunet_lefusion.masks.mask_data import (CONDITION_CHANNELS, ControlScale, LesionControl, MaskGrid, OrganFrame,
                                              generation_region, load_mask_pairs)
 from nnunet_lefusion.masks.rule_based import CONNECTIVITY
@@ -133,6 +135,19 @@ def test_assembly_keeps_lesions_nested_connected_and_inside_the_organ():
     matched = assemble_lesion_map(np.stack([near, near]), host, EMIDEC, (0.2, 0.05), match_size=True)
     _assert_valid(ring.label_map, matched, want_mvo=True)
     assert (matched > 0).sum() == round(0.2 * host.sum()) and (matched == MVO).sum() == round(0.05 * host.sum())
+
+    plain = transmurality(place_lesions(ring.label_map, matched, EMIDEC), EMIDEC)
+    coords = myocardial_coordinates(ring.label_map, EMIDEC)
+    for target in (0.6, 0.7):  # a blob through the whole wall, made less transmural at the same volumes
+        calibrated = assemble_lesion_map(np.stack([near, near]), host, EMIDEC, (0.2, 0.05), match_size=True,
+                                         depth=DepthTarget(coords, target))
+        _assert_valid(ring.label_map, calibrated, want_mvo=True)
+        assert [(calibrated == v).sum() for v in (MI, MVO)] == [(matched == v).sum() for v in (MI, MVO)]
+        assert plain > 0.9 and abs(transmurality(place_lesions(ring.label_map, calibrated, EMIDEC), EMIDEC)
+                                   - target) < 0.03
+    not_too_deep = assemble_lesion_map(np.stack([near, near]), host, EMIDEC, (0.2, 0.05), match_size=True,
+                                       depth=DepthTarget(coords, 1.0))
+    assert np.array_equal(not_too_deep, matched)
 
     nothing = np.full((2, *host.shape), -1.0) + rng.uniform(0, 0.1, size=(2, *host.shape))
     fallback = assemble_lesion_map(nothing, host, EMIDEC, (0.1, 0.02))

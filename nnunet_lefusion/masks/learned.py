@@ -9,9 +9,12 @@ network-grid cells that hold host organ (elsewhere masks are known to be -1).
 Sampling (``LearnedMaskGenerator``): a control measured on a training lesion is drawn (with the classes asked
 for), turned by a random angle about the LV centre and laid on the target organ; the diffusion package's
 ``RePaintSampler`` then walks a strided DDIM schedule in which the cells outside the organ are known (-1). The
-result is pasted back into the native grid (zoomed up first if the grid is pooled), thresholded at 0 (or, with
-``match_size``, cut to the control's volume), clipped to the organ, made one connected piece per class and nested
-(MVO inside MI), giving a lesion map that ``placement.check_lesion_map`` accepts.
+result is pasted back into the native grid (zoomed up first if the grid is pooled) and, by default, calibrated to
+the drawn control: each class keeps its best-scoring voxels up to the control's volume, the outer lesion with a
+transmural-depth penalty bisected to the control's transmurality (the network alone makes lesions too
+transmural; ``benchmarks/mask_realism.py --uncalibrated`` shows it). The result is clipped to the organ, made one
+connected piece per class and nested (MVO inside MI), giving a lesion map that ``placement.check_lesion_map``
+accepts.
 """
 from __future__ import annotations
 
@@ -29,9 +32,10 @@ from nnunet_lefusion.diffusion.sampler import RePaintSampler, SamplerConfig
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
-from nnunet_lefusion.masks.geometry import Spacing
+from nnunet_lefusion.masks.geometry import MyocardialCoordinates, Spacing, myocardial_coordinates
 from nnunet_lefusion.masks.mask_data import (CONDITION_CHANNELS, ControlScale, LesionControl, MaskGrid, MaskPairs,
                                              OrganFrame, condition_maps, generation_region, organ_window)
+from nnunet_lefusion.masks.metrics import region_transmurality
 from nnunet_lefusion.masks.rule_based import largest_component
 from nnunet_lefusion.model import Checkpoint, CheckpointMeta, ModelConfig, Unet3D, load_checkpoint
 from nnunet_lefusion.training.loop import TrainConfig, TrainResult, train
@@ -131,14 +135,47 @@ def _best(score: np.ndarray, within: np.ndarray, count: int) -> np.ndarray:
     return largest_component(best)
 
 
-def _piece(score: np.ndarray, within: np.ndarray, target: float, proper: bool, match_size: bool) -> np.ndarray:
+@dataclass(frozen=True)
+class DepthTarget:
+    """The transmurality an outer lesion must take (``metrics.transmurality``), on the host's coordinates."""
+
+    coords: MyocardialCoordinates
+    transmurality: float
+    max_penalty: float = 8.0
+    iterations: int = 10
+
+    def piece(self, score: np.ndarray, within: np.ndarray, count: int) -> np.ndarray:
+        """``_best`` of ``score`` less a penalty on transmural depth, the penalty bisected until the piece's
+        transmurality is nearest the target. Infarcts grow from the endocardium outward, so a lesion made less
+        transmural at a fixed volume keeps its deepest-scoring voxels near the endocardium and spreads along the
+        wall instead. A piece that is not too transmural without penalty is returned as it is."""
+        depth = np.nan_to_num((self.coords.inner + self.coords.outer) / 2)
+        low, high = 0.0, self.max_penalty
+        best = _best(score, within, count)
+        error = region_transmurality(best, self.coords) - self.transmurality
+        for _ in range(self.iterations if error > 0 else 0):
+            middle = (low + high) / 2
+            piece = _best(score - middle * depth, within, count)
+            gap = region_transmurality(piece, self.coords) - self.transmurality
+            if abs(gap) < abs(error):
+                best, error = piece, gap
+            low, high = (middle, high) if gap > 0 else (low, middle)
+        return best
+
+
+def _piece(score: np.ndarray, within: np.ndarray, target: float, proper: bool, match_size: bool,
+           depth: DepthTarget | None = None) -> np.ndarray:
     """One connected piece of ``within``: the largest where ``score`` > 0, or with ``match_size`` (or when that
-    is empty) the best-scoring ``target`` voxels. ``proper``: leave at least one voxel of ``within`` out."""
+    is empty) the best-scoring ``target`` voxels, calibrated to ``depth`` when given. ``proper``: leave at least
+    one voxel of ``within`` out."""
     size = int(within.sum())
     if size - proper < 1:
         raise LeFusionError("the generated lesion is too small to hold an inner lesion.")
     count = int(np.clip(round(target), 1, size - proper))
-    piece = _best(score, within, count) if match_size else largest_component((score > 0) & within)
+    if match_size:
+        piece = depth.piece(score, within, count) if depth is not None else _best(score, within, count)
+    else:
+        piece = largest_component((score > 0) & within)
     if not piece.any():
         piece = _best(score, within, count)
     if proper and int(piece.sum()) == size:
@@ -148,20 +185,22 @@ def _piece(score: np.ndarray, within: np.ndarray, target: float, proper: bool, m
 
 
 def assemble_lesion_map(scores: np.ndarray, host: np.ndarray, labels: LesionLabels, fractions: Sequence[float],
-                        match_size: bool = False, dtype: np.dtype = np.uint8) -> np.ndarray:
+                        match_size: bool = False, dtype: np.dtype = np.uint8,
+                        depth: DepthTarget | None = None) -> np.ndarray:
     """A lesion map from per-class scores (K, Z, Y, X) on the native grid (lesion where > 0).
 
     Class k is present when ``fractions[k]`` > 0: its largest connected piece inside the host organ (class 0) or
     inside the class around it, never all of it. An empty prediction falls back to the best-scoring voxels, as
     many as the fraction of the host asks, so every class asked for is present; ``match_size`` always takes
-    that many (DiffMask-style thresholding to a target size; the largest connected piece of them is kept).
+    that many (DiffMask-style thresholding to a target size; the largest connected piece of them is kept) and,
+    with ``depth``, calibrates the outer class's transmurality (``DepthTarget``).
     """
     lesion_map = np.zeros(host.shape, dtype=dtype)
     within = host
     for k, (label, fraction) in enumerate(zip(labels.lesions, fractions)):
         if fraction <= 0:
             break
-        within = _piece(scores[k], within, fraction * host.sum(), k > 0, match_size)
+        within = _piece(scores[k], within, fraction * host.sum(), k > 0, match_size, depth if k == 0 else None)
         lesion_map[within] = label
     return lesion_map
 
@@ -170,20 +209,21 @@ class LearnedMaskGenerator:
     """A ``placement.MaskGenerator`` backed by a trained mask diffusion model.
 
     ``sampler``: how to walk the reverse process (default: 50 strided DDIM steps, no jumps); ``rotation_jitter``:
-    the drawn control's offset turns about the LV centre by up to this many degrees either way; ``match_size``:
-    each lesion takes exactly the drawn control's volume (``assemble_lesion_map``); ``batch_size``: masks sampled
+    the drawn control's offset turns about the LV centre by up to this many degrees either way; ``calibrate``
+    (default): each lesion takes exactly the drawn control's volume and the outer one its transmurality
+    (``assemble_lesion_map``, ``DepthTarget``), otherwise the network's own lesion (score > 0); ``batch_size``: masks sampled
     together by ``generate_many``.
     """
 
     def __init__(self, model: Unet3D, meta: MaskModelMeta, sampler: SamplerConfig | None = None,
-                 rotation_jitter: float = 15.0, match_size: bool = False, batch_size: int = 8) -> None:
+                 rotation_jitter: float = 15.0, calibrate: bool = True, batch_size: int = 8) -> None:
         self.model = model.eval()
         self.meta = meta
         self.labels = meta.labels
         self.sampler = (sampler or SamplerConfig(jump_length=1, jump_n_sample=1, strided_steps=50)).validate()
         self.schedule = CosineSchedule(meta.num_timesteps)
         self.rotation_jitter = float(rotation_jitter)
-        self.match_size = bool(match_size)
+        self.calibrate = bool(calibrate)
         self.batch_size = int(batch_size)
 
     @classmethod
@@ -266,9 +306,12 @@ class LearnedMaskGenerator:
         scores = F.interpolate(result.channels, scale_factor=(1, grid.pool, grid.pool), mode="trilinear",
                                align_corners=False).cpu().numpy()
         lesion_maps = []
-        for label_map, frame, spec, control, window in zip(label_maps, frames, specs, controls, scores):
+        for label_map, spacing, frame, spec, control, window in zip(label_maps, spacings, frames, specs, controls,
+                                                                    scores):
             native = np.stack([roi.paste(np.full(label_map.shape, -1.0, np.float32), channel,
                                          np.ones(grid.window, dtype=bool), spec) for channel in window])
-            lesion_maps.append(assemble_lesion_map(native, frame.host, labels, control.fractions, self.match_size,
-                                                   label_map.dtype))
+            depth = (DepthTarget(myocardial_coordinates(label_map, labels, spacing), control.transmurality)
+                     if self.calibrate else None)
+            lesion_maps.append(assemble_lesion_map(native, frame.host, labels, control.fractions, self.calibrate,
+                                                   label_map.dtype, depth))
         return lesion_maps

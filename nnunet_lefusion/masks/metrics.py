@@ -11,7 +11,8 @@ from scipy import stats
 
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
-from nnunet_lefusion.masks.geometry import Spacing, host_mask, lesion_region, lv_centre, myocardial_coordinates
+from nnunet_lefusion.masks.geometry import (MyocardialCoordinates, Spacing, host_mask, lesion_region, lv_centre,
+                                            myocardial_coordinates)
 
 
 def lesion_volume_fraction(label_map: np.ndarray, labels: LesionLabels, lesion: int | None = None) -> float:
@@ -35,7 +36,13 @@ def transmurality(label_map: np.ndarray, labels: LesionLabels, lesion: int | Non
     region = lesion_region(label_map, labels, lesion)
     if not region.any():
         return 0.0
-    coords = myocardial_coordinates(label_map, labels, spacing)
+    return region_transmurality(region, myocardial_coordinates(label_map, labels, spacing), sectors)
+
+
+def region_transmurality(region: np.ndarray, coords: MyocardialCoordinates, sectors: int = 36) -> float:
+    """``transmurality`` of a (Z, Y, X) bool region of the host organ, on precomputed coordinates."""
+    if not region.any():
+        return 0.0
     z = np.nonzero(region)[0]
     sector = np.minimum((coords.angle[region] / (2 * np.pi) * sectors).astype(int), sectors - 1)
     cells, cell = np.unique(z * sectors + sector, return_inverse=True)
