@@ -32,6 +32,7 @@ setup(
             "nnUNetv2_lefusion_train_sampler=nnunet_lefusion.cli.train_sampler:main",
             "nnUNetv2_lefusion_sample=nnunet_lefusion.cli.sample:main",
             "nnUNetv2_lefusion_train_masks=nnunet_lefusion.cli.train_masks:main",
+            "nnUNetv2_lefusion_export=nnunet_lefusion.cli.export:main",
             "nnUNetv2_lefusion_demo=nnunet_lefusion.cli.demo:main",
         ]
     },

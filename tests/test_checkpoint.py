@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nnunet_lefusion.diffusion.schedule import BUFFER_NAMES, CosineSchedule
+from nnunet_lefusion.cli.export import main as export_main
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.model import CheckpointMeta, ModelConfig, load_checkpoint, save_checkpoint
 
@@ -136,3 +137,41 @@ def test_bad_weights_choice_and_metadata_are_refused(official_file, tmp_path):
     with pytest.raises(LeFusionError, match="extras.centres is a ndarray"):
         save_checkpoint(tmp_path / "m.pt", model, meta=CheckpointMeta(extras={"centres": np.zeros(3)}))
     assert not list(tmp_path.glob("*m.pt*"))
+
+
+def test_export_keeps_the_ema_weights_alone_in_float16(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = ModelConfig.from_yaml("tiny")
+    model, ema = config.build(), config.build()
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(1, 2, 2, 8, 8), torch.tensor([3]), torch.rand(1, 32)).mean().backward()
+    optimizer.step()
+    meta = CheckpointMeta(lesion_labels=[3, 4], roi_size=[2, 8, 8], histogram_clusters=[[0.5] * 32])
+    source = tmp_path / "checkpoint_final.pt"
+    save_checkpoint(source, model, ema=ema, step=77, meta=meta, optimizer_state={"optimizer": optimizer.state_dict()})
+
+    target = tmp_path / "shipped.pt"
+    assert export_main([str(source), str(target)]) == 0
+    assert "step 77 in fp16" in capsys.readouterr().out
+    assert target.stat().st_size < source.stat().st_size / 4
+    raw = torch.load(target, weights_only=True)
+    assert {"step", "model", "ema", "scaler", "lefusion_meta"} == set(raw)  # no optimizer state
+    assert raw["ema"]["denoise_fn.init_conv.weight"].dtype == torch.float16
+    assert raw["ema"]["betas"].dtype == CosineSchedule(300).official_buffers()["betas"].dtype  # schedule unchanged
+    shipped = load_checkpoint(target)
+    assert shipped.step == 77 and shipped.meta.histogram_clusters == meta.histogram_clusters
+    assert shipped.meta.extras["exported_weights"] == "ema"
+    expected = {k: v.half().float() if v.is_floating_point() else v for k, v in ema.state_dict().items()}
+    assert _states_equal(shipped.build("ema").state_dict(), expected)  # float32 again on load
+    assert _states_equal(shipped.build("model").state_dict(), expected)  # the official loader reads "model" too
+    x, t, cond = torch.randn(1, 2, 2, 8, 8), torch.tensor([40]), torch.rand(1, 32)
+    with torch.no_grad():
+        assert torch.allclose(shipped.build()(x, t, cond), ema.eval()(x, t, cond), atol=1e-2)
+
+    capsys.readouterr()
+    for argv in ([str(source), str(target)], [str(tmp_path / "missing.pt"), str(tmp_path / "x.pt")]):
+        with pytest.raises(SystemExit) as exit_info:
+            export_main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and "error:" in err[0]
+    assert not (tmp_path / "x.pt").exists()

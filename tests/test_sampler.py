@@ -30,18 +30,26 @@ def test_jump_lists_equal_official(T, jl, jn, length, evals):
 
 
 def test_fast_mode_schedule():
-    times = SamplerConfig.fast().time_list(300)
-    assert count_evaluations(times) == SamplerConfig.fast().evaluations(300) <= 150
-    taus = strided_timesteps(300, 50)
-    assert taus[0] == 0 and taus[-1] == 299 and len(set(taus)) == 50
+    fast = SamplerConfig.fast()
+    times = fast.time_list(300)
+    assert count_evaluations(times) == fast.evaluations(300) <= 150
+    assert strided_timesteps(300, 50) == [round(i * 299 / 49) for i in range(50)]  # power 1: evenly spread
+    taus = strided_timesteps(300, fast.strided_steps, fast.spacing_power)
+    assert taus[0] == 0 and taus[-1] == 299 and taus == sorted(set(taus))
+    gaps = np.diff(taus)
+    assert gaps[0] <= 1 and gaps[-1] > 10 * gaps[0]  # dense at low noise, sparse at high noise
     assert times[0] == 299 and times[-1] == -1 and set(times) <= set(taus) | {-1}
-    ups = sum(1 for a, b in zip(times[:-1], times[1:]) if b > a)
-    assert ups == count_evaluations(times) - 50
+    ups = [(a, b) for a, b in zip(times[:-1], times[1:]) if b > a]
+    assert len(ups) == count_evaluations(times) - len(taus)
+    assert all(b == taus[taus.index(a) + 1] for a, b in ups)  # each jump goes up one stride ...
+    assert max(a for a, _ in ups) < taus[round(fast.jump_below * (len(taus) - 1))]  # ... in the low-noise end
     assert strided_jump_schedule(300, 300, 5, 5) == jump_schedule(300, 5, 5)
+    assert jump_schedule(300, 5, 5, jump_below=1.0) == REFERENCE["jump_schedule_300_1_5_5"]
     with pytest.raises(LeFusionError):
         strided_timesteps(10, 11)
-    with pytest.raises(LeFusionError):
-        SamplerConfig(precision="fp8").validate()
+    for bad in ({"precision": "fp8"}, {"jump_below": 0.0}, {"eta": 2.0}):
+        with pytest.raises(LeFusionError):
+            SamplerConfig(**bad).validate()
 
 
 @pytest.fixture(scope="module")

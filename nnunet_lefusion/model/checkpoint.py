@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,25 +85,28 @@ class Checkpoint:
 def save_checkpoint(path: str | os.PathLike, model: Unet3D, *, ema: Unet3D | None = None, step: int = 0,
                     num_steps: int = 300, meta: CheckpointMeta | None = None,
                     optimizer_state: dict[str, Any] | None = None,
-                    scaler_state: dict[str, Any] | None = None) -> None:
-    """Write ``model`` (and its EMA copy, default: the same weights) in the official layout plus our metadata.
+                    scaler_state: dict[str, Any] | None = None, dtype: torch.dtype | None = None) -> None:
+    """Write ``model`` (and its EMA copy, default: the same weights, stored once) in the official layout plus our
+    metadata; ``dtype`` (e.g. ``torch.float16``) stores the network weights in that type (they load as float32).
 
     The file is written under a temporary name and renamed into place.
     """
     schedule = CosineSchedule(num_steps).official_buffers()
 
     def wrapped(net: Unet3D) -> dict[str, torch.Tensor]:
-        state = {NETWORK_PREFIX + k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        state = {NETWORK_PREFIX + k: v.detach().cpu().to(dtype if v.is_floating_point() else v.dtype).contiguous()
+                 for k, v in net.state_dict().items()}
         return {**schedule, **state}
 
     if ema is not None and ema.config != model.config:
         raise LeFusionError("The EMA network of a checkpoint must have the same model config as the network.")
     meta_dict = {"format_version": FORMAT_VERSION, "model_config": model.config.to_dict(),
                  **(meta or CheckpointMeta()).to_dict()}
+    model_state = wrapped(model)
     payload: dict[str, Any] = {
         "step": int(step),
-        "model": wrapped(model),
-        "ema": wrapped(ema if ema is not None else model),
+        "model": model_state,
+        "ema": wrapped(ema) if ema is not None else model_state,
         "scaler": scaler_state or {},
         META_KEY: meta_dict,
     }
@@ -153,6 +156,20 @@ def load_checkpoint(path: str | os.PathLike, *, channels: int | None = None,
         optimizer_state=payload.get(OPTIMIZER_KEY),
         scaler_state=payload.get("scaler") or {},
     )
+
+
+def export_checkpoint(source: str | os.PathLike, target: str | os.PathLike, weights: str = "ema",
+                      dtype: torch.dtype = torch.float16) -> Checkpoint:
+    """Write the ``weights`` (default EMA) of ``source`` alone, stored in ``dtype``, with its metadata and step but
+    without optimizer state: the file to ship or share (in float16 an eighth of a training checkpoint, which
+    holds weights, EMA and two Adam moments in float32). Returns the checkpoint as read back from ``target``."""
+    checkpoint = load_checkpoint(source)
+    meta = checkpoint.meta
+    if meta is not None:
+        meta = replace(meta, extras={**meta.extras, "exported_weights": weights})
+    save_checkpoint(target, checkpoint.build(weights), step=checkpoint.step, num_steps=checkpoint.num_steps,
+                    meta=meta, dtype=dtype)
+    return load_checkpoint(target)
 
 
 def infer_config(state: dict[str, torch.Tensor], source: str | os.PathLike = "the state dict") -> ModelConfig:
@@ -214,7 +231,7 @@ def _network_state(wrapper_state: Any, path: Path, part: str) -> tuple[dict[str,
         key = key.removeprefix(NETWORK_PREFIX).removeprefix(PARALLEL_PREFIX)
         if not isinstance(value, torch.Tensor):
             raise LeFusionError(f"{path}: '{part}' entry {key!r} is not a tensor.")
-        network[key] = value
+        network[key] = value.float() if value.is_floating_point() else value  # exports may hold float16
     betas = wrapper_state.get("betas")
     return network, 300 if betas is None else int(betas.shape[0])
 

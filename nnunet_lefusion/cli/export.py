@@ -1,0 +1,45 @@
+"""``nnUNetv2_lefusion_export``: a training checkpoint's EMA weights alone, in float16, to ship or share.
+
+Works for LeFusion samplers and lesion-mask generators alike. The result is still in the official layout (the
+official code loads it; its weights are cast back to float32 on load) and keeps our metadata, so
+``nnUNetv2_lefusion_sample`` / ``nnUNetv2_lefusion_synthesize`` take it like the training checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from nnunet_lefusion.cli.common import cli_main
+from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.model import export_checkpoint
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnUNetv2_lefusion_export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="training checkpoint (checkpoint_final.pt or checkpoint_latest.pt)")
+    parser.add_argument("output", help="file to write (e.g. pretrained/lefusion_small_phantom.pt)")
+    parser.add_argument("--weights", default="ema", choices=("ema", "model"), help="which weights (default ema)")
+    parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES), help="storage type (default fp16)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    return parser
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise LeFusionError(f"{output} exists; pass --overwrite to replace it.")
+    if output.resolve() == Path(args.checkpoint).resolve():
+        raise LeFusionError("the output must not be the checkpoint it is exported from.")
+    exported = export_checkpoint(args.checkpoint, output, args.weights, DTYPES[args.dtype])
+    size = output.stat().st_size / 2 ** 20
+    print(f"{output}: {args.weights} weights of step {exported.step} in {args.dtype}, {size:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
