@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="proposals drawn per case to meet --target-share (default 8)")
     parser.add_argument("--checkpoint", default=None, help="LeFusion sampler checkpoint (--method lefusion)")
     parser.add_argument("--sampling", default="fast", choices=("fast", "official"),
-                        help="LeFusion sampling schedule: fast (<= 150 network evaluations) or the official 5/5 jumps")
+                        help="LeFusion sampling schedule: fast (128 network evaluations) or the official 5/5 jumps")
     parser.add_argument("--mask-generator", default=None,
                         help="new lesion masks for newmask/normal cases: 'rule' or a learned mask-generator checkpoint")
     parser.add_argument("--device", default="cpu", help="device for LeFusion sampling (cpu, cuda)")

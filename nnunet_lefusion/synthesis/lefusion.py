@@ -37,7 +37,7 @@ Histogram = Union[str, int, Sequence[float], np.ndarray]
 
 def sampler_config(mode: str = "fast", jumps: tuple[int, int] | None = None,
                    strided_steps: int | None = None) -> SamplerConfig:
-    """The reverse walk of a mode: ``fast`` (strided DDIM with jumps, ~140 evaluations) or ``official``
+    """The reverse walk of a mode: ``fast`` (strided DDIM with jumps, 128 evaluations) or ``official``
     (all 300 steps, jump length / resamplings ``jumps``, default 5/5 = 1,480 evaluations)."""
     if mode not in MODES:
         raise LeFusionError(f"sampling mode must be one of {', '.join(MODES)}, got {mode!r}.")
