@@ -10,12 +10,16 @@ import torch
 import yaml
 
 from nnunet_lefusion.cli.train_sampler import main as train_main, training_cases
+from nnunet_lefusion.diffusion.histograms import lesion_histograms
+from nnunet_lefusion.diffusion.sampler import SamplerConfig
+from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.model.config import ModelConfig
 from nnunet_lefusion.phantom import write_dataset
 from nnunet_lefusion.model.checkpoint import META_KEY, OPTIMIZER_KEY, load_checkpoint
 from nnunet_lefusion.training.loop import FINAL, LATEST, LOG_NAME, TrainConfig, train
-from nnunet_lefusion.training.roi_data import load_roi_set
+from nnunet_lefusion.synthesis.lefusion import LesionSampler
+from nnunet_lefusion.training.roi_data import lesion_roi, load_roi_set, read_volume
 from nnunet_lefusion.training.sampler import LesionLoss, sampler_meta
 
 LESION_ID, NORMAL_ID = 981, 982
@@ -174,3 +178,45 @@ def test_loss_falls(dataset, tmp_path):
                    TrainConfig(steps=60, batch_size=2, checkpoint_every=60, lr=1e-3, progress=False))
     first, last = np.mean(result.losses[:15]), np.mean(result.losses[-15:])
     assert last < 0.8 * first, (first, last)
+
+
+def test_histogram_scale_and_condition_dropout(dataset, tmp_path):
+    labels = LesionLabels.emidec()
+    rois = load_roi_set(training_cases(dataset, json.loads((dataset / "dataset.json").read_text())), labels,
+                        (2, 32, 32), progress=False)
+    model = ModelConfig.from_yaml("tiny").build()
+    batch = rois.make_batch(np.random.default_rng(0), 4)
+    seen = []
+
+    def spy(x, t, cond):
+        seen.append(cond.detach().clone())
+        return model(x, t, cond)
+
+    spy.null_cond_emb = model.null_cond_emb
+    LesionLoss(labels.lesions, histogram_scale=16.0)(spy, batch)
+    torch.testing.assert_close(seen[-1], batch["cond"] * 16.0)  # the network sees the scaled histograms
+    torch.manual_seed(1)
+    LesionLoss(labels.lesions, cond_drop=0.5)(spy, batch)
+    dropped = [torch.equal(row, model.null_cond_emb[0]) for row in seen[-1]]
+    assert any(dropped) and not all(dropped)  # some rows carry the null condition, the others their histogram
+    for row, was_dropped in zip(seen[-1], dropped):
+        assert was_dropped or any(torch.equal(row, c) for c in batch["cond"])
+    model.zero_grad()
+    torch.manual_seed(1)
+    LesionLoss(labels.lesions, cond_drop=0.5)(model, batch).backward()
+    assert model.null_cond_emb.grad is not None and model.null_cond_emb.grad.abs().sum() > 0
+    with pytest.raises(LeFusionError):
+        LesionLoss(labels.lesions, cond_drop=1.0)
+
+    train_tiny(tmp_path / "scaled", 1, "--histogram-scale", "16", "--cond-drop", "0.2")
+    sampler = LesionSampler.load(tmp_path / "scaled" / FINAL)
+    assert sampler.histogram_scale == 16.0
+    conds = []
+    sampler.model.register_forward_pre_hook(lambda module, args: conds.append(args[2].clone()))
+    _, image_file, label_file = next(c for c in training_cases(dataset, json.loads(
+        (dataset / "dataset.json").read_text())) if "P" in c[0])
+    image, label = read_volume(image_file)[0], read_volume(label_file)[0]
+    sampler.resynthesize_many([image], [label], np.random.default_rng(0), SamplerConfig(1, 1, strided_steps=2), "case")
+    item = lesion_roi(image, label, labels, sampler.roi_size)
+    own = lesion_histograms(item.image, item.label, labels.lesions)
+    assert len(conds) == 2 and all(torch.allclose(c[0], torch.from_numpy(own) * 16.0) for c in conds)

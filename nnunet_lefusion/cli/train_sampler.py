@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ROI size in voxels (default 10 72 72, official cardiac)")
     parser.add_argument("--clusters", type=int, default=DEFAULT_CLUSTERS,
                         help=f"histogram clusters stored for sampling (default {DEFAULT_CLUSTERS})")
+    parser.add_argument("--histogram-scale", type=float, default=1.0,
+                        help="multiply the histogram condition by this before the network (default 1, official; "
+                             "16 makes a flat histogram all ones, on the scale of the time embedding)")
+    parser.add_argument("--cond-drop", type=float, default=0.0,
+                        help="fraction of each batch trained with the null condition instead (default 0, official)")
     parser.add_argument("-o", "--output", help="output folder (default $nnUNet_results/<dataset>/LeFusion__<config>)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -93,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not args.resume:  # a resumed run is refused unless its checkpoint holds this config: the file stays valid
         atomic_write_text(out / "model_config.yaml", yaml.safe_dump(model_config.to_dict(), sort_keys=False))
-    result = train_sampler(rois, model_config, labels, args.roi, out, train_config, args.clusters, args.resume)
+    result = train_sampler(rois, model_config, labels, args.roi, out, train_config, args.clusters, args.resume,
+                           args.histogram_scale, args.cond_drop)
     print(f"step {result.step}: {result.checkpoint}")
 
 

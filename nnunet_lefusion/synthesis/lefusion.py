@@ -27,7 +27,7 @@ from nnunet_lefusion.synthesis.base import Proposal, RawCase, Synthetic, Synthes
 from nnunet_lefusion.synthesis.plan import KINDS
 from nnunet_lefusion.training.loop import resolve_device
 from nnunet_lefusion.training.roi_data import LesionRoi, lesion_roi
-from nnunet_lefusion.training.sampler import SAMPLER_KIND, sampler_clusters
+from nnunet_lefusion.training.sampler import SAMPLER_KIND, histogram_scale, sampler_clusters
 
 MODES = ("fast", "official")
 # "random": a training-histogram cluster drawn by its size (perturbed +-10 %); an int: that cluster (perturbed);
@@ -66,6 +66,7 @@ class LesionSampler:
     schedule: CosineSchedule
     source: str = ""
     in_plane_transposed: bool = False
+    histogram_scale: float = 1.0
 
     @property
     def device(self) -> torch.device:
@@ -92,7 +93,7 @@ class LesionSampler:
         if meta is None:
             return cls(model, LesionLabels.emidec(), roi.OFFICIAL_CARDIAC_SIZE, None, schedule, str(checkpoint), True)
         return cls(model, LesionLabels.from_dict(meta.extras["labels"]), tuple(meta.roi_size),
-                   sampler_clusters(meta), schedule, str(checkpoint))
+                   sampler_clusters(meta), schedule, str(checkpoint), histogram_scale=histogram_scale(meta))
 
     def condition(self, item: LesionRoi, lesion_labels: Sequence[int], histogram: Histogram,
                   rng: np.random.Generator) -> np.ndarray:
@@ -152,7 +153,8 @@ class LesionSampler:
             roi_labels = self._network_axes(np.stack([i.label.astype(np.int64) for i in chunk]))
             result = sampler.sample(torch.from_numpy(roi_images).to(self.device),
                                     torch.from_numpy(roi_labels).to(self.device), labels.lesions,
-                                    torch.from_numpy(np.stack(conds[first:first + batch_size])), generator)
+                                    torch.from_numpy(np.stack(conds[first:first + batch_size]))
+                                    * self.histogram_scale, generator)
             for item, roi_unit, image in zip(chunk, self._network_axes(result.image.cpu().numpy()), chunk_images):
                 out.append(roi.paste_image(image, roi_unit, np.isin(item.label, labels.lesions), item.spec))
         return out

@@ -37,11 +37,12 @@ def check_model_fits(config: ModelConfig, num_classes: int, roi_size: Sequence[i
 
 
 def sampler_meta(labels: LesionLabels, roi_size: Sequence[int], rois: RoiSet,
-                 num_clusters: int = DEFAULT_CLUSTERS, seed: int = 0) -> CheckpointMeta:
+                 num_clusters: int = DEFAULT_CLUSTERS, seed: int = 0, histogram_scale: float = 1.0) -> CheckpointMeta:
     """The ``lefusion_meta`` of a sampler checkpoint: everything sampling needs besides the weights.
 
     ``histogram_clusters`` holds k-means centres of the training histograms (the texture presets offered at
-    sampling, official-style: one cond_dim vector each); their sizes and the label roles are in ``extras``.
+    sampling, official-style: one cond_dim vector each); their sizes, the label roles and ``histogram_scale``
+    (the factor the network sees the histograms multiplied by; 1 = official) are in ``extras``.
     """
     clusters = cluster_histograms(rois.histograms, num_clusters, seed=seed)
     return CheckpointMeta(
@@ -51,7 +52,8 @@ def sampler_meta(labels: LesionLabels, roi_size: Sequence[int], rois: RoiSet,
                    "percentiles": list(INTENSITY_PERCENTILES), "roi_padding": -1.0},
         histogram_clusters=clusters.to_dict()["centers"],
         extras={"kind": SAMPLER_KIND, "labels": labels.to_dict(), "cluster_counts": clusters.to_dict()["counts"],
-                "histogram_bins": clusters.num_bins, "training_cases": len(rois),
+                "histogram_bins": clusters.num_bins, "histogram_scale": float(histogram_scale),
+                "training_cases": len(rois),
                 "augmentation": {"flip_axis": "Y", "probability": 0.5, "array_axis": FLIP_AXIS}})
 
 
@@ -61,31 +63,51 @@ def sampler_clusters(meta: CheckpointMeta) -> HistogramClusters:
                                         "num_bins": meta.extras["histogram_bins"]})
 
 
+def histogram_scale(meta: CheckpointMeta | None) -> float:
+    """The factor a sampler's network sees its histogram condition multiplied by (1 for official checkpoints)."""
+    return float(meta.extras.get("histogram_scale", 1.0)) if meta is not None else 1.0
+
+
 class LesionLoss:
-    """``loss_fn`` for the training loop: official lesion-focused eps L1, channel k on lesion class k."""
+    """``loss_fn`` for the training loop: official lesion-focused eps L1, channel k on lesion class k.
+
+    ``histogram_scale`` multiplies the condition (official: 1, raw histograms whose bins are small next to the
+    time embedding); ``cond_drop`` replaces it by the network's learned null condition for that fraction of the
+    batch (official: 0), which teaches the network the unconditional model as well.
+    """
 
     def __init__(self, lesion_labels: Sequence[int], num_timesteps: int = NUM_TIMESTEPS,
-                 normalisation: str = "volume") -> None:
+                 normalisation: str = "volume", histogram_scale: float = 1.0, cond_drop: float = 0.0) -> None:
+        if not 0.0 <= cond_drop < 1.0 or histogram_scale <= 0:
+            raise LeFusionError(f"need 0 <= cond_drop < 1 and histogram_scale > 0, got {cond_drop} and "
+                                f"{histogram_scale}.")
         self.lesion_labels = tuple(lesion_labels)
         self.schedule = CosineSchedule(num_timesteps)
         self.normalisation = normalisation
+        self.histogram_scale = float(histogram_scale)
+        self.cond_drop = float(cond_drop)
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        x0 = batch["x0"]
+        x0, cond = batch["x0"], batch["cond"] * self.histogram_scale
         self.schedule = self.schedule.to(x0.device)
+        if self.cond_drop:
+            dropped = torch.rand(cond.shape[0], device=cond.device) < self.cond_drop
+            cond = torch.where(dropped[:, None], model.null_cond_emb.to(cond).expand_as(cond), cond)
         masks = lesion_channel_masks(batch["label"], self.lesion_labels)
-        return training_loss(model, self.schedule, x0, masks, batch["cond"], normalisation=self.normalisation)
+        return training_loss(model, self.schedule, x0, masks, cond, normalisation=self.normalisation)
 
 
 def train_sampler(rois: RoiSet, config: ModelConfig, labels: LesionLabels, roi_size: Sequence[int],
                   out_dir: str | Path, train_config: TrainConfig, num_clusters: int = DEFAULT_CLUSTERS,
-                  resume: bool = False) -> TrainResult:
-    """Train a fresh (or resumed) LeFusion denoiser of ``config`` on ``rois``; files go to ``out_dir``."""
+                  resume: bool = False, histogram_scale: float = 1.0, cond_drop: float = 0.0) -> TrainResult:
+    """Train a fresh (or resumed) LeFusion denoiser of ``config`` on ``rois``; files go to ``out_dir``.
+    ``histogram_scale`` and ``cond_drop``: see ``LesionLoss`` (the scale is stored for sampling)."""
     check_model_fits(config, len(labels.lesions), roi_size)
-    meta = sampler_meta(labels, roi_size, rois, num_clusters, seed=train_config.seed)
+    loss = LesionLoss(labels.lesions, histogram_scale=histogram_scale, cond_drop=cond_drop)
+    meta = sampler_meta(labels, roi_size, rois, num_clusters, seed=train_config.seed, histogram_scale=histogram_scale)
     torch.manual_seed(train_config.seed)
     model = config.build()
     batch_size = train_config.batch_size
-    return train(model, LesionLoss(labels.lesions), lambda rng: rois.make_batch(rng, batch_size), out_dir, meta,
-                 train_config, resume=resume, num_timesteps=NUM_TIMESTEPS)
+    return train(model, loss, lambda rng: rois.make_batch(rng, batch_size), out_dir, meta, train_config,
+                 resume=resume, num_timesteps=NUM_TIMESTEPS)
 
