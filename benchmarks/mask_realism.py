@@ -7,8 +7,10 @@ the held-out real masks of the lesion volume fraction of the organ, the transmur
 and the mean IoU of each mask to its nearest training mask (aligned on the LV centre; a copy scores 1).
 Target for the learned generator: every KS <= 0.2 and nearest IoU <= 0.7.
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/mask_realism.py --checkpoint RUN/checkpoint_final.pt
---train-dataset RAW/Dataset995_X`` (the raw dataset the generator was trained on).
+Run: ``PYTHONPATH=. .venv/bin/python benchmarks/mask_realism.py [--checkpoint RUN/checkpoint_final.pt]
+--train-dataset RAW/Dataset995_X`` (the raw dataset the generator was trained on; for the shipped generator,
+``nnUNetv2_lefusion_phantom -d 995 -n 60 --seed 1 --fov heart --normal-fraction 0`` makes it, see
+pretrained/README.md).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from nnunet_lefusion.training.roi_data import read_volume
 
 LABELS = LesionLabels.emidec()
 KS_TARGET, IOU_TARGET = 0.2, 0.7
+SHIPPED = Path(__file__).resolve().parents[1] / "pretrained" / "lesion_masks_phantom.pt"
 MEASURES = ("volume fraction", "transmurality", "slices")
 
 
@@ -81,7 +84,8 @@ def generate(generator, hosts: list[np.ndarray], spacings: list, seed: int) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="learned generator (checkpoint_final.pt)")
+    parser.add_argument("--checkpoint", default=str(SHIPPED),
+                        help="learned generator (default: the shipped pretrained/lesion_masks_phantom.pt)")
     parser.add_argument("--train-dataset", required=True, type=Path, help="raw dataset folder it was trained on")
     parser.add_argument("--heldout", type=int, default=100, help="held-out real phantom cases (default 100)")
     parser.add_argument("--seed", type=int, default=2024, help="seed of the held-out cases and the sampling")

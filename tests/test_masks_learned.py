@@ -4,6 +4,7 @@ Uses a real (tiny) phantom raw dataset and a real tiny Unet3D trained for a few 
 but every guarantee of the generator (inside the organ, nested, connected, classes as asked) must hold anyway.
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +16,8 @@ from scipy import ndimage
 from nnunet_lefusion.cli.train_masks import main as train_masks_main
 from nnunet_lefusion.diffusion.sampler import SamplerConfig
 from nnunet_lefusion.errors import LeFusionError
-from nnunet_lefusion.masks import (MaskGenerator, check_lesion_map, host_mask, lesion_region, place_lesions,
-                                   transmurality)
+from nnunet_lefusion.masks import (MaskGenerator, check_lesion_map, fold_lesions, host_mask, lesion_region,
+                                   place_lesions, transmurality)
 from nnunet_lefusion.masks.geometry import myocardial_coordinates
 from nnunet_lefusion.masks.learned import (DepthTarget, LearnedMaskGenerator, MaskModelMeta, assemble_lesion_map,
                                           mask_model_config, train_mask_model)
@@ -231,3 +232,20 @@ def test_cli_trains_resumes_and_reports_errors(dataset, tmp_path, monkeypatch, c
     with pytest.raises(SystemExit) as error:
         train_masks_main([*args, "--steps", "2", "--window", "10", "64", "60"])
     assert error.value.code == 2 and "divisible" in capsys.readouterr().err
+
+
+def test_shipped_generator_draws_valid_calibrated_lesions():
+    """The shipped weights (pretrained/lesion_masks_phantom.pt, float16) load and put lesions on fresh phantom
+    organs: inside, nested, connected, with the drawn control's volume."""
+    shipped = Path(__file__).resolve().parents[1] / "pretrained" / "lesion_masks_phantom.pt"
+    generator = LearnedMaskGenerator.load(shipped, sampler=FAST, batch_size=3)
+    cases = phantom_cases(count=3, seed=11)
+    hosts = [fold_lesions(c.label, EMIDEC) for c in cases]
+    rng = np.random.default_rng(0)
+    for want, want_mvo in (((MI,), False), ((MI, MVO), True)):
+        maps = generator.generate_many(hosts, rng, want, [c.spacing for c in cases])
+        for host, lesion_map in zip(hosts, maps):
+            _assert_valid(host, lesion_map, want_mvo=want_mvo)
+            fraction = (lesion_map > 0).sum() / host_mask(host, EMIDEC).sum()
+            assert min(c.fractions[0] for c in generator.meta.controls) - 0.01 <= fraction \
+                <= max(c.fractions[0] for c in generator.meta.controls) + 0.01
