@@ -116,7 +116,8 @@ def main() -> None:
     generated["copy"] = (train, 0.0, 1.0)
 
     print(f"\n{len(train_maps)} training masks, {args.heldout} held-out real masks, one generated mask per held-out "
-          f"organ; sampler {args.steps} strided steps on {args.device}; calibrated to the control: {not args.uncalibrated}")
+          f"organ; sampler {args.steps} strided steps on {args.device}; "
+          f"calibrated to the control: {not args.uncalibrated}")
     print("real held-out means: " + ", ".join(f"{k} {real.values[k].mean():.3f}" for k in MEASURES)
           + f", MVO in {real.mvo.mean():.0%}; nearest-IoU of held-out real masks to training masks "
             f"{np.mean([nearest_iou(v, train.voxels) for v in real.voxels]):.3f}")

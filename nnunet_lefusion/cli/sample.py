@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", dest="output", required=True, help="output image file")
     parser.add_argument("--checkpoint", required=True, help="sampler checkpoint (checkpoint_final.pt)")
     parser.add_argument("--mode", choices=MODES, default="fast",
-                        help="fast: 45 strided steps, resampled at low noise (128 network evaluations); official: all 300 "
-                             "steps with 5/5 jumps (1,480 evaluations) (default fast)")
+                        help="fast: 45 strided steps, resampled at low noise (128 network evaluations); official: "
+                             "all 300 steps with 5/5 jumps (1,480 evaluations) (default fast)")
     parser.add_argument("--jumps", type=int, nargs=2, metavar=("LENGTH", "RESAMPLINGS"),
                         help="RePaint jump length and resamplings (official 5 5)")
     parser.add_argument("--strided-steps", type=int, help="fast mode: strided timesteps walked (default 45)")

@@ -29,7 +29,8 @@ class SamplerConfig:
     ``strided_steps=None`` walks every timestep with DDPM steps (official). An integer K walks K strided
     timesteps (``spacing_power`` 1: evenly spread; > 1: denser at low noise) with DDIM steps (stochasticity
     ``eta``); the RePaint jumps then count in strided steps. ``jump_below`` < 1 resamples only in that lower
-    fraction of the schedule (low noise). ``precision`` autocasts the network ("fp32", "fp16", "bf16"); ``compile`` wraps it in ``torch.compile``.
+    fraction of the schedule (low noise). ``precision`` autocasts the network ("fp32", "fp16", "bf16");
+    ``compile`` wraps it in ``torch.compile``.
     """
 
     jump_length: int = 5

@@ -211,8 +211,8 @@ class LearnedMaskGenerator:
     ``sampler``: how to walk the reverse process (default: 50 strided DDIM steps, no jumps); ``rotation_jitter``:
     the drawn control's offset turns about the LV centre by up to this many degrees either way; ``calibrate``
     (default): each lesion takes exactly the drawn control's volume and the outer one its transmurality
-    (``assemble_lesion_map``, ``DepthTarget``), otherwise the network's own lesion (score > 0); ``batch_size``: masks sampled
-    together by ``generate_many``.
+    (``assemble_lesion_map``, ``DepthTarget``), otherwise the network's own lesion (score > 0); ``batch_size``:
+    masks sampled together by ``generate_many``.
     """
 
     def __init__(self, model: Unet3D, meta: MaskModelMeta, sampler: SamplerConfig | None = None,
