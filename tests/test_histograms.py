@@ -3,9 +3,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from nnunet_lefusion.diffusion.histograms import (
-    HistogramClusters, choose_condition, class_histogram, cluster_histograms, lesion_histograms,
+    HistogramClusters, choose_condition, class_histogram, cluster_histograms, lesion_histograms, match_histogram,
     perturb_histogram)
 from nnunet_lefusion.errors import LeFusionError
 
@@ -80,3 +81,16 @@ def test_fewer_distinct_histograms_than_clusters_and_official_centres():
     assert official.cond_dim == 32 and len(official.centers) == 1
     with pytest.raises(LeFusionError):
         cluster_histograms(np.zeros((0, 16)), 2)
+
+
+def test_match_histogram_takes_the_target_distribution_and_keeps_the_order():
+    values = torch.from_numpy(np.random.default_rng(0).normal(-0.2, 0.1, 3001)).float()  # grey, narrow
+    target = torch.zeros(16)
+    target[[11, 12, 14]] = torch.tensor([0.2, 0.5, 0.3])  # bright, with an empty bin in between
+    matched = match_histogram(values, target * 7.0)  # the scale of the histogram does not matter
+    np.testing.assert_allclose(class_histogram(matched.numpy()), target.numpy(), atol=1 / 3001)
+    order = torch.argsort(values)
+    assert (torch.diff(matched[order]) >= 0).all()  # the i-th smallest stays the i-th smallest
+    assert matched.dtype == values.dtype and matched.min() >= 0.375 and matched.max() <= 1.0
+    assert torch.equal(match_histogram(values, torch.zeros(16)), values)  # no target: unchanged
+    assert match_histogram(values[:0], target).numel() == 0

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy.stats import spearmanr, wasserstein_distance
 
 from nnunet_lefusion.cli.sample import main as sample_main
 from nnunet_lefusion.errors import LeFusionError
@@ -15,6 +16,7 @@ from nnunet_lefusion.masks.rule_based import RuleBasedMaskGenerator
 from nnunet_lefusion.synthesis.base import RawCase, SynthesisSkipped
 from nnunet_lefusion.synthesis.lefusion import LeFusionSynthesizer, LesionSampler, resynthesize
 from nnunet_lefusion.training.loop import FINAL
+from nnunet_lefusion.training.roi_data import lesion_roi
 from tests.test_train_sampler import dataset, train_tiny  # noqa: F401  (shared fixtures)
 
 # A very short fast-mode walk: 4 strided steps, no resampling -> 4 network evaluations per ROI.
@@ -65,6 +67,28 @@ def test_resynthesize_api_is_seeded_and_keeps_dtype(dataset, checkpoint):
     assert a.dtype == np.float32 and np.array_equal(a, b) and not np.array_equal(a, c)
     assert np.array_equal(a[~lesion], image[~lesion]) and np.array_equal(c[~lesion], image[~lesion])
     assert image.min() <= a.min() and a.max() <= image.max()
+
+
+def test_histogram_matching_takes_the_condition_and_keeps_the_network_pattern(dataset, checkpoint):
+    """The lesion's own histogram as condition: matched lesions get the real intensity distribution back (up to bin
+    width); the untrained network's raw values do not. The voxel order within each class is the network's."""
+    image, label = (sitk.GetArrayFromImage(v) for v in _case(dataset, "Case_P001"))
+    sampler = LesionSampler.load(checkpoint)
+    raw = resynthesize(image, label, sampler, seed=1, histogram="case", histogram_matching=False, **QUICK_KW)
+    matched = resynthesize(image, label, sampler, seed=1, histogram="case", **QUICK_KW)
+    outside = ~np.isin(label, (3, 4))
+    assert np.array_equal(raw[outside], image[outside]) and np.array_equal(matched[outside], image[outside])
+    window = np.zeros(label.shape, dtype=bool)  # lesion voxels outside the small test ROI stay as they are
+    window[lesion_roi(image, label, sampler.labels, sampler.roi_size).spec.overlap()[0]] = True
+    tested = 0
+    for cls in (3, 4):
+        real, before, after = (v[(label == cls) & window].astype(np.float64) for v in (image, raw, matched))
+        if real.size < 20:
+            continue
+        tested += 1
+        assert wasserstein_distance(real, after) < 0.1 * real.std() < wasserstein_distance(real, before)
+        assert spearmanr(before, after).statistic > 0.99
+    assert tested
 
 
 def _raw_case(dataset: Path, name: str) -> RawCase:

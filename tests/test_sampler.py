@@ -1,4 +1,5 @@
 """RePaint sampler with the real tiny denoiser: jump lists, evaluation counts, background, determinism."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from nnunet_lefusion.diffusion.histograms import class_histogram
 from nnunet_lefusion.diffusion.jump import (
     count_evaluations, expected_evaluations, jump_schedule, strided_jump_schedule, strided_timesteps)
 from nnunet_lefusion.diffusion.sampler import RePaintSampler, SamplerConfig
@@ -71,10 +73,12 @@ def case():
     return image, label, spec
 
 
-def _sample(net, spec, image, label, config=SHORT_CONFIG, schedule=SHORT, seed=0, batch=2):
+UNIFORM = torch.full((32,), 1 / 16)
+
+
+def _sample(net, spec, image, label, config=SHORT_CONFIG, schedule=SHORT, seed=0, batch=2, cond=UNIFORM):
     roi = torch.from_numpy(crop_image(image, spec))[None].repeat(batch, 1, 1, 1)
     roi_label = torch.from_numpy(crop(label, spec).astype(np.int64))[None].repeat(batch, 1, 1, 1)
-    cond = torch.full((32,), 1 / 16)
     result = RePaintSampler(net, schedule, config).sample(roi, roi_label, [3, 4], cond,
                                                           torch.Generator().manual_seed(seed))
     return roi, roi_label, result
@@ -127,6 +131,40 @@ def test_strided_walk_of_every_step_matches_official(net, case):
     _, _, ddim = _sample(net, spec, image, label, config=strided, seed=1, batch=1)
     assert ddim.evaluations == official.evaluations
     torch.testing.assert_close(ddim.channels, official.channels, atol=1e-4, rtol=0)
+
+
+def test_histogram_matching_gives_each_class_its_condition(net, case):
+    image, label, spec = case
+    cond = torch.zeros(32)
+    cond[[12, 13]] = torch.tensor([0.25, 0.75])  # infarct: bright; no-reflow: empty block (keeps the network's values)
+    roi, roi_label, result = _sample(net, spec, image, label, cond=cond * 16.0, batch=1)  # scale does not matter
+    infarct, no_reflow = roi_label == 3, roi_label == 4
+    np.testing.assert_allclose(class_histogram(result.matched[infarct].numpy()), cond[:16].numpy(),
+                               atol=1 / int(infarct.sum()))
+    assert torch.equal(result.matched[no_reflow], result.image[no_reflow])
+    assert torch.equal(result.matched[roi_label < 3], roi[roi_label < 3])
+    ranks = torch.argsort(result.image[infarct], stable=True)  # the network's spatial pattern is kept: same voxel order
+    assert (torch.diff(result.matched[infarct][ranks]) >= 0).all()
+    assert RePaintSampler(net, SHORT, SHORT_CONFIG).sample(roi, roi_label, [3, 4]).matched is None
+
+
+def test_classifier_free_guidance(net, case):
+    """w = 0 is the null-condition model, w = 1 the conditional one; other weights cost two evaluations a step."""
+    image, label, spec = case
+    roi, roi_label, null = _sample(net, spec, image, label, config=dataclasses.replace(SHORT_CONFIG, guidance=0.0),
+                                   batch=1)
+    unconditional = RePaintSampler(net, SHORT, SHORT_CONFIG).sample(roi, roi_label, [3, 4], None,
+                                                                     torch.Generator().manual_seed(0))
+    torch.testing.assert_close(null.channels, unconditional.channels, atol=1e-5, rtol=0)
+    _, _, plain = _sample(net, spec, image, label, batch=1)
+    guided_config = dataclasses.replace(SHORT_CONFIG, guidance=3.0)
+    _, _, guided = _sample(net, spec, image, label, config=guided_config, batch=1)
+    assert guided.evaluations == 2 * plain.evaluations == guided_config.evaluations(10)
+    assert not torch.allclose(guided.channels, plain.channels)
+    with pytest.raises(LeFusionError, match="guidance"):
+        RePaintSampler(net, SHORT, guided_config).sample(roi, roi_label, [3, 4])
+    with pytest.raises(LeFusionError):
+        SamplerConfig(guidance=-1.0).validate()
 
 
 @pytest.mark.slow

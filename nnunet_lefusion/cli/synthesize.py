@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mask-generator", default=None,
                         help="new lesion masks for newmask/normal cases: 'rule' or a learned mask-generator checkpoint")
     parser.add_argument("--device", default="cpu", help="device for LeFusion sampling (cpu, cuda)")
+    parser.add_argument("--no-histogram-matching", action="store_true",
+                        help="LeFusion: keep the network's lesion intensities as sampled instead of matching them to "
+                             "the histogram condition")
     args = parser.parse_args(argv)
 
     ctx = DatasetContext(args.dataset, args.configuration, args.fold, args.plans)
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     plan = SynthesisPlan.parse(args.mix, args.target_share, args.candidates) if args.mix or args.target_share else None
     folder, manifest = synthesize_cache(ctx, labels, args.method, args.num_cases, args.seed, args.cache,
                                         args.overwrite, plan, SynthesizerOptions(
-                                            args.checkpoint, args.sampling, args.device, args.mask_generator))
+                                            args.checkpoint, args.sampling, args.device, args.mask_generator,
+                                            not args.no_histogram_matching))
     print(f"{len(manifest.cases)} synthetic cases in {folder}")
     synthetic = manifest.lesion_voxel_totals()
     for name, counts in (("real (training cases)", manifest.real_lesion_voxels), ("synthetic", synthetic)):

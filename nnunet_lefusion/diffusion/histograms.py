@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from nnunet_lefusion.errors import LeFusionError
 
@@ -37,6 +38,25 @@ def lesion_histograms(image: np.ndarray, label: np.ndarray, lesion_labels: Seque
     if image.shape != label.shape:
         raise LeFusionError(f"image {image.shape} and label {label.shape} shapes differ.")
     return np.concatenate([class_histogram(image[label == v], num_bins) for v in lesion_labels])
+
+
+def match_histogram(values: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+    """``values`` (1D) moved onto the distribution of ``hist`` (bins over [-1, 1] as in ``class_histogram``),
+    keeping their order: the i-th smallest value becomes the (i + 1/2)/n quantile of ``hist`` read as uniform
+    within each bin. The histogram need not be normalised; an empty one (sum 0) leaves the values unchanged.
+    """
+    hist = hist.to(values.device, torch.float64).clamp_min(0.0)
+    total = hist.sum()
+    if values.numel() == 0 or not total > 0:
+        return values.clone()
+    num_bins = hist.numel()
+    cdf = torch.cat((hist.new_zeros(1), torch.cumsum(hist / total, 0)))
+    quantiles = (torch.arange(values.numel(), device=values.device, dtype=torch.float64) + 0.5) / values.numel()
+    index = (torch.searchsorted(cdf, quantiles, right=True) - 1).clamp(0, num_bins - 1)
+    within = ((quantiles - cdf[index]) / (hist[index] / total).clamp_min(1e-12)).clamp(0.0, 1.0)
+    out = torch.empty_like(values)
+    out[torch.argsort(values, stable=True)] = (-1.0 + (index + within) * (2.0 / num_bins)).to(values.dtype)
+    return out
 
 
 def perturb_histogram(hist: np.ndarray, rng: np.random.Generator, fraction: float = PERTURB_FRACTION,

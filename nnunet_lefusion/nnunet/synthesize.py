@@ -31,6 +31,7 @@ class SynthesizerOptions:
     mode: str = "fast"
     device: str = "cpu"
     mask_generator: str | None = None  # "rule" or a learned mask-generator checkpoint
+    histogram_matching: bool = True  # lesion intensities take their histogram condition exactly
 
 
 def make_mask_generator(spec: str | None, labels: LesionLabels, device: str) -> MaskGenerator | None:
@@ -59,7 +60,8 @@ def make_synthesizer(method: str, cases: list[RawCase], labels: LesionLabels,
         from nnunet_lefusion.synthesis.lefusion import LeFusionSynthesizer
 
         return LeFusionSynthesizer(options.checkpoint, labels, options.mode, options.device,
-                                   mask_generator=make_mask_generator(options.mask_generator, labels, options.device))
+                                   mask_generator=make_mask_generator(options.mask_generator, labels, options.device),
+                                   histogram_matching=options.histogram_matching)
     raise LeFusionError(f"unknown synthesis method {method!r} (available: {', '.join(METHODS)})")
 
 

@@ -1,7 +1,8 @@
 """LeFusion re-texturing: new lesion textures inside lesion masks, every other voxel kept bit-identical.
 
 One case: ROI around the host organ -> [-1, 1] -> RePaint sampler (official jump schedule or the fast strided
-mode) under a histogram condition -> lesion voxels mapped back to native intensities and dtype and pasted into
+mode) under a histogram condition -> each lesion class histogram-matched to its condition (default; off gives
+the network's textures as sampled) -> lesion voxels mapped back to native intensities and dtype and pasted into
 the native grid. :class:`LeFusionSynthesizer` does this for nnU-Net training cases: on their real lesion masks
 (the paper's P') or, given a mask generator, on generated lesions added to a case (on normal cases: N').
 """
@@ -119,14 +120,16 @@ class LesionSampler:
         """ROI (Z, Y, X) in the network's axis order (and back: the transposition is its own inverse)."""
         return np.ascontiguousarray(np.swapaxes(roi_array, -1, -2)) if self.in_plane_transposed else roi_array
 
-    def resynthesize_many(self, images: Sequence[np.ndarray], label_maps: Sequence[np.ndarray],
-                          rng: np.random.Generator, config: SamplerConfig, histogram: Histogram = "random",
-                          labels: LesionLabels | None = None, batch_size: int = 4) -> list[np.ndarray]:
+    def resynthesize_pairs(self, images: Sequence[np.ndarray], label_maps: Sequence[np.ndarray],
+                           rng: np.random.Generator, config: SamplerConfig, histogram: Histogram = "random",
+                           labels: LesionLabels | None = None,
+                           batch_size: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
         """New lesion textures for several native-grid cases (Z, Y, X), ``batch_size`` ROIs per sampler call.
 
         ``labels`` are the roles of the cases' labels (default: those the sampler was trained with); network
-        channel k re-textures ``labels.lesions[k]``. Returns copies of ``images`` (same dtype) that differ only on
-        lesion voxels inside each case's ROI.
+        channel k re-textures ``labels.lesions[k]``. Returns, per case, two copies of the image (same dtype) that
+        differ from it only on lesion voxels inside the ROI: the network's textures as sampled, and the same
+        textures with each lesion class histogram-matched to its condition (see ``RePaintSampler``).
         """
         labels = labels or self.labels
         if len(labels.lesions) != self.model.config.channels:
@@ -155,24 +158,38 @@ class LesionSampler:
                                     torch.from_numpy(roi_labels).to(self.device), labels.lesions,
                                     torch.from_numpy(np.stack(conds[first:first + batch_size]))
                                     * self.histogram_scale, generator)
-            for item, roi_unit, image in zip(chunk, self._network_axes(result.image.cpu().numpy()), chunk_images):
-                out.append(roi.paste_image(image, roi_unit, np.isin(item.label, labels.lesions), item.spec))
+            sampled, matched = (self._network_axes(r.cpu().numpy()) for r in (result.image, result.matched))
+            for item, image, roi_sampled, roi_matched in zip(chunk, chunk_images, sampled, matched):
+                lesions = np.isin(item.label, labels.lesions)
+                out.append((roi.paste_image(image, roi_sampled, lesions, item.spec),
+                            roi.paste_image(image, roi_matched, lesions, item.spec)))
         return out
+
+    def resynthesize_many(self, images: Sequence[np.ndarray], label_maps: Sequence[np.ndarray],
+                          rng: np.random.Generator, config: SamplerConfig, histogram: Histogram = "random",
+                          labels: LesionLabels | None = None, batch_size: int = 4,
+                          histogram_matching: bool = True) -> list[np.ndarray]:
+        """``resynthesize_pairs``, keeping the histogram-matched copies (or, without ``histogram_matching``,
+        the network's textures as sampled)."""
+        pairs = self.resynthesize_pairs(images, label_maps, rng, config, histogram, labels, batch_size)
+        return [pair[1 if histogram_matching else 0] for pair in pairs]
 
 
 def resynthesize(image: np.ndarray, label: np.ndarray, sampler: LesionSampler | str | Path, mode: str = "fast",
                  histogram: Histogram = "random", seed: int = 0, device: str = "cpu",
                  labels: LesionLabels | None = None, jumps: tuple[int, int] | None = None,
-                 strided_steps: int | None = None) -> np.ndarray:
+                 strided_steps: int | None = None, histogram_matching: bool = True) -> np.ndarray:
     """``image`` (Z, Y, X) with the lesions of ``label`` re-textured; every other voxel is bit-identical.
 
     ``sampler`` is a loaded :class:`LesionSampler` or a checkpoint path. The result keeps the dtype and lies
-    within the image's own intensity range.
+    within the image's own intensity range; ``histogram_matching`` makes each lesion class take the intensity
+    distribution of its histogram condition exactly (see ``LesionSampler.resynthesize_pairs``).
     """
     if not isinstance(sampler, LesionSampler):
         sampler = LesionSampler.load(sampler, device)
     config = sampler_config(mode, jumps, strided_steps)
-    return sampler.resynthesize_many([image], [label], np.random.default_rng(seed), config, histogram, labels)[0]
+    return sampler.resynthesize_many([image], [label], np.random.default_rng(seed), config, histogram, labels,
+                                     histogram_matching=histogram_matching)[0]
 
 
 class LeFusionSynthesizer:
@@ -182,7 +199,7 @@ class LeFusionSynthesizer:
     and ``normal``: generated lesions are drawn onto the target's organ with ``place_lesions``, keeping the lesions
     it already has (so no voxel keeps a lesion texture under an organ label), and every lesion voxel is then
     textured; on a normal case that is the paper's N'. Only channel ``channel`` of a multi-channel image is
-    re-textured.
+    re-textured; ``histogram_matching``: see :func:`resynthesize`.
     """
 
     name = "lefusion"
@@ -190,7 +207,7 @@ class LeFusionSynthesizer:
     def __init__(self, checkpoint: str | Path | LesionSampler, labels: LesionLabels, mode: str = "fast",
                  device: str = "cpu", histogram: Histogram = "random", mask_generator: MaskGenerator | None = None,
                  weights: str = "ema", jumps: tuple[int, int] | None = None, strided_steps: int | None = None,
-                 channel: int = 0, batch_size: int = 4) -> None:
+                 channel: int = 0, batch_size: int = 4, histogram_matching: bool = True) -> None:
         self.sampler = checkpoint if isinstance(checkpoint, LesionSampler) else LesionSampler.load(
             checkpoint, device, weights)
         self.labels = labels
@@ -201,6 +218,7 @@ class LeFusionSynthesizer:
         self.kinds = ("retexture",) if mask_generator is None else KINDS
         self.channel = channel
         self.batch_size = batch_size
+        self.histogram_matching = histogram_matching
 
     def propose(self, target: RawCase, kind: str, rng: np.random.Generator) -> Proposal:
         """The label map of the new case: the target's own (``retexture``) or with generated lesions added."""
@@ -232,13 +250,13 @@ class LeFusionSynthesizer:
         """Render several proposals, ``batch_size`` ROIs per sampler call."""
         images = self.sampler.resynthesize_many([p.target.image[self.channel] for p in proposals],
                                                 [p.seg[0] for p in proposals], rng, self.config, self.histogram,
-                                                self.labels, self.batch_size)
+                                                self.labels, self.batch_size, self.histogram_matching)
         out = []
         for proposal, channel_image in zip(proposals, images):
             image = proposal.target.image.copy()
             image[self.channel] = channel_image
             out.append(Synthetic(proposal.target.with_arrays(image, proposal.seg), {
-                **proposal.provenance, "mode": self.mode,
+                **proposal.provenance, "mode": self.mode, "histogram_matching": self.histogram_matching,
                 "evaluations": self.config.evaluations(self.sampler.schedule.num_steps),
                 "checkpoint": self.sampler.source, "lesion_voxels": lesion_voxel_counts(proposal.seg, self.labels)}))
         return out
