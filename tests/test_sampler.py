@@ -1,5 +1,4 @@
 """RePaint sampler with the real tiny denoiser: jump lists, evaluation counts, background, determinism."""
-import dataclasses
 import json
 from pathlib import Path
 
@@ -146,25 +145,6 @@ def test_histogram_matching_gives_each_class_its_condition(net, case):
     ranks = torch.argsort(result.image[infarct], stable=True)  # the network's spatial pattern is kept: same voxel order
     assert (torch.diff(result.matched[infarct][ranks]) >= 0).all()
     assert RePaintSampler(net, SHORT, SHORT_CONFIG).sample(roi, roi_label, [3, 4]).matched is None
-
-
-def test_classifier_free_guidance(net, case):
-    """w = 0 is the null-condition model, w = 1 the conditional one; other weights cost two evaluations a step."""
-    image, label, spec = case
-    roi, roi_label, null = _sample(net, spec, image, label, config=dataclasses.replace(SHORT_CONFIG, guidance=0.0),
-                                   batch=1)
-    unconditional = RePaintSampler(net, SHORT, SHORT_CONFIG).sample(roi, roi_label, [3, 4], None,
-                                                                     torch.Generator().manual_seed(0))
-    torch.testing.assert_close(null.channels, unconditional.channels, atol=1e-5, rtol=0)
-    _, _, plain = _sample(net, spec, image, label, batch=1)
-    guided_config = dataclasses.replace(SHORT_CONFIG, guidance=3.0)
-    _, _, guided = _sample(net, spec, image, label, config=guided_config, batch=1)
-    assert guided.evaluations == 2 * plain.evaluations == guided_config.evaluations(10)
-    assert not torch.allclose(guided.channels, plain.channels)
-    with pytest.raises(LeFusionError, match="guidance"):
-        RePaintSampler(net, SHORT, guided_config).sample(roi, roi_label, [3, 4])
-    with pytest.raises(LeFusionError):
-        SamplerConfig(guidance=-1.0).validate()
 
 
 @pytest.mark.slow

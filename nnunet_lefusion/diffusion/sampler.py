@@ -31,10 +31,8 @@ class SamplerConfig:
     ``strided_steps=None`` walks every timestep with DDPM steps (official). An integer K walks K strided
     timesteps (``spacing_power`` 1: evenly spread; > 1: denser at low noise) with DDIM steps (stochasticity
     ``eta``); the RePaint jumps then count in strided steps. ``jump_below`` < 1 resamples only in that lower
-    fraction of the schedule (low noise). ``guidance`` w != 1 is classifier-free guidance: eps = eps_null +
-    w (eps_cond - eps_null), two network evaluations per step (needs a network trained with condition dropout;
-    1, the default, is the official conditional model). ``precision`` autocasts the network ("fp32", "fp16",
-    "bf16"); ``compile`` wraps it in ``torch.compile``.
+    fraction of the schedule (low noise). ``precision`` autocasts the network ("fp32", "fp16", "bf16");
+    ``compile`` wraps it in ``torch.compile``.
     """
 
     jump_length: int = 5
@@ -43,7 +41,6 @@ class SamplerConfig:
     eta: float = 0.0
     spacing_power: float = 1.0
     jump_below: float = 1.0
-    guidance: float = 1.0
     precision: str = "fp32"
     compile: bool = False
 
@@ -72,14 +69,7 @@ class SamplerConfig:
             raise LeFusionError(f"eta must be in [0, 1], got {self.eta}.")
         if not 0.0 < self.jump_below <= 1.0:
             raise LeFusionError(f"jump_below must be in (0, 1], got {self.jump_below}.")
-        if self.guidance < 0:
-            raise LeFusionError(f"the guidance weight must be >= 0, got {self.guidance}.")
         return self
-
-    @property
-    def guided(self) -> bool:
-        """Whether each step evaluates the network twice (conditional and null condition)."""
-        return self.guidance != 1.0
 
     def time_list(self, num_steps: int) -> list[int]:
         """The time list (ending at -1) this configuration walks on a schedule of ``num_steps``."""
@@ -89,8 +79,8 @@ class SamplerConfig:
                                      self.spacing_power, self.jump_below)
 
     def evaluations(self, num_steps: int) -> int:
-        """Network evaluations per batch of ROIs (guided steps count twice)."""
-        return count_evaluations(self.time_list(num_steps)) * (2 if self.guided else 1)
+        """Network evaluations per batch of ROIs."""
+        return count_evaluations(self.time_list(num_steps))
 
 
 @dataclass
@@ -120,11 +110,8 @@ class RePaintSampler:
     def _eps(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         dtype = PRECISIONS[self.config.precision]
         with torch.autocast(device_type=x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            eps = self.denoiser(x, t, cond).float()
-            if self.config.guided:
-                eps_null = self.denoiser(x, t, None).float()
-                eps = eps_null + self.config.guidance * (eps - eps_null)
-        return eps
+            eps = self.denoiser(x, t, cond)
+        return eps.float()
 
     def _step_down(self, x: torch.Tensor, x0: torch.Tensor, t: int, s: int,
                    randn: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -165,8 +152,6 @@ class RePaintSampler:
         gt = image.float()[:, None].expand(b, k, *image.shape[1:])
         if cond is not None:
             cond = cond.to(image.device, torch.float32).expand(b, -1) if cond.dim() == 1 else cond.to(image.device)
-        elif self.config.guided:
-            raise LeFusionError("classifier-free guidance needs a condition to guide towards.")
 
         def randn() -> torch.Tensor:
             return torch.randn(gt.shape, generator=generator, device=gt.device, dtype=torch.float32)
@@ -183,7 +168,7 @@ class RePaintSampler:
                 x = torch.where(known, sched.q_sample(gt, tt, randn()), x)
                 x0 = sched.predict_x0_from_eps(x, tt, self._eps(x, tt, cond)).clamp(-1.0, 1.0)
                 x = self._step_down(x, x0, t, s, randn)
-                evaluations += 2 if self.config.guided else 1
+                evaluations += 1
             out = image.clone()
             for c in range(k):
                 out[masks[:, c]] = x[:, c][masks[:, c]].to(out.dtype)

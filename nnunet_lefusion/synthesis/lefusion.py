@@ -116,7 +116,7 @@ class LesionSampler:
                                 "own (--histogram FILE / --own-histogram).")
         return choose_condition(self.clusters, rng, cluster=cluster)
 
-    def _network_axes(self, roi_array: np.ndarray) -> np.ndarray:
+    def network_axes(self, roi_array: np.ndarray) -> np.ndarray:
         """ROI (Z, Y, X) in the network's axis order (and back: the transposition is its own inverse)."""
         return np.ascontiguousarray(np.swapaxes(roi_array, -1, -2)) if self.in_plane_transposed else roi_array
 
@@ -152,13 +152,13 @@ class LesionSampler:
         out = []
         for first in range(0, len(items), batch_size):
             chunk, chunk_images = items[first:first + batch_size], images[first:first + batch_size]
-            roi_images = self._network_axes(np.stack([i.image for i in chunk]))
-            roi_labels = self._network_axes(np.stack([i.label.astype(np.int64) for i in chunk]))
+            roi_images = self.network_axes(np.stack([i.image for i in chunk]))
+            roi_labels = self.network_axes(np.stack([i.label.astype(np.int64) for i in chunk]))
             result = sampler.sample(torch.from_numpy(roi_images).to(self.device),
                                     torch.from_numpy(roi_labels).to(self.device), labels.lesions,
                                     torch.from_numpy(np.stack(conds[first:first + batch_size]))
                                     * self.histogram_scale, generator)
-            sampled, matched = (self._network_axes(r.cpu().numpy()) for r in (result.image, result.matched))
+            sampled, matched = (self.network_axes(r.cpu().numpy()) for r in (result.image, result.matched))
             for item, image, roi_sampled, roi_matched in zip(chunk, chunk_images, sampled, matched):
                 lesions = np.isin(item.label, labels.lesions)
                 out.append((roi.paste_image(image, roi_sampled, lesions, item.spec),

@@ -73,7 +73,8 @@ class LesionLoss:
 
     ``histogram_scale`` multiplies the condition (official: 1, raw histograms whose bins are small next to the
     time embedding); ``cond_drop`` replaces it by the network's learned null condition for that fraction of the
-    batch (official: 0), which teaches the network the unconditional model as well.
+    batch (official: 0), which teaches the network the unconditional model as well (the reference of
+    ``benchmarks/condition_response.py``).
     """
 
     def __init__(self, lesion_labels: Sequence[int], num_timesteps: int = NUM_TIMESTEPS,
