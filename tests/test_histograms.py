@@ -73,6 +73,21 @@ def test_clusters_round_trip_and_choice():
         choose_condition(clusters, np.random.default_rng(0), histogram=[0.5] * 8)
 
 
+def test_random_cluster_has_a_histogram_for_every_class_the_mask_has():
+    infarct_only = np.concatenate([np.eye(16)[12], np.zeros(16)])
+    with_mvo = np.concatenate([np.eye(16)[12], np.eye(16)[3]])
+    clusters = HistogramClusters([infarct_only.tolist(), with_mvo.tolist()], [99, 1])
+    draws = [choose_condition(clusters, np.random.default_rng(seed), present=[True, True], perturb=False)
+             for seed in range(20)]
+    assert all(np.array_equal(d, with_mvo) for d in draws)  # the rare cluster, every time: MVO needs a histogram
+    infarct_draws = [choose_condition(clusters, np.random.default_rng(seed), present=[True, False], perturb=False)
+                     for seed in range(20)]
+    assert sum(np.array_equal(d, infarct_only) for d in infarct_draws) >= 15  # by training counts
+    only_infarct = HistogramClusters([infarct_only.tolist()], [1])  # nothing fits: the draw still succeeds
+    assert np.array_equal(choose_condition(only_infarct, np.random.default_rng(0), present=[True, True],
+                                           perturb=False), infarct_only)
+
+
 def test_fewer_distinct_histograms_than_clusters_and_official_centres():
     same = np.tile(np.eye(16, dtype=np.float32)[3], (5, 1))
     assert len(cluster_histograms(same, n_clusters=4).centers) == 1

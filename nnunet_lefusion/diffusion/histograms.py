@@ -132,12 +132,14 @@ def cluster_histograms(histograms: np.ndarray, n_clusters: int, seed: int = 0) -
 
 
 def choose_condition(clusters: HistogramClusters, rng: np.random.Generator, cluster: int | None = None,
-                     histogram: Sequence[float] | None = None, perturb: bool = True) -> np.ndarray:
+                     histogram: Sequence[float] | None = None, perturb: bool = True,
+                     present: Sequence[bool] | None = None) -> np.ndarray:
     """The condition for one sampling call (float32, cond_dim values).
 
     ``histogram`` given: used as is. ``cluster`` given: that centre. Neither: a cluster drawn with probability
-    proportional to its training count. A chosen centre is perturbed by +-10 % (official) unless ``perturb``
-    is False.
+    proportional to its training count, among those whose histogram is non-empty for every class flagged in
+    ``present`` (the classes the lesion mask has; all clusters if none qualifies), so that no class is textured
+    under an empty histogram. A chosen centre is perturbed by +-10 % (official) unless ``perturb`` is False.
     """
     if histogram is not None:
         hist = np.asarray(histogram, dtype=np.float32)
@@ -146,6 +148,10 @@ def choose_condition(clusters: HistogramClusters, rng: np.random.Generator, clus
         return hist
     if cluster is None:
         p = np.asarray(clusters.counts, dtype=np.float64)
+        if present is not None:
+            blocks = np.asarray(clusters.centers).reshape(len(p), -1, clusters.num_bins).sum(axis=2)
+            fits = (blocks > 0)[:, np.asarray(present, dtype=bool)].all(axis=1)
+            p = p * fits if (p * fits).sum() > 0 else p
         cluster = int(rng.choice(len(p), p=p / p.sum()))
     if not 0 <= cluster < len(clusters.centers):
         raise LeFusionError(f"histogram cluster {cluster} does not exist (there are {len(clusters.centers)}).")

@@ -114,7 +114,8 @@ class LesionSampler:
         if self.clusters is None:
             raise LeFusionError("this checkpoint holds no histogram clusters; give a histogram or use the lesion's "
                                 "own (--histogram FILE / --own-histogram).")
-        return choose_condition(self.clusters, rng, cluster=cluster)
+        return choose_condition(self.clusters, rng, cluster=cluster,
+                                present=[bool((item.label == v).any()) for v in lesion_labels])
 
     def network_axes(self, roi_array: np.ndarray) -> np.ndarray:
         """ROI (Z, Y, X) in the network's axis order (and back: the transposition is its own inverse)."""
