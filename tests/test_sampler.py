@@ -75,11 +75,12 @@ def case():
 UNIFORM = torch.full((32,), 1 / 16)
 
 
-def _sample(net, spec, image, label, config=SHORT_CONFIG, schedule=SHORT, seed=0, batch=2, cond=UNIFORM):
+def _sample(net, spec, image, label, config=SHORT_CONFIG, schedule=SHORT, seed=0, batch=2, cond=UNIFORM,
+            histogram_matching=False):
     roi = torch.from_numpy(crop_image(image, spec))[None].repeat(batch, 1, 1, 1)
     roi_label = torch.from_numpy(crop(label, spec).astype(np.int64))[None].repeat(batch, 1, 1, 1)
     result = RePaintSampler(net, schedule, config).sample(roi, roi_label, [3, 4], cond,
-                                                          torch.Generator().manual_seed(seed))
+                                                          torch.Generator().manual_seed(seed), histogram_matching)
     return roi, roi_label, result
 
 
@@ -136,7 +137,8 @@ def test_histogram_matching_gives_each_class_its_condition(net, case):
     image, label, spec = case
     cond = torch.zeros(32)
     cond[[12, 13]] = torch.tensor([0.25, 0.75])  # infarct: bright; no-reflow: empty block (keeps the network's values)
-    roi, roi_label, result = _sample(net, spec, image, label, cond=cond * 16.0, batch=1)  # scale does not matter
+    roi, roi_label, result = _sample(net, spec, image, label, cond=cond * 16.0, batch=1,  # the scale does not matter
+                                     histogram_matching=True)
     infarct, no_reflow = roi_label == 3, roi_label == 4
     np.testing.assert_allclose(class_histogram(result.matched[infarct].numpy()), cond[:16].numpy(),
                                atol=1 / int(infarct.sum()))
@@ -144,7 +146,9 @@ def test_histogram_matching_gives_each_class_its_condition(net, case):
     assert torch.equal(result.matched[roi_label < 3], roi[roi_label < 3])
     ranks = torch.argsort(result.image[infarct], stable=True)  # the network's spatial pattern is kept: same voxel order
     assert (torch.diff(result.matched[infarct][ranks]) >= 0).all()
-    assert RePaintSampler(net, SHORT, SHORT_CONFIG).sample(roi, roi_label, [3, 4]).matched is None
+    assert _sample(net, spec, image, label, batch=1)[2].matched is None
+    with pytest.raises(LeFusionError, match="histogram matching"):
+        RePaintSampler(net, SHORT, SHORT_CONFIG).sample(roi, roi_label, [3, 4], histogram_matching=True)
 
 
 @pytest.mark.slow

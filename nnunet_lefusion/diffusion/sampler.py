@@ -89,7 +89,7 @@ class SampleResult:
 
     ``image`` (B, D, H, W): input voxels outside the lesions, channel k of ``channels`` on lesion class k.
     ``matched``: ``image`` with each lesion class's voxels histogram-matched to its block of the condition
-    (``match_histogram``; a class whose block is empty keeps the network's values); None without a condition.
+    (``match_histogram``; a class whose block is empty keeps the network's values); None unless asked for.
     ``channels`` (B, K, D, H, W): the final clamped x0 of every channel over the whole ROI.
     """
 
@@ -136,12 +136,14 @@ class RePaintSampler:
         return self.schedule.renoise(x, t, s, noise)
 
     def sample(self, image: torch.Tensor, label: torch.Tensor, lesion_labels: Sequence[int],
-               cond: torch.Tensor | None = None, generator: torch.Generator | None = None) -> SampleResult:
+               cond: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               histogram_matching: bool = False) -> SampleResult:
         """New lesion textures for a batch of ROIs.
 
         ``image`` (B, D, H, W) in [-1, 1]; ``label`` (B, D, H, W) class map; channel k of the network is
         lesion class ``lesion_labels[k]``; ``cond`` (B, cond_dim) or one (cond_dim,) row for the whole batch.
         Voxels outside the lesion classes are returned unchanged (the same values as ``image``).
+        ``histogram_matching``: ``cond`` is one histogram per lesion class; also return the matched image.
         """
         if image.dim() != 4 or image.shape != label.shape:
             raise LeFusionError(f"image {tuple(image.shape)} and label {tuple(label.shape)} must be (B, D, H, W).")
@@ -150,6 +152,8 @@ class RePaintSampler:
         b, k = masks.shape[:2]
         known = ~masks.any(dim=1, keepdim=True)
         gt = image.float()[:, None].expand(b, k, *image.shape[1:])
+        if histogram_matching and (cond is None or cond.shape[-1] % k):
+            raise LeFusionError(f"histogram matching needs a condition of one histogram per lesion class ({k}).")
         if cond is not None:
             cond = cond.to(image.device, torch.float32).expand(b, -1) if cond.dim() == 1 else cond.to(image.device)
 
@@ -172,7 +176,7 @@ class RePaintSampler:
             out = image.clone()
             for c in range(k):
                 out[masks[:, c]] = x[:, c][masks[:, c]].to(out.dtype)
-            matched = None if cond is None else self._match(out, masks, cond)
+            matched = self._match(out, masks, cond) if histogram_matching else None
         return SampleResult(out, matched, x, evaluations)
 
     @staticmethod

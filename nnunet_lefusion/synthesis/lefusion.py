@@ -158,7 +158,7 @@ class LesionSampler:
             result = sampler.sample(torch.from_numpy(roi_images).to(self.device),
                                     torch.from_numpy(roi_labels).to(self.device), labels.lesions,
                                     torch.from_numpy(np.stack(conds[first:first + batch_size]))
-                                    * self.histogram_scale, generator)
+                                    * self.histogram_scale, generator, histogram_matching=True)
             sampled, matched = (self.network_axes(r.cpu().numpy()) for r in (result.image, result.matched))
             for item, image, roi_sampled, roi_matched in zip(chunk, chunk_images, sampled, matched):
                 lesions = np.isin(item.label, labels.lesions)
