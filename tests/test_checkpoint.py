@@ -1,7 +1,6 @@
 """Denoiser checkpoints: our round trip, the official layout both ways, and readable refusals."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +11,12 @@ from nnunet_lefusion.diffusion.schedule import BUFFER_NAMES, CosineSchedule
 from nnunet_lefusion.cli.export import main as export_main
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.model import CheckpointMeta, ModelConfig, load_checkpoint, save_checkpoint
-
-REFERENCE_DIR = Path("/work/shared/lefusion")
+from tests.reference import reference_numbers, tiny_reference
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    return torch.load(REFERENCE_DIR / "tiny_unet3d_reference.pt", weights_only=True)
+    return tiny_reference()
 
 
 @pytest.fixture
@@ -78,7 +76,7 @@ def test_our_file_has_the_official_layout(tmp_path):
 
 
 def test_official_prefixing_rule_gives_the_official_checkpoint_keys():
-    expected = json.loads((REFERENCE_DIR / "lefusion_reference.json").read_text())
+    expected = reference_numbers()
     with torch.device("meta"):
         keys = ModelConfig.from_yaml("official").build().state_dict().keys()
     assert {f"denoise_fn.{k}" for k in keys} | set(BUFFER_NAMES) == set(expected["emidec_diffusion_state_dict_shapes"])

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,17 +10,16 @@ import torch
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.model import ModelConfig, available_configs
 from nnunet_lefusion.model.unet3d import Attention, RelativePositionBias
-
-REFERENCE_DIR = Path("/work/shared/lefusion")
+from tests.reference import reference_numbers, tiny_reference
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    return torch.load(REFERENCE_DIR / "tiny_unet3d_reference.pt", weights_only=True)
+    return tiny_reference()
 
 
 def test_official_config_has_every_official_key_and_shape():
-    expected = json.loads((REFERENCE_DIR / "lefusion_reference.json").read_text())
+    expected = reference_numbers()
     with torch.device("meta"):
         model = ModelConfig.from_yaml("official").build()
     model.load_state_dict({k: torch.empty(v, device="meta") for k, v in

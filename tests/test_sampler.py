@@ -1,6 +1,4 @@
 """RePaint sampler with the real tiny denoiser: jump lists, evaluation counts, background, determinism."""
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +12,9 @@ from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.model import ModelConfig
 from nnunet_lefusion.roi import crop, crop_image, locate_roi, paste_image
+from tests.reference import reference_numbers
 
-REFERENCE = json.loads(Path("/work/shared/lefusion/lefusion_reference.json").read_text())
+REFERENCE = reference_numbers()
 SHORT = CosineSchedule(10)
 SHORT_CONFIG = SamplerConfig.official(jump_length=2, jump_n_sample=2)  # 18 evaluations on 10 steps
 

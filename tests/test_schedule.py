@@ -1,14 +1,13 @@
 """Cosine schedule: buffers against the official reference, and the closed-form operations."""
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from nnunet_lefusion.diffusion.schedule import BUFFER_NAMES, CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
+from tests.reference import reference_numbers
 
-REFERENCE = json.loads(Path("/work/shared/lefusion/lefusion_reference.json").read_text())
+REFERENCE = reference_numbers()
 
 
 @pytest.fixture(scope="module")
