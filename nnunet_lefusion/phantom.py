@@ -7,8 +7,16 @@ bright infarct wedge (subendocardial to transmural) in one coronary territory, s
 
 The anatomy is described in millimetres in a canonical frame centred on the LV at its base (x: towards the
 lateral wall, y: inferior, septum/RV towards -x, anterior wall towards -y). It is sampled with soft edges (voxel
-partial volume) and averaged over sub-slices (slice-thickness partial volume), then blurred, textured, multiplied
-by a coil bias field, given Rician noise and scaled to 12 bits. Labels are taken at voxel centres.
+partial volume), shifted in-plane slice by slice (breath-holds) and averaged over sub-slices (slice-thickness
+partial volume), then blurred, textured and multiplied by a coil bias field. Labels are taken at voxel centres.
+
+Intensities follow Emidec rather than a textbook LGE image: healthy myocardium is mid-grey (36-64 % of the 12-bit
+range) and the contrasts are low, drawn per case in units of the remote myocardium's standard deviation (CNR, see
+``nnunet_lefusion.realism``): blood pool 1.8-4.2, infarct within +-1 of the blood pool (2.2-5.5), no-reflow
+1.0-2.3 and at least 1.1 below the infarct. Infarcts are patchy, and their enhancement fades over a few millimetres
+into the healthy wall. Blood pool, infarct and no-reflow are rendered as enhancement maps over healthy myocardium
+whose amplitudes are solved so that each region's median (noise included) lands on its drawn CNR; spatially
+correlated Rician noise fills the myocardial standard deviation up to its drawn level (4-8 % of the median).
 """
 from __future__ import annotations
 
@@ -26,13 +34,16 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.realism import remote_myocardium
 
 LABELS = {"background": 0, "cavity": 1, "myocardium": 2, "infarction": 3, "no_reflow": 4}
 FOVS = ("thorax", "heart")
 MAX_INTENSITY = 4095
 DEFAULT_NAME = "LeFusionPhantom"
 _SUB_SLICES = 5          # samples through the slice thickness
+_MYOCARDIUM = 1.0        # healthy myocardium: the unit of every other signal level before 12-bit scaling
 _TAU = 2.0 * np.pi
+_MAX_SHIFT = 3.0         # mm: largest in-plane shift of a slice against the others
 # coronary territories: probability, core wall angle (deg; 0 septal, 90 anterior, 180 lateral, 270 inferior),
 # angular half-width (deg), long-axis position of the core (0 base, 1 apex)
 _TERRITORIES = {"LAD": (0.45, (45, 110), (40, 85), (0.45, 0.75)),
@@ -90,12 +101,19 @@ class _Periodic:
 
 @dataclass
 class _Tissue:
-    """Per-case LGE signal levels, relative to the blood pool (1.0)."""
+    """Per-case signal levels relative to healthy myocardium (1.0), the lesion contrasts and the scanner level."""
 
+    level: float          # median of healthy myocardium in the 12-bit image
+    noise: float          # standard deviation of healthy myocardium relative to its median
+    cnr_blood: float      # (median blood pool - median remote myocardium) / sd of the remote myocardium
+    infarct_offset: float  # infarct CNR minus blood-pool CNR
+    no_reflow_place: float  # where no-reflow's CNR lies in its allowed range (0 lowest, 1 highest)
+    patchiness: float     # relative amplitude of the patchy infarct enhancement
+    border: float         # width (mm, FWHM) over which lesion enhancement fades into the healthy wall
+    blood: float
+    rv_blood: float
+    aorta: float
     lung: float
-    myocardium: float
-    infarct: float
-    no_reflow: float
     fat: float
     muscle: float
     liver: float
@@ -103,15 +121,24 @@ class _Tissue:
     marrow: float
     csf: float
     soft: float
-    rv_blood: float
-    aorta: float
+
+    def cnrs(self) -> tuple[float, float, float]:
+        """CNRs of blood pool, infarct and no-reflow."""
+        infarct = float(np.clip(self.cnr_blood + self.infarct_offset, 2.2, 5.5))
+        low, high = 1.0, min(2.3, infarct - 1.1)
+        return self.cnr_blood, infarct, low + self.no_reflow_place * (high - low)
 
     @classmethod
     def sample(cls, rng: np.random.Generator) -> "_Tissue":
         u = rng.uniform
-        return cls(lung=u(0.02, 0.06), myocardium=u(0.03, 0.12), infarct=u(1.25, 1.7), no_reflow=u(0.05, 0.2),
-                   fat=u(0.8, 1.3), muscle=u(0.12, 0.25), liver=u(0.3, 0.5), stomach=u(0.1, 0.4),
-                   marrow=u(0.35, 0.6), csf=u(0.05, 0.15), soft=u(0.15, 0.3), rv_blood=u(0.85, 1.0), aorta=u(0.6, 1.0))
+        level, noise, cnr_blood = u(0.36, 0.64) * MAX_INTENSITY, u(0.04, 0.08), u(1.8, 4.2)
+        blood = _MYOCARDIUM + cnr_blood * noise
+        return cls(level=level, noise=noise, cnr_blood=cnr_blood, infarct_offset=u(-1.0, 1.0),
+                   no_reflow_place=u(0.0, 1.0),
+                   patchiness=u(0.4, 0.8),
+                   border=u(4.0, 8.0), blood=blood, rv_blood=blood * u(0.9, 1.0), aorta=blood * u(0.7, 1.0),
+                   lung=u(0.06, 0.18), fat=min(u(1.6, 2.2), 0.9 * MAX_INTENSITY / level), muscle=u(0.7, 0.95),
+                   liver=u(0.8, 1.1), stomach=u(0.4, 0.9), marrow=u(1.1, 1.5), csf=u(0.3, 0.6), soft=u(0.6, 0.9))
 
 
 @dataclass
@@ -227,7 +254,8 @@ class _Heart:
         return lab
 
     def paint(self, img: np.ndarray, f: dict[str, np.ndarray], t: _Tissue, h: float) -> None:
-        """Paint pericardial fat, RV and LV over ``img`` in place."""
+        """Paint pericardial fat, RV and the LV over ``img`` in place; the LV all as healthy myocardium (its blood
+        pool and lesions are the enhancement maps)."""
         rho, phi, u = f["rho"], f["phi"], f["u"]
         rv_scale = np.sqrt(np.clip(1.0 - (u / self.rv_end) ** 2, 0.0, 1.0))
         a, b = self.rv_size[0] * rv_scale + 1e-3, self.rv_size[1] * rv_scale + 1e-3
@@ -237,18 +265,28 @@ class _Heart:
         fat_width = self.fat * np.clip(1.0 + self.fat_shape(phi), 0.0, None) * (1.5 - 0.5 * u)
         fat = np.maximum(_occ(rho - f["epi"] - fat_width, h), _occ(rv_sd - self.rv_wall - fat_width, h))
         _paint(img, fat * (f["epi_scale"] > 0), t.fat)
-        _paint(img, _occ(rv_sd - self.rv_wall, h), t.myocardium)
+        _paint(img, _occ(rv_sd - self.rv_wall, h), _MYOCARDIUM)
         _paint(img, _occ(rv_sd, h), t.rv_blood)
-        occ = {k: _occ(rho - f[k], h) for k in ("epi", "mi", "mvo", "endo")}
-        img *= 1.0 - occ["epi"]
-        img += (t.myocardium * (occ["epi"] - occ["mi"]) + t.infarct * (occ["mi"] - occ["mvo"])
-                + t.no_reflow * (occ["mvo"] - occ["endo"]) + occ["endo"])
+        _paint(img, _occ(rho - f["epi"], h), _MYOCARDIUM)
+
+    def enhancement_maps(self, f: dict[str, np.ndarray], patches: np.ndarray, t: _Tissue,
+                         h: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where the LV blood pool (papillary muscles spared), infarct and no-reflow are brighter than healthy
+        myocardium (0..1, infarct scaled by ``patches``); the lesions blurred in-plane within the wall by the
+        tissue's border width, so that their enhancement fades into healthy myocardium."""
+        occ = {k: _occ(f["rho"] - f[k], h) for k in ("epi", "mi", "mvo", "endo")}
+        blood = occ["endo"].copy()
         pap_r, *pap_angles = self.papillary
         size = pap_r * np.clip(f["endo"].max(axis=(-2, -1), keepdims=True) / (3.0 * pap_r) - 0.5, 0.0, 1.0)
-        dist = 0.55 * (self.radius - self.wall) * self._profile(u, self.length - self.apex_wall)
+        dist = 0.55 * (self.radius - self.wall) * self._profile(f["u"], self.length - self.apex_wall)
         for angle in pap_angles:
-            sd = np.hypot(f["px"] + dist * np.cos(angle), f["py"] + dist * np.sin(angle)) - size
-            _paint(img, _occ(sd, h), t.myocardium)
+            blood *= 1.0 - _occ(np.hypot(f["px"] + dist * np.cos(angle), f["py"] + dist * np.sin(angle)) - size, h)
+        wall = occ["epi"] - occ["endo"]
+        sigma = (0,) * (wall.ndim - 2) + (t.border / 2.355 / h,) * 2
+        smooth_wall = ndimage.gaussian_filter(wall, sigma) + 1e-6
+        maps = [(occ["mi"] - occ["mvo"]) * patches, occ["mvo"] - occ["endo"]]
+        infarct, no_reflow = (ndimage.gaussian_filter(m * wall, sigma) / smooth_wall * wall for m in maps)
+        return blood, infarct, no_reflow
 
 
 @dataclass
@@ -293,8 +331,8 @@ class _Thorax:
                    stomach=stomach)
 
     def render(self, xc: np.ndarray, yc: np.ndarray, u: np.ndarray, t: _Tissue, h: float) -> np.ndarray:
-        """Signal of the thorax without the heart: (nz, ny, nx) for u of shape (nz, 1, 1)."""
-        img = np.zeros(u.shape[:1] + xc.shape)
+        """Signal of the thorax without the heart: (nz, ny, nx) for coordinates (nz, ny, nx), u (nz, 1, 1)."""
+        img = np.zeros(xc.shape)
         bx, by, a, b = self.body
         dx, dy = xc - bx, yc - by
         theta = np.arctan2(dy, dx)
@@ -331,6 +369,7 @@ class _Grid:
     centre: tuple[float, float]   # FOV centre relative to the base LV centre, image axes (x, y), mm
     angle: float            # in-plane rotation of the anatomy
     transpose: bool         # swapped in-plane axes (orientation differs between Emidec cases)
+    shifts: np.ndarray      # (nz, 2) in-plane shift (mm) of each slice: breath-holds differ
 
     @classmethod
     def sample(cls, rng: np.random.Generator, heart: _Heart, thorax: _Thorax, fov: str) -> "_Grid":
@@ -348,7 +387,8 @@ class _Grid:
             centre = tuple(np.clip(towards_body, -np.maximum(limit, 0), np.maximum(limit, 0)))
         return cls(shape=(nz, ny, nx), spacing=(dz, s, s), u_first=rng.uniform(0.0, 0.1),
                    centre=(float(centre[0]), float(centre[1])), angle=rng.uniform(-0.35, 0.35),
-                   transpose=bool(rng.random() < 0.25))
+                   transpose=bool(rng.random() < 0.25),
+                   shifts=np.clip(rng.normal(0.0, rng.uniform(0.5, 1.5), size=(nz, 2)), -_MAX_SHIFT, _MAX_SHIFT))
 
     def slice_u(self, length: float, offsets: np.ndarray) -> np.ndarray:
         """Long-axis positions of slice centres (plus ``offsets`` in slice thicknesses), shape (nz, len(offsets))."""
@@ -356,12 +396,13 @@ class _Grid:
         return self.u_first + k * self.spacing[0] / length
 
     def canonical(self, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
-        """Canonical (x, y) mm of the voxel centres in a window of the grid."""
+        """Canonical (x, y) mm of the voxel centres in a window of the grid, each slice shifted: (nz, rows, cols)."""
         _, ny, nx = self.shape
         s = self.spacing[2]
         x = (np.arange(nx)[cols] - (nx - 1) / 2) * s + self.centre[0]
         y = (np.arange(ny)[rows] - (ny - 1) / 2) * s + self.centre[1]
         x, y = np.meshgrid(x, y)
+        x, y = x + self.shifts[:, :1, None], y + self.shifts[:, 1:, None]
         c, si = np.cos(self.angle), np.sin(self.angle)
         xc, yc = c * x + si * y, -si * x + c * y
         return (yc, xc) if self.transpose else (xc, yc)
@@ -370,7 +411,7 @@ class _Grid:
         """Rows and columns of the grid within ``extent`` mm of the base LV centre."""
         _, ny, nx = self.shape
         s = self.spacing[2]
-        half = int(np.ceil(extent / s))
+        half = int(np.ceil((extent + _MAX_SHIFT) / s))
         ci = int(round((nx - 1) / 2 - self.centre[0] / s))
         cj = int(round((ny - 1) / 2 - self.centre[1] / s))
         return slice(max(cj - half, 0), min(cj + half + 1, ny)), slice(max(ci - half, 0), min(ci + half + 1, nx))
@@ -381,23 +422,74 @@ def _has_lesion(label: np.ndarray, lesion: _Lesion) -> bool:
     return np.count_nonzero(label == 3) >= 30 and (lesion.mvo_peak == 0 or bool((label == 4).any()))
 
 
-def _finish(rng: np.random.Generator, img: np.ndarray, grid: _Grid, fov: str, label: np.ndarray,
-            xc: np.ndarray, yc: np.ndarray) -> np.ndarray:
-    """Scanner effects: blur, texture, coil bias, Rician noise, zero-filled band, 12-bit scaling."""
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma) -> np.ndarray:
+    """Gaussian-filtered white noise, rescaled to unit standard deviation."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+    return field / field.std()
+
+
+def _rician(signal: np.ndarray, sd: float, noise: np.ndarray) -> np.ndarray:
+    """Magnitude of ``signal`` plus complex noise of standard deviation ``sd`` (``noise``: two unit fields)."""
+    return np.hypot(signal + sd * noise[0], sd * noise[1])
+
+
+def _solve_median(base: np.ndarray, gain: np.ndarray, sd: float, noise: np.ndarray, target: float) -> float:
+    """The amplitude ``a`` for which the median of ``base + a * gain`` with its noise equals ``target``."""
+    def excess(a: float) -> float:
+        return float(np.median(_rician(base + a * gain, sd, noise))) - target
+
+    step = (target - float(np.median(base))) / max(float(np.median(gain)), 0.05)
+    low, high = min(0.0, 2 * step), max(0.0, 2 * step)
+    for _ in range(60):
+        if excess(low) <= 0 <= excess(high):
+            break
+        low, high = 2 * low - high, 2 * high - low
+    for _ in range(40):
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if excess(middle) < 0 else (low, middle)
+    return 0.5 * (low + high)
+
+
+def _contrast(img: np.ndarray, maps: np.ndarray, noise: np.ndarray, label: np.ndarray,
+              spacing: tuple[float, float, float], tissue: _Tissue) -> np.ndarray:
+    """The noisy image, with the enhancement maps (blood pool, infarct, no-reflow) at the amplitudes that give the
+    case's CNRs.
+
+    ``noise`` (two unit-sd fields) is scaled so that the remote myocardium's sd is ``tissue.noise`` of its median
+    (at least 40 % of that sd is noise); the medians are solved with that very noise.
+    """
+    remote, amplitudes = remote_myocardium(label, spacing, (2,), (3, 4)), np.zeros(len(maps))
+    for _ in range(3):
+        clean = img + np.tensordot(amplitudes, maps, 1)
+        level, spread = float(np.median(clean[remote])), float(clean[remote].std())
+        sd = max(np.sqrt(max((tissue.noise * level) ** 2 - spread ** 2, 0.0)), 0.4 * tissue.noise * level)
+        noisy = _rician(clean, sd, noise)
+        level, scale = float(np.median(noisy[remote])), float(noisy[remote].std())
+        for k, (lab, cnr) in enumerate(zip((1, 3, 4), tissue.cnrs())):
+            region = label == lab
+            if region.any():
+                others = img[region] + np.tensordot(amplitudes, maps[:, region], 1) - amplitudes[k] * maps[k][region]
+                amplitudes[k] = _solve_median(others, maps[k][region], sd, noise[:, region], level + cnr * scale)
+    return _rician(img + np.tensordot(amplitudes, maps, 1), sd, noise)
+
+
+def _finish(rng: np.random.Generator, img: np.ndarray, maps: np.ndarray, tissue: _Tissue, grid: _Grid,
+            fov: str, label: np.ndarray, xc: np.ndarray, yc: np.ndarray) -> np.ndarray:
+    """Scanner effects (blur, texture, coil bias), LV contrast, correlated Rician noise, 12-bit level."""
     nz, ny, nx = grid.shape
     s = grid.spacing[2]
-    img = ndimage.gaussian_filter(img, (0, rng.uniform(0.25, 0.5), rng.uniform(0.25, 0.5)))
-    texture = ndimage.gaussian_filter(rng.standard_normal(grid.shape), (0, 3, 3))
-    img *= 1.0 + rng.uniform(0.03, 0.08) * texture / texture.std()
+    psf = (0, rng.uniform(0.25, 0.5), rng.uniform(0.25, 0.5))
+    texture = 1.0 + rng.uniform(0.01, 0.03) * _smooth_noise(rng, grid.shape, (0, 3, 3))
     coil = np.array([rng.uniform(-60, 60), -rng.uniform(60, 120)])
-    gradient = rng.uniform(-0.25, 0.25, size=3)
-    bias = (gradient[0] * xc + gradient[1] * yc) / 100.0 + rng.uniform(0.1, 0.6) * np.exp(
-        -((xc - coil[0]) ** 2 + (yc - coil[1]) ** 2) / (2 * 90.0 ** 2))
-    bias = np.exp(bias[None] + gradient[2] * np.linspace(-0.5, 0.5, nz)[:, None, None])
-    sigma = rng.uniform(0.02, 0.06)
-    img = np.hypot(img * bias + sigma * rng.standard_normal(grid.shape),
-                   sigma * rng.standard_normal(grid.shape))
-    img *= rng.uniform(2800, 3900) / np.percentile(img, 99.9)
+    gradient = rng.uniform(-0.15, 0.15, size=3)
+    bias = (gradient[0] * xc + gradient[1] * yc) / 100.0 + rng.uniform(0.1, 0.4) * np.exp(
+        -((xc - coil[0]) ** 2 + (yc - coil[1]) ** 2) / (2 * 120.0 ** 2))
+    scanner = texture * np.exp(bias + gradient[2] * np.linspace(-0.5, 0.5, nz)[:, None, None])
+    correlation = (0, *rng.uniform(0.5, 0.9, size=2))
+    noise = np.stack([_smooth_noise(rng, grid.shape, correlation) for _ in range(2)])
+    img = _contrast(ndimage.gaussian_filter(img, psf) * scanner, ndimage.gaussian_filter(maps, (0, *psf)) * scanner,
+                    noise, label, grid.spacing, tissue)
+    img *= tissue.level / np.median(img[remote_myocardium(label, grid.spacing, (2,), (3, 4))])
     if fov == "thorax" and rng.random() < 0.3:
         rows, cols = np.nonzero(label.any(axis=0))
         side = int(rng.integers(4))
@@ -434,10 +526,16 @@ def generate_case(rng: np.random.Generator, pathological: bool, fov: str = "thor
     xc, yc = grid.canonical(slice(None), slice(None))
     img = thorax.render(xc, yc, u_centre, tissue, h)
     offsets = (np.arange(_SUB_SLICES) + 0.5) / _SUB_SLICES - 0.5
+    fields = heart.fields(xb[:, None], yb[:, None], grid.slice_u(heart.length, offsets)[..., None, None], h)
     sub = np.repeat(img[:, None, rows, cols], _SUB_SLICES, axis=1)
-    heart.paint(sub, heart.fields(xb, yb, grid.slice_u(heart.length, offsets)[..., None, None], h), tissue, h)
+    heart.paint(sub, fields, tissue, h)
     img[:, rows, cols] = sub.mean(axis=1)
-    image = _finish(rng, img, grid, fov, label, xc, yc)
+    box = (grid.shape[0], 1, *xb.shape[1:])
+    patches = np.clip(1.0 + tissue.patchiness * _smooth_noise(rng, box, (0, 0, 1.5, 1.5)), 0.2, None)
+    maps = np.zeros((3, *grid.shape))
+    for k, enhancement in enumerate(heart.enhancement_maps(fields, patches, tissue, h)):
+        maps[k][:, rows, cols] = enhancement.mean(axis=1)
+    image = _finish(rng, img, maps, tissue, grid, fov, label, xc, yc)
     return PhantomCase(image=image, label=label, spacing=grid.spacing)
 
 
