@@ -34,6 +34,7 @@ setup(
             "nnUNetv2_lefusion_train_masks=nnunet_lefusion.cli.train_masks:main",
             "nnUNetv2_lefusion_export=nnunet_lefusion.cli.export:main",
             "nnUNetv2_lefusion_demo=nnunet_lefusion.cli.demo:main",
+            "nnUNetv2_lefusion_benchmark=nnunet_lefusion.cli.benchmark:main",
         ]
     },
 )

@@ -26,3 +26,16 @@ def cli_main(func: Callable[[list[str] | None], None]) -> Callable[[list[str] | 
         return 0
 
     return wrapper
+
+
+def default_device() -> str:
+    """nnU-Net's rule: CUDA when there is a GPU, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_device_argument(parser) -> None:
+    """``-device`` as in nnU-Net (``--device`` kept as an alias), defaulting to :func:`default_device`."""
+    parser.add_argument("-device", "--device", dest="device", default=None,
+                        help="cpu, cuda or cuda:i (default: cuda when available, else cpu)")

@@ -99,8 +99,6 @@ class TrainConfig:
             raise LeFusionError(f"training setting 'keep_every' must be >= 0, got {self.keep_every}.")
         if not self.lr > 0 or not 0.0 <= self.ema_decay < 1.0:
             raise LeFusionError(f"need lr > 0 and 0 <= ema_decay < 1, got lr {self.lr}, ema_decay {self.ema_decay}.")
-        if self.bf16 and not self.device.startswith("cuda"):
-            raise LeFusionError("bf16 autocast is only offered on CUDA devices.")
         long_run = self.steps >= OFFICIAL_EMA_EVERY * OFFICIAL_EMA_START
         every = self.ema_every if self.ema_every is not None else (
             OFFICIAL_EMA_EVERY if long_run else max(1, self.steps // OFFICIAL_EMA_START))

@@ -1,0 +1,1 @@
+"""Does synthesis help? Segmentation with and without synthetic cases, per case, with error bars."""

@@ -1,0 +1,90 @@
+"""What a benchmark runs: arms (how the training cases are augmented), presets (how long nnU-Net trains) and the
+seeded draw of training cases, with a time estimate."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nnunet_lefusion.errors import LeFusionError
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of training: ``method`` None is the real-only control (rate 0, same trainer code path)."""
+
+    name: str
+    method: str | None
+    mix: str | None = None
+    new_masks: bool = False   # the arm draws new lesion masks (needs a mask generator and a target share)
+
+
+ARMS = {arm.name: arm for arm in (
+    Arm("real", None),
+    Arm("copypaste", "copypaste"),
+    Arm("lefusion", "lefusion", "retexture=1"),
+    Arm("lefusion_masks", "lefusion", "retexture=0.25,newmask=0.25,normal=0.5", new_masks=True),
+)}
+CONTROL = "real"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How each run trains and how much it synthesizes; ``None`` epochs keep nnU-Net's own schedule."""
+
+    name: str
+    arms: tuple[str, ...]
+    seeds: int
+    train_cases: int | None      # None: every training case
+    test_cases: int              # size of the held-out phantom test set
+    synthetic_per_case: float    # synthetic cases per training case and run
+    epochs: int | None
+    iterations: int | None
+    val_iterations: int | None
+    seconds_per_iteration: float  # for the time estimate (3d_fullres on the machine the preset is meant for)
+    seconds_per_synthetic: dict[str, float]
+    describe: str
+
+    @property
+    def short(self) -> bool:
+        """Whether the run uses the short trainer variants (own epoch/iteration counts, no test-time mirroring)."""
+        return self.epochs is not None
+
+
+PRESETS = {p.name: p for p in (
+    Preset("cpu", tuple(ARMS), 3, 20, 40, 1.0, 40, 15, 2, 1.1, {"copypaste": 1.0, "lefusion": 20.0},
+           "2-core CPU: 600 iterations per run on 20 training cases"),
+    Preset("full", tuple(ARMS), 3, None, 40, 2.0, None, None, None, 0.15, {"copypaste": 0.5, "lefusion": 2.0},
+           "nnU-Net's own schedule (1000 epochs x 250 iterations; GPU)"),
+    Preset("tiny", ("real", "copypaste"), 1, 6, 3, 1.0, 1, 4, 1, 1.1, {"copypaste": 1.0, "lefusion": 20.0},
+           "smoke test: a few iterations"),
+)}
+
+
+def parse_arms(text: str | None, preset: Preset) -> tuple[str, ...]:
+    """Arm names from ``--arms a,b`` (default: the preset's); the control always comes first."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(","))) if text else preset.arms
+    unknown = [n for n in names if n not in ARMS]
+    if unknown or not names:
+        raise LeFusionError(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+    return (CONTROL, *[n for n in names if n != CONTROL])
+
+
+def draw_training_cases(pool: list[str], count: int | None, seed: int) -> list[str]:
+    """The same seeded draw of ``count`` cases for every arm of a seed (all of ``pool`` if ``count`` is None)."""
+    if count is None or count >= len(pool):
+        return sorted(pool)
+    rng = np.random.default_rng([seed, 7919])
+    return sorted(str(c) for c in rng.choice(sorted(pool), size=count, replace=False))
+
+
+def estimate_seconds(preset: Preset, arms: tuple[str, ...], seeds: int, train_cases: int) -> float:
+    """A rough duration of all runs: training iterations plus synthesis."""
+    iterations = (preset.epochs * preset.iterations) if preset.short else 1000 * 250
+    per_seed = 0.0
+    for name in arms:
+        arm = ARMS[name]
+        per_seed += iterations * preset.seconds_per_iteration + 60
+        if arm.method:
+            per_seed += train_cases * preset.synthetic_per_case * preset.seconds_per_synthetic[arm.method]
+    return per_seed * seeds

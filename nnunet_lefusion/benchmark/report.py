@@ -1,0 +1,129 @@
+"""Benchmark outputs: summary.json, a CSV of every per-case figure, a Markdown table and a PNG."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_lefusion.benchmark.metrics import Structure
+from nnunet_lefusion.benchmark.plan import CONTROL
+from nnunet_lefusion.benchmark.runner import table
+from nnunet_lefusion.benchmark.stats import bootstrap, paired
+from nnunet_lefusion.nnunet.cache import atomic_write_text
+
+
+def figure_keys(scored: list[Structure], detected: list[Structure]) -> list[str]:
+    """Every summarised figure: Dice on cases with the structure, Dice by the Emidec convention, HD95, and
+    lesion-wise sensitivity and false positives per case."""
+    keys = [f"{kind}_{s.key}{suffix}" for s in scored
+            for kind, suffix in (("dice", ""), ("dice", "_emidec"), ("hd95", ""))]
+    return keys + [f"{kind}_{s.key}" for s in detected for kind in ("sensitivity", "false")]
+
+
+def with_detection_rates(results: list[dict], detected: list[Structure]) -> list[dict]:
+    """Add per-case sensitivity (found / reference lesions; NaN without lesions) to every row."""
+    for r in results:
+        for row in r["cases"]:
+            for s in detected:
+                lesions = row[f"lesions_{s.key}"]
+                row[f"sensitivity_{s.key}"] = row[f"found_{s.key}"] / lesions if lesions else float("nan")
+    return results
+
+
+def summarise(results: list[dict], arms: tuple[str, ...], seeds: int, keys: list[str], cv: bool) -> dict:
+    """Per figure: each arm's mean with its interval, and each arm's paired difference to the control."""
+    summary = {}
+    for key in keys:
+        _, values = table(results, key, arms, seeds)
+        if cv:   # one test per case: its fold's value
+            values = {arm: np.nanmean(v, axis=1, keepdims=True) if np.isfinite(v).any() else v[:, :1]
+                      for arm, v in values.items()}
+        summary[key] = {arm: {"estimate": bootstrap(values[arm]).to_dict(),
+                              **({} if arm == CONTROL else
+                                 {"vs_" + CONTROL: paired(values[arm], values[CONTROL]).to_dict()})}
+                        for arm in arms}
+    return summary
+
+
+def write_csv(results: list[dict], path: Path) -> None:
+    """One row per arm, seed and test case with every figure."""
+    rows = [{"arm": r["arm"], "seed": r["seed"], **row} for r in results for row in r["cases"]]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _cell(estimate: dict, digits: int = 3) -> str:
+    if estimate["mean"] is None:
+        return "-"
+    return f"{estimate['mean']:.{digits}f} [{estimate['low']:.{digits}f}, {estimate['high']:.{digits}f}]"
+
+
+def markdown(summary: dict, arms: tuple[str, ...], keys: list[str]) -> str:
+    """Arms as rows; per figure the mean [95 % CI]; and the paired difference to the control with its p-value."""
+    lines = ["| arm | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for arm in arms:
+        lines.append(f"| {arm} | " + " | ".join(_cell(summary[k][arm]["estimate"]) for k in keys) + " |")
+    for arm in arms[1:]:
+        cells = []
+        for k in keys:
+            diff = summary[k][arm]["vs_" + CONTROL]
+            cells.append("-" if diff["mean"] is None else f"{diff['mean']:+.3f} [{diff['low']:+.3f}, "
+                         f"{diff['high']:+.3f}] p={diff['p']:.3f}")
+        lines.append(f"| {arm} - {CONTROL} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_png(summary: dict, results: list[dict], arms: tuple[str, ...], scored: list[Structure], path: Path) -> None:
+    """Left: Dice per structure and arm with 95 % intervals; right: nnU-Net's pseudo Dice per epoch per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(arms)
+    for i, arm in enumerate(arms):
+        estimates = [summary[f"dice_{s.key}"][arm]["estimate"] for s in scored]
+        means = np.array([e["mean"] if e["mean"] is not None else np.nan for e in estimates])
+        errors = np.array([[m - (e["low"] if e["low"] is not None else m) for m, e in zip(means, estimates)],
+                           [(e["high"] if e["high"] is not None else m) - m for m, e in zip(means, estimates)]])
+        bars.bar(np.arange(len(scored)) + i * width, means, width, yerr=errors, capsize=3, label=arm)
+        runs = [r["curves"].get("ema_fg_dice", []) for r in results if r["arm"] == arm and r["curves"]]
+        if runs:
+            length = min(map(len, runs))
+            curves.plot(np.mean([c[:length] for c in runs], axis=0), label=arm)
+    bars.set_xticks(np.arange(len(scored)) + 0.4 - width / 2, [s.key for s in scored])
+    bars.set_ylabel("Dice (cases with the structure), mean and 95 % CI")
+    bars.set_ylim(0, 1)
+    bars.legend()
+    curves.set_xlabel("epoch")
+    curves.set_ylabel("nnU-Net pseudo Dice (EMA), mean over seeds")
+    curves.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_outputs(out: Path, info: dict, results: list[dict], arms: tuple[str, ...], seeds: int,
+                  scored: list[Structure], detected: list[Structure], cv: bool) -> str:
+    """summary.json, per_case.csv, table.md and benchmark.png in ``out``; returns the Markdown table."""
+    results = with_detection_rates(results, detected)
+    keys = figure_keys(scored, detected)
+    summary = summarise(results, arms, seeds, keys, cv)
+    headline = [k for k in keys if k.startswith("dice_") and not k.endswith("_emidec")] + \
+        [k for k in keys if k.startswith(("sensitivity_", "false_"))]
+    text = markdown(summary, arms, headline)
+    atomic_write_text(out / "summary.json", json.dumps({**info, "figures": summary}, indent=1))
+    write_csv(results, out / "per_case.csv")
+    atomic_write_text(out / "table.md", text)
+    write_png(summary, results, arms, scored, out / "benchmark.png")
+    return text

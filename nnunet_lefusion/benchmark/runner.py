@@ -1,0 +1,247 @@
+"""Run a benchmark: per arm and seed, the arm's cache from that seed's training cases, nnU-Net training through the
+LeFusion trainer, nnU-Net's predictor on the test cases, and the per-case figures; every stage resumable.
+
+Layout of the output folder ``OUT``::
+
+    nnUNet_preprocessed/<Dataset>/   links to the dataset's preprocessed files + this benchmark's splits_final.json
+                                     (fold k = seed k's training cases), so the user's split is never touched
+    test/                            the held-out test set (a phantom made with another seed), or links to the
+                                     validation images of each fold (--cv)
+    runs/<arm>/seed_<k>/             cache/, nnUNet_results/, predictions/, log.txt and metrics.json (run done)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nnunet_lefusion.benchmark.metrics import Structure, case_figures
+from nnunet_lefusion.benchmark.plan import ARMS, Arm, Preset, draw_training_cases
+from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.labels import LesionLabels
+from nnunet_lefusion.nnunet.cache import atomic_write_text
+from nnunet_lefusion.nnunet.context import DatasetContext
+from nnunet_lefusion.phantom import write_dataset
+from nnunet_lefusion.training.roi_data import read_volume
+
+METRICS_FILE = "metrics.json"
+_OWN_FILES = {"splits_final.json", "lefusion_cache", "lefusion.yaml"}
+
+
+@dataclass
+class Setup:
+    """Everything the runs share."""
+
+    ctx: DatasetContext          # the training dataset, read through the real nnUNet_preprocessed
+    out: Path
+    preset: Preset
+    arms: tuple[str, ...]
+    seeds: int
+    train_cases: int | None
+    rate: float
+    device: str
+    cv: bool
+    roles: LesionLabels
+    scored: list[Structure]
+    detected: list[Structure]
+    generator_args: dict[str, list[str]] = field(default_factory=dict)   # synthesize flags per arm
+    splits: list[dict] = field(default_factory=list)     # fold k: {"train": [...], "val": [...], "test": [...]}
+    test_images: dict[str, Path] = field(default_factory=dict)   # case -> folder holding its image(s)
+    test_labels: dict[str, Path] = field(default_factory=dict)
+
+
+def _link_preprocessed(ctx: DatasetContext, target: Path) -> None:
+    """Mirror the dataset's preprocessed folder by symbolic links (our split file is the one real file)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in ctx.preprocessed_folder.iterdir():
+        link = target / entry.name
+        if entry.name not in _OWN_FILES and not link.exists():
+            link.symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+
+
+def _phantom_test_set(ctx: DatasetContext, out: Path, count: int) -> Path:
+    """A held-out phantom test set: the training phantom's field of view, drawn with another seed."""
+    origin = ctx.dataset_json.get("lefusion_phantom")
+    if origin is None:
+        raise LeFusionError(f"{ctx.dataset} is not a LeFusion phantom: give a test set with --test-dataset ID, or "
+                            "use nnU-Net's cross-validation folds with --cv")
+    folder = out / "test"
+    made = list(folder.glob("Dataset*/dataset.json"))
+    if made:
+        return made[0].parent
+    return write_dataset(int(ctx.dataset[7:10]), count, origin["seed"] + 1000, folder, name="HeldOutTest",
+                         fov=origin["fov"], normal_fraction=origin["normal_fraction"])
+
+
+def _raw_pairs(raw: Path) -> dict[str, tuple[Path, Path]]:
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    files = get_filenames_of_train_images_and_targets(str(raw), json.loads((raw / "dataset.json").read_text()))
+    return {k: (Path(v["images"][0]).parent, Path(v["label"])) for k, v in files.items()}
+
+
+def prepare(setup: Setup, test_dataset: Path | None) -> None:
+    """Splits, the linked preprocessed folder and the test cases (idempotent)."""
+    ctx, out = setup.ctx, setup.out
+    pool = sorted(p.stem for p in ctx.data_folder.glob("*.pkl"))
+    if setup.cv:
+        splits = [dict(zip(("train", "val"), DatasetContext(ctx.dataset, ctx.configuration, k,
+                                                              ctx.plans_identifier).split)) for k in range(setup.seeds)]
+        for k, split in enumerate(splits):
+            split["train"] = draw_training_cases(split["train"], setup.train_cases, k)
+            split["test"] = split["val"]
+        pairs = _raw_pairs(ctx.raw_folder)
+    else:
+        test_raw = test_dataset or _phantom_test_set(ctx, out, setup.preset.test_cases)
+        pairs = _raw_pairs(test_raw)
+        splits = []
+        for k in range(setup.seeds):
+            train = draw_training_cases(pool, setup.train_cases, k)
+            rest = [c for c in pool if c not in train]
+            if not rest:
+                raise LeFusionError(f"--train-cases {setup.train_cases} leaves no case of {len(pool)} for nnU-Net's "
+                                    "validation; use fewer")
+            splits.append({"train": train, "val": rest[:5], "test": sorted(pairs)})
+    setup.splits = splits
+    setup.test_images = {c: pairs[c][0] for s in splits for c in s["test"]}
+    setup.test_labels = {c: pairs[c][1] for s in splits for c in s["test"]}
+    linked = out / "nnUNet_preprocessed" / ctx.dataset
+    _link_preprocessed(ctx, linked)
+    atomic_write_text(linked / "splits_final.json",
+                      json.dumps([{"train": s["train"], "val": s["val"]} for s in splits], indent=1))
+
+
+class Run:
+    """One arm trained with one seed's training cases."""
+
+    def __init__(self, setup: Setup, arm: Arm, seed: int):
+        self.setup, self.arm, self.seed = setup, arm, seed
+        self.folder = setup.out / "runs" / arm.name / f"seed_{seed}"
+        self.trainer = ("nnUNetTrainerLeFusion_r000" if arm.method is None else "nnUNetTrainerLeFusion") + (
+            "_short" if setup.preset.short else "")
+
+    @property
+    def done(self) -> bool:
+        return (self.folder / METRICS_FILE).is_file()
+
+    def env(self) -> dict[str, str]:
+        preset = self.setup.preset
+        env = {**os.environ, "nnUNet_preprocessed": str(self.setup.out / "nnUNet_preprocessed"),
+               "nnUNet_results": str(self.folder / "nnUNet_results"), "LEFUSION_CACHE": str(self.folder / "cache"),
+               "LEFUSION_RATE": "0" if self.arm.method is None else str(self.setup.rate),
+               "LEFUSION_MODE": "cache", "nnUNet_compile": "false"}
+        env.pop("LEFUSION_CONFIG", None)
+        if preset.short:
+            env.update(LEFUSION_EPOCHS=str(preset.epochs), LEFUSION_ITERS=str(preset.iterations),
+                       LEFUSION_VAL_ITERS=str(preset.val_iterations))
+        return env
+
+    def _call(self, stage: str, cmd: list[str]) -> None:
+        tool = Path(sys.executable).parent / cmd[0]
+        with (self.folder / "log.txt").open("a") as log:
+            log.write(f"\n=== {stage}: {' '.join(cmd)}\n")
+            log.flush()
+            result = subprocess.run([str(tool) if tool.exists() else cmd[0], *cmd[1:]], env=self.env(),
+                                    stdout=log, stderr=subprocess.STDOUT)
+        if result.returncode != 0:
+            raise LeFusionError(f"{self.arm.name} seed {self.seed}: {stage} failed (exit {result.returncode}); "
+                                f"see {self.folder / 'log.txt'}")
+
+    def _stage_done(self, stage: str) -> bool:
+        return (self.folder / f"{stage}.done").is_file()
+
+    def _mark(self, stage: str) -> None:
+        atomic_write_text(self.folder / f"{stage}.done", "")
+
+    def execute(self, progress: tqdm) -> None:
+        """Every stage not yet done; a stage interrupted before its marker starts again from scratch (training
+        continues from nnU-Net's latest checkpoint)."""
+        ctx, preset = self.setup.ctx, self.setup.preset
+        self.folder.mkdir(parents=True, exist_ok=True)
+        dataset, fold = str(ctx.dataset), str(self.seed)
+        if self.arm.method and not self._stage_done("cache"):
+            progress.set_postfix_str(f"{self.arm.name} seed {self.seed}: synthesize")
+            count = max(1, round(len(self.setup.splits[self.seed]["train"]) * preset.synthetic_per_case))
+            self._call("synthesize", ["nnUNetv2_lefusion_synthesize", "-d", dataset, "-c", ctx.configuration,
+                                      "-f", fold, "-p", ctx.plans_identifier, "--method", self.arm.method,
+                                      "-n", str(count), "--seed", fold, "--cache", str(self.folder / "cache"),
+                                      "--overwrite", *self.setup.generator_args.get(self.arm.name, [])])
+            self._mark("cache")
+        if not self._stage_done("train"):
+            progress.set_postfix_str(f"{self.arm.name} seed {self.seed}: train")
+            resume = ["--c"] if any((self.folder / "nnUNet_results").rglob("checkpoint_latest.pth")) else []
+            self._call("train", ["nnUNetv2_train", dataset, ctx.configuration, fold, "-tr", self.trainer,
+                                 "-p", ctx.plans_identifier, "-device", self.setup.device, *resume])
+            self._mark("train")
+        progress.set_postfix_str(f"{self.arm.name} seed {self.seed}: predict")
+        predictions = self._predict()
+        rows = []
+        for case in self.setup.splits[self.seed]["test"]:
+            reference, header = read_volume(self.setup.test_labels[case])
+            predicted, _ = read_volume(predictions / f"{case}{ctx.dataset_json['file_ending']}")
+            rows.append({"case": case, **case_figures(reference, predicted, header.GetSpacing()[::-1],
+                                                      self.setup.scored, self.setup.detected)})
+        atomic_write_text(self.folder / METRICS_FILE, json.dumps({
+            "arm": self.arm.name, "seed": self.seed, "trainer": self.trainer,
+            "training_cases": self.setup.splits[self.seed]["train"], "cases": rows, "curves": self.curves()}))
+
+    def _predict(self) -> Path:
+        """nnU-Net's predictor on this seed's test cases, into a fresh folder renamed when complete."""
+        ctx = self.setup.ctx
+        final, partial = self.folder / "predictions", self.folder / "predictions.partial"
+        if final.is_dir():
+            return final
+        shutil.rmtree(partial, ignore_errors=True)
+        inputs = self.folder / "test_images"
+        shutil.rmtree(inputs, ignore_errors=True)
+        inputs.mkdir()
+        for case in self.setup.splits[self.seed]["test"]:
+            for image in self.setup.test_images[case].glob(f"{case}_[0-9][0-9][0-9][0-9]*"):
+                (inputs / image.name).symlink_to(image.resolve())
+        self._call("predict", ["nnUNetv2_predict", "-i", str(inputs), "-o", str(partial), "-d", str(ctx.dataset),
+                               "-c", ctx.configuration, "-f", str(self.seed), "-tr", self.trainer,
+                               "-p", ctx.plans_identifier, "-device", self.setup.device, "-npp", "1", "-nps", "1"]
+                   + (["--disable_tta"] if self.setup.preset.short else []))
+        partial.rename(final)
+        shutil.rmtree(inputs)
+        return final
+
+    def curves(self) -> dict[str, list[float]]:
+        """nnU-Net's logged training loss, validation loss and pseudo Dice per epoch."""
+        import torch
+
+        found = sorted((self.folder / "nnUNet_results").rglob("checkpoint_final.pth"))
+        if not found:
+            return {}
+        logging = torch.load(found[0], map_location="cpu", weights_only=False).get("logging", {})
+        return {k: [float(v) for v in logging.get(k, [])] for k in ("train_losses", "val_losses", "ema_fg_dice")}
+
+
+def execute_all(setup: Setup) -> list[dict]:
+    """Every run (finished ones skipped) with a progress bar; returns the metrics of all runs."""
+    runs = [Run(setup, ARMS[name], seed) for seed in range(setup.seeds) for name in setup.arms]
+    with tqdm(runs, desc="benchmark runs", unit="run", initial=0) as progress:
+        for run in progress:
+            if not run.done:
+                run.execute(progress)
+    return [json.loads((run.folder / METRICS_FILE).read_text()) for run in runs]
+
+
+def table(results: list[dict], key: str, arms: tuple[str, ...], seeds: int) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(test cases, arm -> (cases x seeds) values of one figure; NaN where missing). In --cv every case is tested
+    by one fold only, so each lands in its fold's column and the other columns stay NaN."""
+    cases = sorted({row["case"] for r in results for row in r["cases"]})
+    index = {c: i for i, c in enumerate(cases)}
+    values = {arm: np.full((len(cases), seeds), np.nan) for arm in arms}
+    for r in results:
+        for row in r["cases"]:
+            value = row.get(key)
+            values[r["arm"]][index[row["case"]], r["seed"]] = np.nan if value is None else value
+    return cases, values

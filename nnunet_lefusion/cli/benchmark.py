@@ -1,0 +1,121 @@
+"""``nnUNetv2_lefusion_benchmark``: nnU-Net segmentation with and without synthetic lesion cases, with error bars.
+
+Per arm and seed: the seed's draw of training cases (the same for every arm), the arm's synthetic cache made from
+those cases only, nnU-Net trained through the LeFusion trainer (the real-only arm is nnUNetTrainerLeFusion_r000,
+the same code path at rate 0), nnU-Net's predictor on a test set no generator or model has seen (default: a
+held-out phantom made with another seed; --cv: each fold's validation cases), and per-case Dice, HD95 and
+lesion-wise detection. Re-running the command resumes: finished runs are skipped, an interrupted one restarts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from nnunet_lefusion.benchmark.metrics import structures
+from nnunet_lefusion.benchmark.plan import ARMS, PRESETS, estimate_seconds, parse_arms
+from nnunet_lefusion.benchmark.report import write_outputs
+from nnunet_lefusion.benchmark.runner import Setup, execute_all, prepare
+from nnunet_lefusion.cli.common import add_device_argument, cli_main, default_device
+from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.labels import resolve_lesion_labels
+from nnunet_lefusion.nnunet.context import DatasetContext, dataset_name, env_folder
+
+SHIPPED_MASKS = Path(__file__).resolve().parents[2] / "pretrained" / "lesion_masks_phantom.pt"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnUNetv2_lefusion_benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-d", dest="dataset", required=True, help="training dataset (name or id), preprocessed")
+    parser.add_argument("-c", dest="configuration", default="3d_fullres", help="configuration (default 3d_fullres)")
+    parser.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    parser.add_argument("-o", dest="output", required=True, help="output folder (resumable)")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="cpu",
+                        help="; ".join(f"{p.name}: {p.describe}" for p in PRESETS.values()) + " (default cpu)")
+    parser.add_argument("--arms", help=f"comma-separated arms among {', '.join(ARMS)} (default: the preset's)")
+    parser.add_argument("--seeds", type=int, help="seeds (= training-case draws; --cv: folds) (default: preset's)")
+    parser.add_argument("--train-cases", type=int, help="training cases drawn per seed (default: the preset's)")
+    test = parser.add_mutually_exclusive_group()
+    test.add_argument("--test-dataset", help="raw test dataset (name or id) never used for training anything")
+    test.add_argument("--cv", action="store_true", help="test on each fold's validation cases instead")
+    parser.add_argument("--rate", type=float, default=0.5, help="synthetic rate of the synthesis arms (default 0.5)")
+    parser.add_argument("--sampler", help="LeFusion sampler checkpoint for the lefusion arms")
+    parser.add_argument("--mask-generator", default=None,
+                        help="new lesion masks for lefusion_masks: 'rule' or a checkpoint (default: the shipped "
+                             "learned generator for Emidec-like labels, else 'rule')")
+    parser.add_argument("--target-share", default=None,
+                        help="lefusion_masks: wanted share of the rarest lesion label among synthetic lesion voxels "
+                             "(default <innermost lesion label>=0.3)")
+    add_device_argument(parser)
+    return parser
+
+
+def generator_args(args: argparse.Namespace, arms: tuple[str, ...], innermost: int, emidec: bool) -> dict:
+    """synthesize flags of every LeFusion arm, checked before anything runs."""
+    flags = {}
+    for name in arms:
+        arm = ARMS[name]
+        if arm.method != "lefusion":
+            continue
+        if not args.sampler or not Path(args.sampler).is_file():
+            raise LeFusionError(f"arm {name} needs a sampler checkpoint: --sampler FILE "
+                                f"({'not found: ' + args.sampler if args.sampler else 'none given'})")
+        flags[name] = ["--checkpoint", args.sampler, "--mix", arm.mix]
+        if arm.new_masks:
+            masks = args.mask_generator or (str(SHIPPED_MASKS) if emidec else "rule")
+            if masks != "rule" and not Path(masks).is_file():
+                raise LeFusionError(f"mask generator {masks} not found")
+            flags[name] += ["--mask-generator", masks, "--target-share", args.target_share or f"{innermost}=0.3"]
+    return flags
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    preset = PRESETS[args.preset]
+    arms = parse_arms(args.arms, preset)
+    seeds = args.seeds or preset.seeds
+    train_cases = args.train_cases or preset.train_cases
+    if seeds < 1 or (train_cases is not None and train_cases < 1) or not 0.0 < args.rate <= 1.0:
+        raise LeFusionError("need --seeds >= 1, --train-cases >= 1 and 0 < --rate <= 1")
+    env_folder("nnUNet_raw")
+    ctx = DatasetContext(args.dataset, args.configuration, 0, args.plans)
+    if args.cv and seeds > 5:
+        raise LeFusionError("--cv runs nnU-Net's 5 folds at most: --seeds <= 5")
+    roles = resolve_lesion_labels(ctx.dataset_json)
+    names = {v: k for k, v in ctx.dataset_json["labels"].items() if isinstance(v, int)}
+    emidec = roles.lesions == (3, 4) and roles.organ == (2,)
+    scored = structures(roles, names)
+    test_raw = None
+    if args.test_dataset:
+        test_raw = env_folder("nnUNet_raw") / dataset_name(args.test_dataset)
+        if test_raw.name == ctx.dataset:
+            raise LeFusionError("the test dataset must not be the training dataset (or use --cv)")
+    setup = Setup(ctx=ctx, out=Path(args.output).resolve(), preset=preset, arms=arms, seeds=seeds,
+                  train_cases=train_cases, rate=args.rate, device=args.device or default_device(), cv=args.cv,
+                  roles=roles, scored=scored, detected=[s for s in scored if len(s.labels) == 1],
+                  generator_args=generator_args(args, arms, roles.lesions[-1], emidec))
+    print(f"benchmark {ctx.dataset} {ctx.configuration}, preset {preset.name} ({preset.describe}): arms "
+          f"{', '.join(arms)} x {seeds} seed(s) = {len(arms) * seeds} runs, "
+          f"{train_cases or 'all'} training cases per seed, rate {args.rate}, device {setup.device}")
+    estimate = estimate_seconds(preset, arms, seeds, train_cases or len(list(ctx.data_folder.glob('*.pkl'))))
+    print(f"estimated time: {estimate / 3600:.1f} h on the machine the preset is meant for; output {setup.out}")
+    start = time.time()
+    setup.out.mkdir(parents=True, exist_ok=True)
+    prepare(setup, test_raw)
+    results = execute_all(setup)
+    info = {"command": "nnUNetv2_lefusion_benchmark " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "dataset": ctx.dataset, "configuration": ctx.configuration, "preset": preset.name, "arms": list(arms),
+            "seeds": seeds, "train_cases": train_cases, "rate": args.rate, "cv": args.cv,
+            "test_cases": sorted({c for s in setup.splits for c in s["test"]}),
+            "splits": setup.splits, "seconds_this_call": round(time.time() - start, 1)}
+    text = write_outputs(setup.out, info, results, arms, seeds, scored, setup.detected, args.cv)
+    print("\n" + text)
+    print(f"outputs: {setup.out}/summary.json, per_case.csv, table.md, benchmark.png")
+    rare = next((s.key for s in scored if s.labels == (roles.lesions[-1],)), scored[0].key)
+    control = json.loads((setup.out / "summary.json").read_text())["figures"][f"dice_{rare}"]["real"]["estimate"]
+    print(f"real-only Dice {rare}: {control['mean']:.3f}" if control["mean"] is not None
+          else f"real-only Dice {rare}: no test case has it")
