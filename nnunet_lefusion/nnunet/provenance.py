@@ -61,7 +61,7 @@ def label_hash(path: str | Path) -> str:
 
 def training_record(dataset: str, fold: int | str, label_files: dict[str, str | Path]) -> dict:
     """The ``training_data`` a generator trained on ``label_files`` (identifier -> label file) records."""
-    return {"dataset": dataset, "fold": str(fold),
+    return {"dataset": str(dataset), "fold": str(fold),
             "cases": {k: label_hash(v) for k, v in sorted(label_files.items())}}
 
 
