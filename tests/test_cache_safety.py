@@ -131,16 +131,19 @@ def test_kill_9_then_the_same_command_completes_the_cache(one_run, tmp_path, kil
 
 def test_overwrite_is_refused_while_another_writer_runs(one_run, tmp_path):
     cache = tmp_path / "busy"
-    proc = start(cache, "-n", "8")
+    proc = start(cache, "-n", "400")  # runs far longer than the command below
     while not list(cache.glob(f"{cache_lock.WRITER_PREFIX}*")):
         assert proc.poll() is None
         time.sleep(0.02)
     res = run_cli("nnUNetv2_lefusion_synthesize", *SYNTH, "-n", "1", "--cache", str(cache), "--overwrite",
                   check=False)
     lines = error_lines(res)
+    assert proc.poll() is None, "the writer must still run for this test to mean anything"
     assert res.returncode == 2 and len(lines) == 1 and "being written" in lines[0], res.stderr
-    finish(proc)
-    assert len(assert_complete(cache).cases) == 8
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    run_cli("nnUNetv2_lefusion_synthesize", *SYNTH, "-n", "1", "--cache", str(cache), "--overwrite")
+    assert len(assert_complete(cache).cases) == 1
 
 
 def test_relabelled_or_incomplete_cache_is_refused(phantom_dataset, one_run, nnunet_dirs, tmp_path):
