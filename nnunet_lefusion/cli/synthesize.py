@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> None:
                              "(raises the rare no-reflow)")
     parser.add_argument("--candidates", type=int, default=8,
                         help="proposals drawn per case to meet --target-share (default 8)")
-    parser.add_argument("--checkpoint", default=None, help="LeFusion sampler checkpoint (--method lefusion); refused if it was "
-                                                           "trained on a validation case of this fold")
+    parser.add_argument("--checkpoint", default=None,
+                        help="LeFusion sampler checkpoint (--method lefusion); refused if it was trained on a "
+                             "validation case of this fold")
     parser.add_argument("--sampling", default="fast", choices=("fast", "official"),
                         help="LeFusion sampling schedule: fast (128 network evaluations) or the official 5/5 jumps")
     parser.add_argument("--mask-generator", default=None,

@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     output = args.output or env_folder("nnUNet_results") / name / OUTPUT_NAME
     cases, record = raw_fold(name, raw, fold)
     pairs = load_mask_pairs(((k, v["label"]) for k, v in sorted(cases.items())), labels, grid)
-    print(f"fold {fold}: {len(pairs)} lesion cases of {len(cases)} training cases; lesions {list(labels.lesions)} in organ {list(labels.organ)}; "
+    print(f"fold {fold}: {len(pairs)} lesion cases of {len(cases)} training cases; lesions {list(labels.lesions)} "
+          f"in organ {list(labels.organ)}; "
           f"network grid {grid.size}")
     if pairs.lesion_voxels_outside:
         print(f"warning: {pairs.lesion_voxels_outside} lesion voxels lie outside the {grid.window} window and are "

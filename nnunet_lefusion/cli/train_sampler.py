@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     rois = load_roi_set(cases, labels, args.roi, progress=not args.quiet)
     print(f"fold {fold}: {len(files)} training cases, {len(rois)} with lesions; ROI {tuple(args.roi)}, "
           f"lesion labels {list(labels.lesions)}, organ {list(labels.organ)}"
-          + (f"; {rois.lesion_voxels_outside} lesion voxels fall outside the ROI" if rois.lesion_voxels_outside else ""))
+          + (f"; {rois.lesion_voxels_outside} lesion voxels fall outside the ROI"
+             if rois.lesion_voxels_outside else ""))
     out.mkdir(parents=True, exist_ok=True)
     if not args.resume:  # a resumed run is refused unless its checkpoint holds this config: the file stays valid
         atomic_write_text(out / "model_config.yaml", yaml.safe_dump(model_config.to_dict(), sort_keys=False))

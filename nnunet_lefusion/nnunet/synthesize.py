@@ -194,6 +194,16 @@ def join_run(manifest: Manifest, folder: Path, request: dict, plan: SynthesisPla
     return run
 
 
+def existing_manifest(ctx: DatasetContext, folder: Path) -> Manifest:
+    """The manifest of the cache to add to, refused unless it matches these plans, fold and raw labels."""
+    manifest = Manifest.load(folder)
+    try:
+        manifest.check_matches(ctx, ctx.split[0], folder)
+    except LeFusionError as exc:
+        raise LeFusionError(f"{exc} (use --overwrite to replace it)") from None
+    return manifest
+
+
 def start_run(ctx: DatasetContext, folder: Path, overwrite: bool, request: dict, plan: SynthesisPlan,
               part_id: int, generators: list[dict], labels: LesionLabels,
               cases: list[RawCase]) -> tuple[dict, set[int]]:
@@ -206,11 +216,7 @@ def start_run(ctx: DatasetContext, folder: Path, overwrite: bool, request: dict,
             _clear(folder)
         remove_dead_leftovers(folder)
         if (folder / MANIFEST).exists():
-            manifest = Manifest.load(folder)
-            try:
-                manifest.check_matches(ctx, ctx.split[0], folder)
-            except LeFusionError as exc:
-                raise LeFusionError(f"{exc} (use --overwrite to replace it)") from None
+            manifest = existing_manifest(ctx, folder)
         else:
             manifest = Manifest.for_context(ctx)
             manifest.lesion_labels = labels.to_dict()
@@ -236,7 +242,7 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
     generators = generator_records(method, options)
     check_no_leak(generators, ctx.held_out_hashes(), ctx.fold, "refused")
     if not overwrite and (folder / MANIFEST).exists():
-        Manifest.load(folder).check_matches(ctx, ctx.split[0], folder)  # refused before any work
+        existing_manifest(ctx, folder)  # refused before any work
     cases = [load_raw_case(ctx, i) for i in tqdm(sorted(ctx.split[0]), desc="reading training cases", unit="case")]
     if not any(np.isin(c.seg, labels.lesions).any() for c in cases):
         raise LeFusionError(f"no training case of fold {ctx.fold} contains a lesion label {list(labels.lesions)}")
