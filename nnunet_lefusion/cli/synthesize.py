@@ -22,11 +22,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     parser.add_argument("--method", default="copypaste", choices=METHODS, help="synthesis method")
     parser.add_argument("-n", dest="num_cases", type=int, required=True,
-                        help="number of synthetic cases to add (spread evenly over the training cases)")
+                        help="number of synthetic cases to add, spread evenly over the training cases; a later run "
+                             "adds more, continuing over the training cases where the last one stopped. The same "
+                             "command again after an interruption finishes the interrupted run instead")
+    parser.add_argument("-num_parts", type=int, default=1,
+                        help="split this run into parts, as nnUNetv2_predict does: run the same command once per "
+                             "-part_id, at the same time (other processes or machines sharing the cache folder); "
+                             "together they give the cases one run gives (default 1)")
+    parser.add_argument("-part_id", type=int, default=0, help="which part this process makes, 0 .. -num_parts - 1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=None, help="cache folder (default: <preprocessed dataset>/lefusion_cache/"
                                                       "<data_identifier>/fold_<f>)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing cache instead of adding to it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing cache instead of adding to it (refused while another writer runs)")
     parser.add_argument("--lesion-labels", type=int, nargs="+", default=None,
                         help="lesion labels, outer to inner (default: from dataset.json label names)")
     parser.add_argument("--organ-labels", type=int, nargs="+", default=None,
@@ -40,11 +48,14 @@ def main(argv: list[str] | None = None) -> None:
                              "(raises the rare no-reflow)")
     parser.add_argument("--candidates", type=int, default=8,
                         help="proposals drawn per case to meet --target-share (default 8)")
-    parser.add_argument("--checkpoint", default=None, help="LeFusion sampler checkpoint (--method lefusion)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="LeFusion sampler checkpoint (--method lefusion); refused if it was trained on a "
+                             "validation case of this fold")
     parser.add_argument("--sampling", default="fast", choices=("fast", "official"),
                         help="LeFusion sampling schedule: fast (128 network evaluations) or the official 5/5 jumps")
     parser.add_argument("--mask-generator", default=None,
-                        help="new lesion masks for newmask/normal cases: 'rule' or a learned mask-generator checkpoint")
+                        help="new lesion masks for newmask/normal cases: 'rule' or a learned mask-generator checkpoint "
+                             "(refused if it was trained on a validation case of this fold)")
     parser.add_argument("--device", default="cpu", help="device for LeFusion sampling (cpu, cuda)")
     parser.add_argument("--no-histogram-matching", action="store_true",
                         help="LeFusion: keep the network's lesion intensities as sampled instead of matching them to "
@@ -57,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     folder, manifest = synthesize_cache(ctx, labels, args.method, args.num_cases, args.seed, args.cache,
                                         args.overwrite, plan, SynthesizerOptions(
                                             args.checkpoint, args.sampling, args.device, args.mask_generator,
-                                            not args.no_histogram_matching))
+                                            not args.no_histogram_matching), args.num_parts, args.part_id)
     print(f"{len(manifest.cases)} synthetic cases in {folder}")
     synthetic = manifest.lesion_voxel_totals()
     for name, counts in (("real (training cases)", manifest.real_lesion_voxels), ("synthetic", synthetic)):

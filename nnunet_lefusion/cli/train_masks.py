@@ -17,7 +17,8 @@ from nnunet_lefusion.labels import resolve_lesion_labels
 from nnunet_lefusion.model import ModelConfig
 from nnunet_lefusion.masks.learned import mask_model_config, train_mask_model
 from nnunet_lefusion.masks.mask_data import MaskGrid, load_mask_pairs
-from nnunet_lefusion.nnunet.context import dataset_name, env_folder
+from nnunet_lefusion.nnunet.context import dataset_name, env_folder, parse_fold
+from nnunet_lefusion.nnunet.provenance import FOLD_HELP, raw_fold
 from nnunet_lefusion.training.loop import TrainConfig
 
 OUTPUT_NAME = "lefusion_masks"
@@ -26,6 +27,7 @@ OUTPUT_NAME = "lefusion_masks"
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnUNetv2_lefusion_train_masks", description=__doc__.split("\n\n")[0])
     parser.add_argument("-d", dest="dataset", required=True, help="dataset name or id (in $nnUNet_raw)")
+    parser.add_argument("-f", dest="fold", default="all", help=FOLD_HELP)
     parser.add_argument("-o", "--output", help=f"output folder (default: $nnUNet_results/<dataset>/{OUTPUT_NAME})")
     parser.add_argument("--config", help="network settings: a packaged model config name or a YAML file of "
                                          "ModelConfig keys (channels, out_channels and cond_dim are set from the "
@@ -56,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     name = dataset_name(args.dataset)
+    fold = parse_fold(args.fold)
     raw = env_folder("nnUNet_raw") / name
     if not (raw / "dataset.json").is_file():
         raise LeFusionError(f"{raw} has no dataset.json; is {name} a raw nnU-Net dataset?")
@@ -64,19 +67,18 @@ def main(argv: list[str] | None = None) -> None:
     grid = MaskGrid(tuple(args.window), args.pool)
     config = mask_model_config(len(labels.lesions), ModelConfig.from_yaml(args.config) if args.config else None)
     output = args.output or env_folder("nnUNet_results") / name / OUTPUT_NAME
-
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-
-    cases = get_filenames_of_train_images_and_targets(str(raw), dataset_json)
+    cases, record = raw_fold(name, raw, fold)
     pairs = load_mask_pairs(((k, v["label"]) for k, v in sorted(cases.items())), labels, grid)
-    print(f"{len(pairs)} lesion cases of {len(cases)}; lesions {list(labels.lesions)} in organ {list(labels.organ)}; "
+    print(f"fold {fold}: {len(pairs)} lesion cases of {len(cases)} training cases; lesions {list(labels.lesions)} "
+          f"in organ {list(labels.organ)}; "
           f"network grid {grid.size}")
     if pairs.lesion_voxels_outside:
         print(f"warning: {pairs.lesion_voxels_outside} lesion voxels lie outside the {grid.window} window and are "
               f"not learned; enlarge --window")
     train_config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
                                checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device)
-    result = train_mask_model(pairs, config, labels, grid, output, train_config, resume=args.resume)
+    result = train_mask_model(pairs, config, labels, grid, output, train_config, resume=args.resume,
+                              training_data=record)
     print(f"trained to step {result.step} ({result.steps_per_second:.3f} steps/s); generator: {result.checkpoint}")
 
 

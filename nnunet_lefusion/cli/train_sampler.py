@@ -19,7 +19,8 @@ from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import resolve_lesion_labels
 from nnunet_lefusion.model.config import ModelConfig, available_configs
 from nnunet_lefusion.nnunet.cache import atomic_write_text
-from nnunet_lefusion.nnunet.context import dataset_name, env_folder
+from nnunet_lefusion.nnunet.context import dataset_name, env_folder, parse_fold
+from nnunet_lefusion.nnunet.provenance import FOLD_HELP, raw_fold
 from nnunet_lefusion.roi import OFFICIAL_CARDIAC_SIZE
 from nnunet_lefusion.training.loop import TrainConfig
 from nnunet_lefusion.training.roi_data import load_roi_set
@@ -44,6 +45,7 @@ def config_name(config: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnUNetv2_lefusion_train_sampler", description=__doc__.split("\n\n")[0])
     parser.add_argument("-d", dest="dataset", required=True, help="dataset id or name, e.g. 990 or Dataset990_X")
+    parser.add_argument("-f", dest="fold", default="all", help=FOLD_HELP)
     parser.add_argument("--config", default="small",
                         help=f"model config: {', '.join(available_configs())} or a YAML file (default small)")
     parser.add_argument("--steps", type=int, default=50000, help="optimisation steps in total (default 50000)")
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     model_config = ModelConfig.from_yaml(args.config)
     name = dataset_name(args.dataset)
+    fold = parse_fold(args.fold)
     raw_folder = env_folder("nnUNet_raw") / name
     if not (raw_folder / "dataset.json").is_file():
         raise LeFusionError(f"{raw_folder} has no dataset.json (is nnUNet_raw right?).")
@@ -91,15 +94,18 @@ def main(argv: list[str] | None = None) -> None:
                                device=args.device, bf16=args.bf16, progress=not args.quiet)
     train_config.resolved()  # refuse bad settings before reading the data
     check_model_fits(model_config, len(labels.lesions), args.roi)
-    rois = load_roi_set(training_cases(raw_folder, dataset_json), labels, args.roi, progress=not args.quiet)
-    print(f"{len(rois)} lesion cases, ROI {tuple(args.roi)}, lesion labels {list(labels.lesions)}, "
-          f"organ {list(labels.organ)}" + (f"; {rois.lesion_voxels_outside} lesion voxels fall outside the ROI"
-                                            if rois.lesion_voxels_outside else ""))
+    files, record = raw_fold(name, raw_folder, fold)
+    cases = [c for c in training_cases(raw_folder, dataset_json) if c[0] in files]
+    rois = load_roi_set(cases, labels, args.roi, progress=not args.quiet)
+    print(f"fold {fold}: {len(files)} training cases, {len(rois)} with lesions; ROI {tuple(args.roi)}, "
+          f"lesion labels {list(labels.lesions)}, organ {list(labels.organ)}"
+          + (f"; {rois.lesion_voxels_outside} lesion voxels fall outside the ROI"
+             if rois.lesion_voxels_outside else ""))
     out.mkdir(parents=True, exist_ok=True)
     if not args.resume:  # a resumed run is refused unless its checkpoint holds this config: the file stays valid
         atomic_write_text(out / "model_config.yaml", yaml.safe_dump(model_config.to_dict(), sort_keys=False))
     result = train_sampler(rois, model_config, labels, args.roi, out, train_config, args.clusters, args.resume,
-                           args.histogram_scale, args.cond_drop)
+                           args.histogram_scale, args.cond_drop, record)
     print(f"step {result.step}: {result.checkpoint}")
 
 

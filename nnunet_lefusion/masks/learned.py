@@ -109,8 +109,10 @@ class MaskModelMeta:
 
 
 def train_mask_model(pairs: MaskPairs, config: ModelConfig, labels: LesionLabels, grid: MaskGrid,
-                     out_dir: str | Path, train_config: TrainConfig, resume: bool = False) -> TrainResult:
-    """Train a fresh (or resumed) mask generator network of ``config`` on ``pairs``; files go to ``out_dir``."""
+                     out_dir: str | Path, train_config: TrainConfig, resume: bool = False,
+                     training_data: dict | None = None) -> TrainResult:
+    """Train a fresh (or resumed) mask generator network of ``config`` on ``pairs``; files go to ``out_dir``.
+    ``training_data``: the cases ``pairs`` come from, recorded in the checkpoint (``nnunet.provenance``)."""
     factor = 2 ** (len(config.dim_mults) - 1)
     if grid.size[1] % factor or grid.size[2] % factor:
         raise LeFusionError(f"the network grid {grid.size[1:]} (window / pooling) must be divisible by {factor} "
@@ -120,6 +122,7 @@ def train_mask_model(pairs: MaskPairs, config: ModelConfig, labels: LesionLabels
                             f"with mask_model_config.")
     scale = ControlScale.fit(pairs.controls)
     meta = MaskModelMeta(config, labels, grid, tuple(pairs.controls), scale).checkpoint_meta()
+    meta.training_data = training_data
     torch.manual_seed(train_config.seed)
     model = config.build()
     batch_size = train_config.batch_size

@@ -35,7 +35,8 @@ class CheckpointMeta:
 
     ``lesion_labels``: the lesion label values (or a dict describing them); ``roi_size``: (D, H, W);
     ``intensity``: the mapping of image values to [-1, 1]; ``histogram_clusters``: the histogram centres used
-    as conditions (lists, or a dict); ``extras``: free-form.
+    as conditions (lists, or a dict); ``extras``: free-form; ``training_data``: the cases the network was trained
+    on, ``{"dataset", "fold", "cases": {identifier: label-file hash}}`` (``nnunet.provenance``; None: unrecorded).
     """
 
     lesion_labels: list[int] | dict[str, Any] = field(default_factory=list)
@@ -43,6 +44,7 @@ class CheckpointMeta:
     intensity: dict[str, Any] = field(default_factory=dict)
     histogram_clusters: list[Any] | dict[str, Any] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    training_data: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -156,6 +158,12 @@ def load_checkpoint(path: str | os.PathLike, *, channels: int | None = None,
         optimizer_state=payload.get(OPTIMIZER_KEY),
         scaler_state=payload.get("scaler") or {},
     )
+
+
+def read_meta(path: str | os.PathLike) -> CheckpointMeta | None:
+    """Only the metadata of a checkpoint (None for an official one)."""
+    meta = _read(Path(path)).get(META_KEY)
+    return CheckpointMeta.from_dict(meta) if isinstance(meta, dict) else None
 
 
 def export_checkpoint(source: str | os.PathLike, target: str | os.PathLike, weights: str = "ema",

@@ -2,7 +2,8 @@
 
 Layout: ``$nnUNet_preprocessed/<Dataset>/lefusion_cache/<data_identifier>/fold_<f>/``
 holding ``manifest.json`` and, per synthetic case, ``<id>.b2nd``, ``<id>_seg.b2nd`` and ``<id>.pkl``.
-Every file is written under a temporary name and renamed; a case counts only once the manifest lists it.
+Every file is written under a temporary name (carrying its writer, ``cache_lock.tmp_name``) and renamed; a case
+counts only once the manifest lists it. The manifest is changed only under the cache lock (``cache_lock``).
 """
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.nnunet.cache_lock import tmp_name
 from nnunet_lefusion.nnunet.context import DatasetContext
+from nnunet_lefusion.nnunet.provenance import check_no_leak
 
 MANIFEST = "manifest.json"
 FORMAT = "nnunet-lefusion-cache"
-VERSION = 1
-_TMP_PREFIX = ".tmp-"
+VERSION = 2
+CASE_FILES = (".b2nd", "_seg.b2nd", ".pkl")  # the .pkl last: it marks a complete case on disk
 
 
 def default_cache_folder(ctx: DatasetContext) -> Path:
@@ -46,7 +49,13 @@ def plans_fingerprint(ctx: DatasetContext) -> str:
 
 @dataclass
 class Manifest:
-    """What a cache holds and what it was made for."""
+    """What a cache holds, what it was made for and from, and the runs that filled it.
+
+    ``label_fingerprint``: hash of the fold's training cases and their raw label files. ``position``: per kind, the
+    next place in the kind's target pool (appending continues there); ``next_index``: the number the next case
+    gets. ``runs``: one entry per ``nnUNetv2_lefusion_synthesize`` run: its request, the cases it reserved
+    (``first`` .. ``first + num_cases``), where it started, the writer of each part and its generators.
+    """
 
     dataset: str
     configuration: str
@@ -55,16 +64,20 @@ class Manifest:
     fold: int | str
     plans_fingerprint: str
     training_cases: list[str]
-    cases: dict[str, dict] = field(default_factory=dict)  # synthetic id -> provenance (source, method, ...)
+    label_fingerprint: str = ""
+    cases: dict[str, dict] = field(default_factory=dict)  # synthetic id -> provenance (source, method, run, ...)
     lesion_labels: dict = field(default_factory=dict)  # LesionLabels.to_dict() the cache was made with
     real_lesion_voxels: dict = field(default_factory=dict)  # lesion voxels per label in the training cases
+    position: dict[str, int] = field(default_factory=dict)
+    next_index: int = 0
+    runs: list[dict] = field(default_factory=list)
     format: str = FORMAT
     version: int = VERSION
 
     @classmethod
     def for_context(cls, ctx: DatasetContext) -> "Manifest":
         return cls(ctx.dataset, ctx.configuration, ctx.configuration_manager.data_identifier, ctx.plans_identifier,
-                   ctx.fold, plans_fingerprint(ctx), sorted(ctx.split[0]))
+                   ctx.fold, plans_fingerprint(ctx), sorted(ctx.split[0]), ctx.training_label_fingerprint())
 
     @classmethod
     def load(cls, folder: Path) -> "Manifest":
@@ -76,6 +89,9 @@ class Manifest:
             raw = json.loads(path.read_text())
             if raw.get("format") != FORMAT:
                 raise ValueError("not a LeFusion cache manifest")
+            if raw.get("version") != VERSION:
+                raise ValueError(f"format version {raw.get('version')}, this plugin reads {VERSION}; re-create it "
+                                 f"with nnUNetv2_lefusion_synthesize --overwrite")
             return cls(**raw)
         except (ValueError, TypeError) as exc:
             raise LeFusionError(f"corrupt cache manifest {path}: {exc}") from None
@@ -84,7 +100,8 @@ class Manifest:
         atomic_write_text(Path(folder) / MANIFEST, json.dumps(asdict(self), indent=1, sort_keys=True))
 
     def check_matches(self, ctx: DatasetContext, training_cases: list[str], folder: Path) -> None:
-        """Raise if this cache was made for other plans, another configuration or another fold/split."""
+        """Raise if this cache was made for other plans, another configuration, another fold/split or other raw
+        labels, if a listed case's files are missing, or if a generator it used saw a validation case."""
         if (self.dataset, self.configuration) != (ctx.dataset, ctx.configuration):
             raise LeFusionError(f"cache {folder} was made for {self.dataset} {self.configuration}, "
                                 f"not {ctx.dataset} {ctx.configuration}")
@@ -98,6 +115,16 @@ class Manifest:
         if leaked:
             raise LeFusionError(f"cache {folder} uses cases that are not training cases of fold {ctx.fold}: "
                                 f"{leaked[:5]}{' ...' if len(leaked) > 5 else ''}")
+        labels = ctx.training_label_fingerprint()
+        if self.label_fingerprint != labels:
+            raise LeFusionError(f"cache {folder} was made from other raw labels of the training cases (fingerprint "
+                                f"{self.label_fingerprint}, current {labels}): were they relabelled? re-create it")
+        missing = [i for i in sorted(self.cases) if not all((Path(folder) / f"{i}{s}").is_file() for s in CASE_FILES)]
+        if missing:
+            raise LeFusionError(f"cache {folder} lists {len(missing)} case(s) whose files are missing, e.g. "
+                                f"{missing[0]}; re-create it")
+        check_no_leak([g for run in self.runs for g in run["generators"]], ctx.held_out_hashes(), ctx.fold,
+                      f"cache {folder}")
 
     def lesion_voxel_totals(self) -> dict[str, int]:
         """Lesion voxels per label over all synthetic cases (raw grid), from their provenance."""
@@ -117,15 +144,9 @@ class Manifest:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
+    tmp = path.with_name(tmp_name(path.name))
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Delete temporary files left by an interrupted writer."""
-    for p in Path(folder).glob(f"{_TMP_PREFIX}*"):
-        p.unlink(missing_ok=True)
 
 
 def write_case(folder: Path, identifier: str, data: np.ndarray, seg: np.ndarray, properties: dict,
@@ -137,14 +158,9 @@ def write_case(folder: Path, identifier: str, data: np.ndarray, seg: np.ndarray,
     seg = np.ascontiguousarray(seg, dtype=np.int16)
     blocks, chunks = comp_blosc2_params(data.shape, tuple(patch_size), data.itemsize)
     blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, tuple(patch_size), seg.itemsize)
-    tmp = str(Path(folder) / f"{_TMP_PREFIX}{identifier}")
+    tmp = str(Path(folder) / tmp_name(identifier))
     nnUNetDatasetBlosc2.save_case(data, seg, properties, tmp, chunks=chunks, blocks=blocks,
                                   chunks_seg=chunks_seg, blocks_seg=blocks_seg)
     final = str(Path(folder) / identifier)
-    for suffix in (".b2nd", "_seg.b2nd", ".pkl"):  # the .pkl last: it marks a complete case on disk
+    for suffix in CASE_FILES:
         os.replace(tmp + suffix, final + suffix)
-
-
-def remove_case(folder: Path, identifier: str) -> None:
-    for suffix in (".b2nd", "_seg.b2nd", ".pkl"):
-        (Path(folder) / f"{identifier}{suffix}").unlink(missing_ok=True)

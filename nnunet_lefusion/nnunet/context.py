@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from types import SimpleNamespace
 
 from nnunet_lefusion.errors import LeFusionError
 
@@ -104,15 +103,42 @@ class DatasetContext:
         """(training, validation) identifiers of the fold, by nnU-Net's own ``do_split`` (writes splits_final.json
         exactly as the first training would if it is missing)."""
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-        shim = SimpleNamespace(
-            dataset_class=infer_dataset_class(str(self.data_folder)), fold=self.fold,
-            preprocessed_dataset_folder=str(self.data_folder),
-            preprocessed_dataset_folder_base=str(self.preprocessed_folder),
-            folder_with_segs_from_previous_stage=None, print_to_log_file=lambda *a, **k: None)
-        tr, val = nnUNetTrainer.do_split(shim)
-        return [str(k) for k in tr], [str(k) for k in val]
+        from nnunet_lefusion.nnunet.provenance import nnunet_split
+
+        folder = str(self.data_folder)
+        return nnunet_split(infer_dataset_class(folder).get_identifiers(folder), self.fold, self.preprocessed_folder)
+
+    def check_single_stage(self) -> None:
+        """``LeFusionError`` for a cascade stage: a synthetic case has no previous-stage segmentation."""
+        previous = self.configuration_manager.previous_stage_name
+        if previous is not None:
+            raise LeFusionError(f"configuration {self.configuration} is a cascade stage (after {previous}); synthetic "
+                                f"cases have no {previous} segmentation: use a single-stage configuration such as "
+                                f"3d_fullres")
+
+    @cached_property
+    def label_hashes(self) -> dict[str, str]:
+        """identifier -> content hash of the raw label file, for the fold's training and validation cases."""
+        from nnunet_lefusion.nnunet.provenance import label_hash
+
+        train, val = self.split
+        missing = sorted(set(train + val) - set(self.raw_cases))
+        if missing:
+            raise LeFusionError(f"case(s) {', '.join(missing[:5])} of fold {self.fold} are not in the raw dataset "
+                                f"{self.raw_folder}")
+        return {k: label_hash(self.raw_cases[k]["label"]) for k in sorted(set(train + val))}
+
+    def held_out_hashes(self) -> dict[str, str]:
+        """Label hashes of the fold's validation cases that are not training cases (none for fold ``all``)."""
+        train, val = self.split
+        return {k: self.label_hashes[k] for k in sorted(set(val) - set(train))}
+
+    def training_label_fingerprint(self) -> str:
+        """One hash of the fold's training cases and their raw label files."""
+        from nnunet_lefusion.nnunet.provenance import fingerprint
+
+        return fingerprint({k: self.label_hashes[k] for k in self.split[0]})
 
     @cached_property
     def raw_cases(self) -> dict[str, dict]:

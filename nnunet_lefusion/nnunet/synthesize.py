@@ -1,6 +1,14 @@
-"""Fill a synthetic cache: raw training cases -> synthesizer -> nnU-Net's preprocessor -> Blosc2 cache."""
+"""Fill a synthetic cache: raw training cases -> synthesizer -> nnU-Net's preprocessor -> Blosc2 cache.
+
+A run reserves, under the cache lock, the case numbers ``first .. first + n`` and the places in the target pools
+where it starts (appending continues where the last run stopped). Everything else follows from the run's entry:
+case ``i`` is made from seed ``(seed, i)``, and the cases are rendered in fixed batches of ``batch_size``. So
+``-num_parts N -part_id p`` (part ``p`` renders batches ``p, p + N, ...``) gives the same cases as one run, and a
+killed run, started again with the same command, takes over its part and makes only the missing cases.
+"""
 from __future__ import annotations
 
+import json
 import shutil
 import zlib
 from dataclasses import dataclass
@@ -12,8 +20,12 @@ from tqdm import tqdm
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.masks import MaskGenerator, RuleBasedMaskGenerator
-from nnunet_lefusion.nnunet.cache import (Manifest, default_cache_folder, remove_stale_temporaries, write_case)
+from nnunet_lefusion.model.checkpoint import read_meta
+from nnunet_lefusion.nnunet.cache import MANIFEST, Manifest, default_cache_folder, write_case
+from nnunet_lefusion.nnunet.cache_lock import (LOCK, TMP_PREFIX, WRITER_PREFIX, Writer, alive, locked, other_writers,
+                                               remove_dead_leftovers, token)
 from nnunet_lefusion.nnunet.context import DatasetContext
+from nnunet_lefusion.nnunet.provenance import check_no_leak
 from nnunet_lefusion.nnunet.preprocess import load_raw_case, preprocess_case
 from nnunet_lefusion.synthesis.base import (Proposal, RawCase, Synthesizer, SynthesisSkipped,
                                             lesion_voxel_counts)
@@ -65,44 +77,26 @@ def make_synthesizer(method: str, cases: list[RawCase], labels: LesionLabels,
     raise LeFusionError(f"unknown synthesis method {method!r} (available: {', '.join(METHODS)})")
 
 
-def existing_manifest(ctx: DatasetContext, folder: Path, overwrite: bool) -> Manifest | None:
-    """The cache manifest to append to, if one exists and matches these plans/fold (checked before any work)."""
-    if overwrite or not (folder / "manifest.json").exists():
-        return None
-    manifest = Manifest.load(folder)
-    try:
-        manifest.check_matches(ctx, ctx.split[0], folder)
-    except LeFusionError as exc:
-        raise LeFusionError(f"{exc} (use --overwrite to replace it)") from None
-    return manifest
+def generator_records(method: str, options: SynthesizerOptions) -> list[dict]:
+    """Role, path and recorded training cases (``CheckpointMeta.training_data``) of the trained generators used."""
+    used = [("sampler", options.checkpoint), ("mask generator", options.mask_generator)] if method == "lefusion" else []
+    records = []
+    for role, path in used:
+        if path and path != "rule":
+            meta = read_meta(path)
+            records.append({"role": role, "path": str(Path(path).resolve()),
+                            "training_data": meta.training_data if meta is not None else None})
+    return records
 
 
-def start_cache(ctx: DatasetContext, folder: Path, existing: Manifest | None) -> Manifest:
-    """Prepare the folder: keep a matching cache (minus stale temporaries), else start an empty one."""
-    if existing is not None:
-        remove_stale_temporaries(folder)
-        return existing
-    if (folder / "manifest.json").exists():
-        shutil.rmtree(folder)  # --overwrite of a cache (never of a folder that is not one)
-    elif folder.exists() and any(folder.iterdir()):
-        raise LeFusionError(f"{folder} exists and is not a LeFusion cache; choose an empty or new folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest.for_context(ctx)
-    manifest.save(folder)
-    return manifest
+def _case_seed(seed: int, index: int) -> int:
+    return zlib.crc32(f"{seed}/{index}".encode())
 
 
-def _case_seed(seed: int, identifier: str, index: int) -> int:
-    return zlib.crc32(f"{seed}/{identifier}/{index}".encode())
-
-
-def _pools(cases: list[RawCase], labels: LesionLabels, seed: int) -> dict[str, list[RawCase]]:
-    """Targets per kind, each in a seeded order: pathological cases for retexture/newmask, normal ones for normal."""
-    rng = np.random.default_rng(seed)
+def _pools(cases: list[RawCase], labels: LesionLabels) -> dict[str, list[RawCase]]:
+    """Targets per kind, in identifier order: pathological cases for retexture/newmask, normal ones for normal."""
     pathological = [c for c in cases if np.isin(c.seg, labels.lesions).any()]
     normal = [c for c in cases if not np.isin(c.seg, labels.lesions).any()]
-    pathological = [pathological[i] for i in rng.permutation(len(pathological))]
-    normal = [normal[i] for i in rng.permutation(len(normal))]
     return {"retexture": pathological, "newmask": pathological, "normal": normal}
 
 
@@ -113,20 +107,147 @@ def default_plan(synthesizer: Synthesizer, pools: dict[str, list[RawCase]]) -> S
     return SynthesisPlan(mix={k: float(len(pools[k])) for k in synthesizer.kinds if pools[k]})
 
 
+@dataclass
+class Slot:
+    """One case of a run: its number in the cache, its kind, the pool place it starts at and its seed."""
+
+    index: int
+    kind: str
+    start: int
+    seed: int
+
+
+def run_slots(run: dict, plan: SynthesisPlan) -> tuple[list[Slot], dict[str, int]]:
+    """The slots of a run entry, and the pool positions after it."""
+    position = dict(run["position"])
+    slots = []
+    for j, kind in enumerate(plan.allocate(run["num_cases"])):
+        index = run["first"] + j
+        slots.append(Slot(index, kind, position.get(kind, 0), _case_seed(run["request"]["seed"], index)))
+        position[kind] = position.get(kind, 0) + 1
+    return slots, position
+
+
+def _propose(synthesizer: Synthesizer, pool: list[RawCase], slot: Slot, candidates: int) -> list[Proposal]:
+    """``candidates`` proposals on the first target from the slot's pool place on that can host a lesion."""
+    for t in range(len(pool)):
+        target = pool[(slot.start + t) % len(pool)]
+        try:
+            return [synthesizer.propose(target, slot.kind, np.random.default_rng([slot.seed, t, c]))
+                    for c in range(candidates)]
+        except SynthesisSkipped:
+            continue
+    raise LeFusionError(f"no {slot.kind!r} target could be synthesized by {synthesizer.name}")
+
+
+def choose_proposals(synthesizer: Synthesizer, pools: dict[str, list[RawCase]], slots: list[Slot],
+                     plan: SynthesisPlan, labels: LesionLabels, totals: dict[str, int],
+                     wanted: set[int]) -> dict[int, Proposal]:
+    """The proposal of every slot in ``wanted``. With a target share the choice depends on the earlier slots'
+    choices (from the lesion totals at the run's start), so every slot's candidates are drawn, in order."""
+    if not plan.target_share:
+        return {s.index: _propose(synthesizer, pools[s.kind], s, 1)[0] for s in slots if s.index in wanted}
+    tracker = ShareTracker(labels, plan.target_share)
+    tracker.totals.update({int(k): v for k, v in totals.items()})
+    chosen = {}
+    for slot in slots:
+        proposals = _propose(synthesizer, pools[slot.kind], slot, plan.candidates if slot.kind != "retexture" else 1)
+        pick = proposals[tracker.pick([p.seg for p in proposals])]
+        tracker.add(pick.seg)
+        if slot.index in wanted:
+            chosen[slot.index] = pick
+    return chosen
+
+
+def prepare_folder(folder: Path) -> None:
+    """Create the cache folder; refuse a folder that holds something other than a cache."""
+    control = (LOCK, WRITER_PREFIX, TMP_PREFIX)
+    if folder.exists() and not (folder / MANIFEST).exists() and any(
+            not p.name.startswith(control) for p in folder.iterdir()):
+        raise LeFusionError(f"{folder} exists and is not a LeFusion cache; choose an empty or new folder")
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def _clear(folder: Path) -> None:
+    """``--overwrite``: delete the cache's contents (the caller holds the lock and checked for other writers)."""
+    for path in folder.iterdir():
+        if path.name != LOCK and path.name != f"{WRITER_PREFIX}{token()}":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def join_run(manifest: Manifest, folder: Path, request: dict, plan: SynthesisPlan, part_id: int,
+             generators: list[dict]) -> dict:
+    """The run this process works on: an unfinished run of the same request whose part has no live writer (a
+    parallel part, or a killed run started again), else a new run appended to the cache."""
+    for run in manifest.runs:
+        done = sum(1 for c in manifest.cases.values() if c["run"] == run["id"])
+        if run["request"] == request and done < run["num_cases"] and not alive(run["parts"].get(str(part_id)),
+                                                                                  folder):
+            run["parts"][str(part_id)] = token()
+            return run
+    run = {"id": len(manifest.runs), "request": request, "first": manifest.next_index,
+           "num_cases": request["num_cases"], "position": dict(manifest.position),
+           "totals": manifest.lesion_voxel_totals(), "parts": {str(part_id): token()}, "generators": generators}
+    manifest.runs.append(run)
+    manifest.next_index += run["num_cases"]
+    manifest.position = run_slots(run, plan)[1]
+    return run
+
+
+def existing_manifest(ctx: DatasetContext, folder: Path) -> Manifest:
+    """The manifest of the cache to add to, refused unless it matches these plans, fold and raw labels."""
+    manifest = Manifest.load(folder)
+    try:
+        manifest.check_matches(ctx, ctx.split[0], folder)
+    except LeFusionError as exc:
+        raise LeFusionError(f"{exc} (use --overwrite to replace it)") from None
+    return manifest
+
+
+def start_run(ctx: DatasetContext, folder: Path, overwrite: bool, request: dict, plan: SynthesisPlan,
+              part_id: int, generators: list[dict], labels: LesionLabels,
+              cases: list[RawCase]) -> tuple[dict, set[int]]:
+    """Under the cache lock: (re)start the cache if needed, join or append a run; (run entry, slots done)."""
+    with locked(folder):
+        if overwrite:
+            others = other_writers(folder)
+            if others:
+                raise LeFusionError(f"--overwrite refused: {folder} is being written by {', '.join(others)}")
+            _clear(folder)
+        remove_dead_leftovers(folder)
+        if (folder / MANIFEST).exists():
+            manifest = existing_manifest(ctx, folder)
+        else:
+            manifest = Manifest.for_context(ctx)
+            manifest.lesion_labels = labels.to_dict()
+            manifest.real_lesion_voxels = real_lesion_voxels(cases, labels)
+        run = join_run(manifest, folder, request, plan, part_id, generators)
+        manifest.save(folder)
+    return run, {c["slot"] for c in manifest.cases.values() if c["run"] == run["id"]}
+
+
 def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num_cases: int, seed: int = 0,
                      cache_folder: Path | None = None, overwrite: bool = False,
-                     plan: SynthesisPlan | None = None,
-                     options: SynthesizerOptions | None = None) -> tuple[Path, Manifest]:
-    """Write ``num_cases`` synthetic variants of the fold's training cases, following ``plan``."""
+                     plan: SynthesisPlan | None = None, options: SynthesizerOptions | None = None,
+                     num_parts: int = 1, part_id: int = 0) -> tuple[Path, Manifest]:
+    """Add ``num_cases`` synthetic variants of the fold's training cases, following ``plan``; with ``num_parts``
+    > 1 only part ``part_id`` of them (the other parts, run anywhere at any time, make the rest)."""
     if num_cases < 1:
         raise LeFusionError(f"the number of synthetic cases must be >= 1, got {num_cases}")
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise LeFusionError(f"need -num_parts >= 1 and 0 <= -part_id < -num_parts, got {num_parts} and {part_id}")
+    ctx.check_single_stage()
+    options = options or SynthesizerOptions()
     folder = Path(cache_folder) if cache_folder else default_cache_folder(ctx)
-    existing = existing_manifest(ctx, folder, overwrite)
+    generators = generator_records(method, options)
+    check_no_leak(generators, ctx.held_out_hashes(), ctx.fold, "refused")
+    if not overwrite and (folder / MANIFEST).exists():
+        existing_manifest(ctx, folder)  # refused before any work
     cases = [load_raw_case(ctx, i) for i in tqdm(sorted(ctx.split[0]), desc="reading training cases", unit="case")]
     if not any(np.isin(c.seg, labels.lesions).any() for c in cases):
         raise LeFusionError(f"no training case of fold {ctx.fold} contains a lesion label {list(labels.lesions)}")
     synthesizer = make_synthesizer(method, cases, labels, options)
-    pools = _pools(cases, labels, seed)
+    pools = _pools(cases, labels)
     plan = (plan or default_plan(synthesizer, pools)).validate(labels)
     for kind in plan.mix:
         if kind not in synthesizer.kinds and plan.mix[kind] > 0:
@@ -134,55 +255,45 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
         if plan.mix[kind] > 0 and not pools[kind]:
             raise LeFusionError(f"no training case of fold {ctx.fold} can be a {kind!r} target "
                                 f"({'no normal case' if kind == 'normal' else 'no case with lesions'})")
-    manifest = start_cache(ctx, folder, existing)
-    manifest.lesion_labels = labels.to_dict()
-    manifest.real_lesion_voxels = real_lesion_voxels(cases, labels)
-    tracker = ShareTracker(labels, plan.target_share)
-    tracker.totals.update({int(k): v for k, v in manifest.lesion_voxel_totals().items()})
-    made: dict[str, int] = {s: len(v) for s, v in manifest.variants_by_source().items()}
-    next_target = {kind: 0 for kind in pools}
-    pending: list[tuple[str, int, Proposal]] = []  # (synthetic id, seed, proposal) waiting to be rendered
+    request = json.loads(json.dumps({
+        "method": method, "num_cases": num_cases, "seed": seed, "mix": plan.mix, "target_share": plan.target_share,
+        "candidates": plan.candidates, "num_parts": num_parts, "sampling": options.mode,
+        "histogram_matching": options.histogram_matching, "generators": [g["path"] for g in generators]},
+        sort_keys=True))
+    prepare_folder(folder)
+    with Writer(folder):
+        run, done = start_run(ctx, folder, overwrite, request, plan, part_id, generators, labels, cases)
+        slots = run_slots(run, plan)[0]
+        size = getattr(synthesizer, "batch_size", 1)
+        batches = [slots[b:b + size] for b in range(0, len(slots), size)][part_id::num_parts]
+        batches = [batch for batch in batches if any(s.index not in done for s in batch)]
+        chosen = choose_proposals(synthesizer, pools, slots, plan, labels, run["totals"],
+                                  {s.index for batch in batches for s in batch})
+        todo = sum(s.index not in done for batch in batches for s in batch)
+        with tqdm(total=todo, desc=f"synthesizing ({method}, run {run['id']}, part {part_id}/{num_parts})",
+                  unit="case") as bar:
+            for batch in batches:
+                proposals = [chosen[s.index] for s in batch]
+                rendered = synthesizer.render_many(proposals, np.random.default_rng(batch[0].seed))
+                for slot, proposal, synthetic in zip(batch, proposals, rendered):
+                    if slot.index not in done:
+                        _store(ctx, folder, run, slot, proposal, synthetic)
+                        bar.update(1)
+    return folder, Manifest.load(folder)
 
-    def flush() -> None:
-        """Render the pending proposals in one batch, preprocess them with nnU-Net and add them to the cache."""
-        rendered = synthesizer.render_many([p for _, _, p in pending], np.random.default_rng(pending[0][1]))
-        for (syn_id, case_seed, proposal), synthetic in zip(pending, rendered):
-            data, seg, properties = preprocess_case(ctx, synthetic.case)
-            provenance = {"source": proposal.target.identifier, "seed": case_seed, **synthetic.provenance}
-            properties["lefusion"] = provenance
-            write_case(folder, syn_id, data, seg, properties, ctx.configuration_manager.patch_size)
-            manifest.cases[syn_id] = provenance
-            manifest.save(folder)
-            bar.update(1)
-        pending.clear()
 
-    batch_size = getattr(synthesizer, "batch_size", 1)
-    with tqdm(total=num_cases, desc=f"synthesizing ({method})", unit="case") as bar:
-        for kind in plan.allocate(num_cases):
-            pool = pools[kind]
-            for _ in range(len(pool)):  # a target that cannot host a lesion is skipped for the next one
-                target = pool[next_target[kind] % len(pool)]
-                next_target[kind] += 1
-                index = made.get(target.identifier, 0)
-                case_seed = _case_seed(seed, target.identifier, index)
-                rng = np.random.default_rng(case_seed)
-                try:
-                    proposals = [synthesizer.propose(target, kind, rng)
-                                 for _ in range(plan.candidates if plan.target_share and kind != "retexture" else 1)]
-                except SynthesisSkipped:
-                    continue
-                break
-            else:
-                raise LeFusionError(f"no {kind!r} target could be synthesized by {method}")
-            chosen = proposals[tracker.pick([p.seg for p in proposals])]
-            tracker.add(chosen.seg)
-            pending.append((f"{target.identifier}__syn{index:03d}", case_seed, chosen))
-            made[target.identifier] = index + 1
-            if len(pending) >= batch_size:
-                flush()
-        if pending:
-            flush()
-    return folder, manifest
+def _store(ctx: DatasetContext, folder: Path, run: dict, slot: Slot, proposal: Proposal, synthetic) -> None:
+    """Preprocess one synthetic case with nnU-Net, write its files, then list it in the manifest (under the lock)."""
+    syn_id = f"{proposal.target.identifier}__syn{slot.index:04d}"
+    data, seg, properties = preprocess_case(ctx, synthetic.case)
+    provenance = {"source": proposal.target.identifier, "seed": slot.seed, "run": run["id"], "slot": slot.index,
+                  **synthetic.provenance}
+    properties["lefusion"] = provenance
+    write_case(folder, syn_id, data, seg, properties, ctx.configuration_manager.patch_size)
+    with locked(folder):
+        manifest = Manifest.load(folder)
+        manifest.cases[syn_id] = provenance
+        manifest.save(folder)
 
 
 def real_lesion_voxels(cases: list[RawCase], labels: LesionLabels) -> dict[str, int]:

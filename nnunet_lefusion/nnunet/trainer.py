@@ -44,6 +44,7 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
         if self.lefusion.rate > 0:
             ctx = DatasetContext(self.plans_manager.dataset_name, self.configuration_name, self.fold,
                                  self.plans_manager.plans_name)
+            ctx.check_single_stage()
             folder = Path(self.lefusion.cache) if self.lefusion.cache else default_cache_folder(ctx)
             manifest = Manifest.load(folder)
             manifest.check_matches(ctx, list(dataset_tr.identifiers), folder)

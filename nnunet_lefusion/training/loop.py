@@ -53,6 +53,7 @@ from tqdm import tqdm
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.model.checkpoint import Checkpoint, CheckpointMeta, load_checkpoint, save_checkpoint
 from nnunet_lefusion.model.unet3d import Unet3D
+from nnunet_lefusion.nnunet.provenance import describe
 
 LATEST = "checkpoint_latest.pt"
 FINAL = "checkpoint_final.pt"
@@ -176,7 +177,12 @@ def _read_resume(path: Path, model: Unet3D, meta: CheckpointMeta) -> Checkpoint:
     """The checkpoint to resume from, refused if it holds another network or metadata, or no optimizer state."""
     loaded = load_checkpoint(path)
     stored = loaded.meta.to_dict() if loaded.meta is not None else {}
-    differences = sorted(k for k, v in meta.to_dict().items() if stored.get(k) != v)
+    seen = stored.get("training_data")
+    if seen is not None and meta.training_data is not None and seen != meta.training_data:
+        raise LeFusionError(f"cannot resume from {path}: it was trained on {describe(seen)}, not on "
+                            f"{describe(meta.training_data)}; use the same -f or another output folder.")
+    differences = sorted(k for k, v in meta.to_dict().items()
+                         if stored.get(k) != v and not (k == "training_data" and seen is None))
     if loaded.config != model.config:
         differences.insert(0, "model config")
     if differences:

@@ -100,12 +100,15 @@ class LesionLoss:
 
 def train_sampler(rois: RoiSet, config: ModelConfig, labels: LesionLabels, roi_size: Sequence[int],
                   out_dir: str | Path, train_config: TrainConfig, num_clusters: int = DEFAULT_CLUSTERS,
-                  resume: bool = False, histogram_scale: float = 1.0, cond_drop: float = 0.0) -> TrainResult:
+                  resume: bool = False, histogram_scale: float = 1.0, cond_drop: float = 0.0,
+                  training_data: dict | None = None) -> TrainResult:
     """Train a fresh (or resumed) LeFusion denoiser of ``config`` on ``rois``; files go to ``out_dir``.
-    ``histogram_scale`` and ``cond_drop``: see ``LesionLoss`` (the scale is stored for sampling)."""
+    ``histogram_scale`` and ``cond_drop``: see ``LesionLoss`` (the scale is stored for sampling);
+    ``training_data``: the cases ``rois`` come from, recorded in the checkpoint (``nnunet.provenance``)."""
     check_model_fits(config, len(labels.lesions), roi_size)
     loss = LesionLoss(labels.lesions, histogram_scale=histogram_scale, cond_drop=cond_drop)
     meta = sampler_meta(labels, roi_size, rois, num_clusters, seed=train_config.seed, histogram_scale=histogram_scale)
+    meta.training_data = training_data
     torch.manual_seed(train_config.seed)
     model = config.build()
     batch_size = train_config.batch_size

@@ -1,0 +1,112 @@
+"""Which cases a generator saw: nnU-Net's fold split, label-file hashes and the leakage check.
+
+A generator checkpoint (sampler or mask generator) records ``training_data`` = ``{"dataset", "fold", "cases":
+{identifier: label hash}}``. A case counts as the same case only if both its identifier and the hash of its label
+file agree, so another dataset that reuses the names (e.g. the phantom the shipped weights were trained on) is
+told apart.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from nnunet_lefusion.errors import LeFusionError
+
+FOLD_HELP = ("nnU-Net fold whose training cases to train on (its split from splits_final.json in nnUNet_preprocessed, "
+             "else nnU-Net's default 5-fold split, which is then written there), or 'all' (default). Pass the fold "
+             "you will train nnU-Net on: nnUNetv2_lefusion_synthesize refuses a generator that saw a validation "
+             "case of its fold")
+
+
+def nnunet_split(identifiers: list[str], fold: int | str,
+                 preprocessed_base: Path | None) -> tuple[list[str], list[str]]:
+    """(training, validation) identifiers of ``fold`` by nnU-Net's own ``do_split``: ``splits_final.json`` in
+    ``preprocessed_base`` when it exists, else nnU-Net's seeded 5-fold split, written there as the first
+    ``nnUNetv2_train`` would; ``all``: every case (validation = training, as in nnU-Net; no folder needed)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    ids = sorted(identifiers)
+
+    class Listed:  # the dataset class do_split asks for the identifiers
+        def __init__(self, *args, **kwargs) -> None:
+            self.identifiers = ids
+
+        @staticmethod
+        def get_identifiers(folder: str) -> list[str]:
+            return ids
+
+    if fold != "all":
+        preprocessed_base.mkdir(parents=True, exist_ok=True)
+    shim = SimpleNamespace(dataset_class=Listed, fold=fold, preprocessed_dataset_folder=str(preprocessed_base),
+                           preprocessed_dataset_folder_base=str(preprocessed_base or ""),
+                           folder_with_segs_from_previous_stage=None, print_to_log_file=lambda *a, **k: None)
+    try:
+        tr, val = nnUNetTrainer.do_split(shim)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LeFusionError(f"cannot read the split of fold {fold} from {preprocessed_base / 'splits_final.json'} "
+                            f"({type(exc).__name__}: {exc})") from None
+    return [str(k) for k in tr], [str(k) for k in val]
+
+
+def label_hash(path: str | Path) -> str:
+    """Content hash of a label file (its bytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def training_record(dataset: str, fold: int | str, label_files: dict[str, str | Path]) -> dict:
+    """The ``training_data`` a generator trained on ``label_files`` (identifier -> label file) records."""
+    return {"dataset": str(dataset), "fold": str(fold),
+            "cases": {k: label_hash(v) for k, v in sorted(label_files.items())}}
+
+
+def fingerprint(hashes: dict[str, str]) -> str:
+    """One hash of a set of (identifier, label hash) pairs."""
+    return hashlib.sha256(json.dumps(sorted(hashes.items())).encode()).hexdigest()[:16]
+
+
+def describe(record: dict | None) -> str:
+    """``fold 0 of Dataset990_X (8 cases, fingerprint ...)`` for messages and the manifest."""
+    if not record:
+        return "unknown cases (no record)"
+    return (f"fold {record['fold']} of {record['dataset']} ({len(record['cases'])} cases, "
+            f"fingerprint {fingerprint(record['cases'])})")
+
+
+def raw_fold(dataset: str, raw_folder: Path, fold: int | str) -> tuple[dict, dict]:
+    """(training-case files {id: {'images', 'label'}}, ``training_record``) of ``fold`` of a raw dataset."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    from nnunet_lefusion.nnunet.context import env_folder
+
+    if not (raw_folder / "dataset.json").is_file():
+        raise LeFusionError(f"{raw_folder} has no dataset.json (is nnUNet_raw right?)")
+    files = get_filenames_of_train_images_and_targets(str(raw_folder),
+                                                      json.loads((raw_folder / "dataset.json").read_text()))
+    if not files:
+        raise LeFusionError(f"{raw_folder} has no training cases (imagesTr/labelsTr)")
+    base = env_folder("nnUNet_preprocessed") / dataset if fold != "all" else None
+    train, _ = nnunet_split(list(files), fold, base)
+    chosen = {k: files[k] for k in sorted(train)}
+    return chosen, training_record(dataset, fold, {k: v["label"] for k, v in chosen.items()})
+
+
+def leaked_cases(record: dict | None, held_out: dict[str, str]) -> list[str]:
+    """Held-out cases (identifier -> label hash) that a generator with ``record`` saw: same id and same hash."""
+    seen = (record or {}).get("cases", {})
+    return sorted(k for k, h in held_out.items() if seen.get(k) == h)
+
+
+def check_no_leak(generators: list[dict], held_out: dict[str, str], fold: int | str, what: str) -> None:
+    """``LeFusionError`` if a generator (``{"role", "path", "training_data"}``) saw a held-out case of ``fold``."""
+    for generator in generators:
+        leaked = leaked_cases(generator.get("training_data"), held_out)
+        if leaked:
+            raise LeFusionError(
+                f"{what}: the {generator['role']} {generator['path']} was trained on validation case(s) of fold "
+                f"{fold}: {', '.join(leaked[:5])}{' ...' if len(leaked) > 5 else ''}; train it with -f {fold}")

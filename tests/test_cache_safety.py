@@ -1,0 +1,217 @@
+"""The cache survives concurrency, interruption and bad input: real synthesize commands (copy-paste) on Dataset990,
+run as parallel parts, concurrent appenders and killed processes; the lock itself with real processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import blosc2
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.labels import resolve_lesion_labels
+from nnunet_lefusion.nnunet import cache_lock
+from nnunet_lefusion.nnunet.cache import Manifest
+from nnunet_lefusion.nnunet.context import DatasetContext
+from nnunet_lefusion.nnunet.preprocess import load_raw_case
+from tests.nnunet_helpers import BIN, error_lines, run_cli
+
+SYNTH = ["-d", "990", "-c", "3d_fullres", "-f", "0"]
+
+
+def start(cache: Path, *args: str) -> subprocess.Popen:
+    """A synthesize command running in the background."""
+    return subprocess.Popen([str(BIN / "nnUNetv2_lefusion_synthesize"), *SYNTH, "--cache", str(cache), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> None:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def listed(cache: Path) -> int:
+    """Cases the manifest lists now (0 while there is none or it cannot be read)."""
+    try:
+        return len(json.loads((cache / "manifest.json").read_text())["cases"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0
+
+
+def assert_complete(cache: Path) -> Manifest:
+    """Every listed case has its three files, nothing else is left behind, and no number is used twice."""
+    manifest = Manifest.load(cache)
+    names = {p.name for p in cache.iterdir()}
+    expected = {"manifest.json"} | {f"{i}{s}" for i in manifest.cases for s in (".b2nd", "_seg.b2nd", ".pkl")}
+    assert names == expected, f"unexpected {sorted(names - expected)}, missing {sorted(expected - names)}"
+    slots = [c["slot"] for c in manifest.cases.values()]
+    assert len(slots) == len(set(slots)) and sorted(slots) == list(range(manifest.next_index))
+    return manifest
+
+
+def content(cache: Path, manifest: Manifest) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {i: (blosc2.open(str(cache / f"{i}.b2nd"), mode="r")[:], blosc2.open(str(cache / f"{i}_seg.b2nd"),
+                                                                               mode="r")[:]) for i in manifest.cases}
+
+
+def assert_same_cases(a: Path, b: Path) -> None:
+    ma, mb = Manifest.load(a), Manifest.load(b)
+    assert sorted(ma.cases) == sorted(mb.cases)
+    ca, cb = content(a, ma), content(b, mb)
+    for i in ma.cases:
+        assert np.array_equal(ca[i][0], cb[i][0]) and np.array_equal(ca[i][1], cb[i][1]), i
+
+
+@pytest.fixture(scope="module")
+def one_run(phantom_dataset, tmp_path_factory) -> Path:
+    """The reference: 6 cases made by one uninterrupted run."""
+    cache = tmp_path_factory.mktemp("one_run") / "cache"
+    run_cli("nnUNetv2_lefusion_synthesize", *SYNTH, "-n", "6", "--cache", str(cache))
+    return cache
+
+
+def test_parts_at_once_equal_one_run(one_run, tmp_path):
+    cache = tmp_path / "parts"
+    parts = [start(cache, "-n", "6", "-num_parts", "2", "-part_id", str(p)) for p in (0, 1)]
+    for proc in parts:
+        finish(proc)
+    manifest = assert_complete(cache)
+    assert len(manifest.runs) == 1 and set(manifest.runs[0]["parts"]) == {"0", "1"}
+    assert_same_cases(one_run, cache)
+
+
+def test_appending_continues_over_the_training_cases(phantom_dataset, one_run, tmp_path):
+    cache = tmp_path / "append"
+    for seed in ("0", "1", "2"):
+        run_cli("nnUNetv2_lefusion_synthesize", *SYNTH, "-n", "3", "--seed", seed, "--cache", str(cache))
+    manifest = assert_complete(cache)
+    ctx = DatasetContext(phantom_dataset, "3d_fullres", 0)
+    labels = resolve_lesion_labels(ctx.dataset_json)
+    normal = {i for i in ctx.split[0] if not np.isin(load_raw_case(ctx, i).seg, labels.lesions).any()}
+    for kind, pool in (("newmask", set(ctx.split[0]) - normal), ("normal", normal)):
+        uses = Counter(c["source"] for c in manifest.cases.values() if c["kind"] == kind)
+        counts = [uses[i] for i in pool]
+        assert sum(counts) and max(counts) - min(counts) <= 1, f"{kind}: {uses} not spread over {sorted(pool)}"
+
+
+def test_two_appenders_at_once_lose_nothing(one_run, tmp_path):
+    cache = tmp_path / "appenders"
+    run_cli("nnUNetv2_lefusion_synthesize", *SYNTH, "-n", "2", "--cache", str(cache))
+    procs = [start(cache, "-n", "3", "--seed", "5"), start(cache, "-n", "3", "--seed", "5")]  # the same command twice
+    for proc in procs:
+        finish(proc)
+    manifest = assert_complete(cache)
+    assert len(manifest.cases) == 8 and len(manifest.runs) == 3
+    assert sorted(r["first"] for r in manifest.runs) == [0, 2, 5]
+
+
+@pytest.mark.parametrize("killed_after", [0, 2, 5])
+def test_kill_9_then_the_same_command_completes_the_cache(one_run, tmp_path, killed_after):
+    cache = tmp_path / "killed"
+    proc = start(cache, "-n", "6")
+    deadline = time.monotonic() + 120
+    while listed(cache) < killed_after or not (cache / "manifest.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the writer ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert listed(cache) < 6
+    run_cli("nnUNetv2_lefusion_synthesize", *SYNTH, "-n", "6", "--cache", str(cache))
+    manifest = assert_complete(cache)
+    assert len(manifest.runs) == 1 and len(manifest.cases) == 6
+    assert_same_cases(one_run, cache)
+
+
+def test_overwrite_is_refused_while_another_writer_runs(one_run, tmp_path):
+    cache = tmp_path / "busy"
+    proc = start(cache, "-n", "400")  # runs far longer than the command below
+    while not list(cache.glob(f"{cache_lock.WRITER_PREFIX}*")):
+        assert proc.poll() is None
+        time.sleep(0.02)
+    res = run_cli("nnUNetv2_lefusion_synthesize", *SYNTH, "-n", "1", "--cache", str(cache), "--overwrite",
+                  check=False)
+    lines = error_lines(res)
+    assert proc.poll() is None, "the writer must still run for this test to mean anything"
+    assert res.returncode == 2 and len(lines) == 1 and "being written" in lines[0], res.stderr
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    run_cli("nnUNetv2_lefusion_synthesize", *SYNTH, "-n", "1", "--cache", str(cache), "--overwrite")
+    assert len(assert_complete(cache).cases) == 1
+
+
+def test_relabelled_or_incomplete_cache_is_refused(phantom_dataset, one_run, nnunet_dirs, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in one_run.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    victim = next(copy.glob("*_seg.b2nd"))
+    victim.unlink()
+    res = run_cli("nnUNetv2_lefusion_synthesize", *SYNTH, "-n", "1", "--cache", str(copy), check=False)
+    lines = error_lines(res)
+    assert res.returncode == 2 and len(lines) == 1 and "files are missing" in lines[0], res.stderr
+
+    manifest = Manifest.load(one_run)
+    label = Path(nnunet_dirs["nnUNet_raw"]) / phantom_dataset / "labelsTr" / f"{manifest.training_cases[0]}.nii.gz"
+    original = label.read_bytes()
+    try:
+        image = sitk.ReadImage(str(label))
+        array = sitk.GetArrayFromImage(image)
+        array[array == 2] = 1  # a relabelling
+        relabelled = sitk.GetImageFromArray(array)
+        relabelled.CopyInformation(image)
+        sitk.WriteImage(relabelled, str(label))
+        res = run_cli("nnUNetv2_lefusion_synthesize", *SYNTH, "-n", "1", "--cache", str(one_run), check=False)
+    finally:
+        label.write_bytes(original)
+    lines = error_lines(res)
+    assert res.returncode == 2 and len(lines) == 1 and "relabelled" in lines[0], res.stderr
+
+
+def test_bad_parts_are_one_error_line(phantom_dataset, tmp_path):
+    res = run_cli("nnUNetv2_lefusion_synthesize", *SYNTH, "-n", "2", "-num_parts", "2", "-part_id", "2",
+                  "--cache", str(tmp_path / "c"), check=False)
+    lines = error_lines(res)
+    assert res.returncode == 2 and len(lines) == 1 and "-part_id" in lines[0], res.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_locks_are_broken_and_live_writers_kept(tmp_path):
+    lock = tmp_path / cache_lock.LOCK
+    lock.write_text(f"{dead_pid()}@{cache_lock.HOST}")  # a killed holder on this host
+    with cache_lock.locked(tmp_path, timeout=5):
+        assert lock.read_text() == cache_lock.token()
+    assert not lock.exists()
+    lock.write_text("123@elsewhere")  # another host: stale only when old
+    with pytest.raises(LeFusionError, match="stays locked"):
+        with cache_lock.locked(tmp_path, timeout=0.3):
+            pass
+    old = time.time() - cache_lock.LOCK_STALE_S - 1
+    os.utime(lock, (old, old))
+    with cache_lock.locked(tmp_path, timeout=5):
+        pass
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        live, dead = f"{sleeper.pid}@{cache_lock.HOST}", f"{dead_pid()}@{cache_lock.HOST}"
+        files = [tmp_path / f"{cache_lock.TMP_PREFIX}{w}~case.b2nd" for w in (live, dead, "9@elsewhere")]
+        files += [tmp_path / f"{cache_lock.WRITER_PREFIX}{w}" for w in (live, dead, "9@elsewhere")]
+        for path in files:
+            path.touch()
+        cache_lock.remove_dead_leftovers(tmp_path)  # the other host's writer has a fresh heartbeat: alive
+        assert [p.exists() for p in files] == [True, False, True, True, False, True]
+        assert cache_lock.other_writers(tmp_path) == sorted([live, "9@elsewhere"])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
