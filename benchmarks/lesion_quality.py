@@ -29,7 +29,7 @@ from scipy.stats import wasserstein_distance
 from nnunet_lefusion.cli.train_sampler import training_cases
 from nnunet_lefusion.labels import resolve_lesion_labels
 from nnunet_lefusion.synthesis.lefusion import LesionSampler, sampler_config
-from nnunet_lefusion.training.roi_data import lesion_roi, read_volume
+from nnunet_lefusion.training.roi_data import read_volume
 
 
 def parse_jumps(text: str) -> tuple[int, int]:
@@ -52,13 +52,6 @@ def held_out_cases(raw: Path, lesions: tuple[int, ...], limit: int) -> list[tupl
         if len(cases) == limit:
             break
     return cases
-
-
-def in_window(image: np.ndarray, label: np.ndarray, labels, size) -> np.ndarray:
-    """Native voxels inside the case's ROI window."""
-    window = np.zeros(label.shape, dtype=bool)
-    window[lesion_roi(image, label, labels, size).spec.overlap()[0]] = True
-    return window
 
 
 def split_half_distance(values: np.ndarray, rng: np.random.Generator) -> float:
@@ -119,17 +112,13 @@ def main() -> None:
                                    list(sampler.labels.organ))
     cases = held_out_cases(raw, labels.lesions, args.cases)
     images = [c[1] for c in cases]
-    # Lesion voxels outside a case's ROI window are not re-synthesized: leave them out of the comparison.
-    label_maps = [np.where(in_window(i, m, labels, sampler.roi_size) | ~np.isin(m, labels.lesions),
-                           m.astype(np.int32), -1) for _, i, m in cases]
-    outside = sum(int((m == -1).sum()) for m in label_maps)
+    label_maps = [m for _, _, m in cases]   # every lesion voxel is re-synthesized (several windows if needed)
     jl, jn = args.full_schedule
     modes = {"fast": sampler_config("fast")}
     if not args.skip_full:
         modes[f"full {jl}/{jn}"] = sampler_config("official", (jl, jn))
     print(f"checkpoint {args.checkpoint} ({args.weights} weights), {len(cases)} held-out cases from {raw.name}, "
-          f"histogram condition: {args.histogram}, torch threads {torch.get_num_threads()}"
-          + (f"; {outside} lesion voxels outside the ROI windows are left out" if outside else ""))
+          f"histogram condition: {args.histogram}, torch threads {torch.get_num_threads()}")
 
     rng = np.random.default_rng(args.seed)
     stds = per_case(label_maps, labels, lambda k, m, lab: float(images[k][m == lab].std()))

@@ -5,7 +5,7 @@ size); those voxels are padding, filled with -1 in the image crop and 0 in label
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -113,6 +113,33 @@ def locate_roi(image: np.ndarray, label: np.ndarray, host_labels: Sequence[int],
     start = tuple(_window_start(n, s, int(c.min()), int(c.max()) + 1)
                   for n, s, c in zip(image.shape, size, coords))
     return RoiSpec(tuple(image.shape), start, size, IntensityMap.fit(image, percentiles), image.dtype.name)
+
+
+def _covering_starts(n: int, size: int, centred: int, lo: int, hi: int) -> list[int]:
+    """Window origins along one axis that together hold [lo, hi): the one nearest ``centred`` if one window holds
+    it, else windows side by side from ``lo``, the last ending at ``hi``."""
+    if n <= size:
+        return [centred]
+    if hi - lo <= size:
+        return [int(np.clip(centred, hi - size, lo))]
+    return [*range(lo, hi - size, size), hi - size]
+
+
+def covering_rois(image: np.ndarray, label: np.ndarray, host_labels: Sequence[int], hold: Sequence[int],
+                  size: Sequence[int] = OFFICIAL_CARDIAC_SIZE,
+                  percentiles: tuple[float, float] = (0.0, 100.0)) -> list[RoiSpec]:
+    """The ROI of :func:`locate_roi`, moved as little as needed to hold every voxel of the ``hold`` labels, or,
+    where they are wider than one window, several windows side by side that together hold them (each holding
+    some of them). All share the intensity map of the whole image."""
+    centred = locate_roi(image, label, host_labels, size, percentiles)
+    held = np.nonzero(np.isin(label, list(hold)))
+    if not held[0].size:
+        return [centred]
+    axes = [_covering_starts(n, s, s0, int(c.min()), int(c.max()) + 1)
+            for n, s, s0, c in zip(centred.volume_shape, centred.size, centred.start, held)]
+    specs = [replace(centred, start=(z, y, x)) for z in axes[0] for y in axes[1] for x in axes[2]]
+    selected = np.isin(label, list(hold))
+    return [spec for spec in specs if selected[spec.overlap()[0]].any()]
 
 
 def crop(volume: np.ndarray, spec: RoiSpec, fill=0) -> np.ndarray:

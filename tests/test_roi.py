@@ -6,7 +6,7 @@ import pytest
 
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.roi import (
-    IntensityMap, RoiSpec, contains, crop, crop_image, locate_roi, paste, paste_image)
+    IntensityMap, RoiSpec, contains, covering_rois, crop, crop_image, locate_roi, paste, paste_image)
 
 
 def _heart(shape=(12, 96, 100), centre=(6, 40, 60), dtype=np.int16):
@@ -36,6 +36,23 @@ def test_window_centred_on_host_and_inside_volume():
     assert (roi_label == 3).sum() == (label == 3).sum()
     near_edge = locate_roi(*_heart(centre=(6, 10, 90)), host_labels=(2, 3, 4))
     assert near_edge.start[1] == 0 and near_edge.start[2] == 100 - 72
+
+
+def test_windows_hold_every_lesion_voxel():
+    image, label = _heart(centre=(6, 48, 50))
+    label[label >= 3] = 2
+    label[(label == 2) & (np.arange(100) > 60)[None, None, :]] = 3   # an infarct on the far lateral edge only
+    centred = locate_roi(image, label, (2, 3, 4), size=(10, 20, 20))
+    (held,) = covering_rois(image, label, (2, 3, 4), (3, 4), size=(10, 20, 20))
+    assert not contains(centred, label, (3, 4)) and contains(held, label, (3, 4))
+    assert held.start[:2] == centred.start[:2] and held.start[2] > centred.start[2]   # moved only where needed
+    assert held.intensity == centred.intensity
+    several = covering_rois(image, label, (2, 3, 4), (3, 4), size=(2, 8, 20))   # the infarct: 7 slices, 15 rows
+    covered = np.zeros(label.shape, bool)
+    for spec in several:
+        covered[spec.overlap()[0]] = True
+    assert len(several) > 1 and covered[label == 3].all()
+    assert all((label[spec.overlap()[0]] == 3).any() for spec in several)   # no window without a lesion voxel
 
 
 def test_small_volume_is_padded_with_minus_one():

@@ -16,7 +16,7 @@ from nnunet_lefusion.masks.rule_based import RuleBasedMaskGenerator
 from nnunet_lefusion.synthesis.base import RawCase, SynthesisSkipped
 from nnunet_lefusion.synthesis.lefusion import LeFusionSynthesizer, LesionSampler, resynthesize
 from nnunet_lefusion.training.loop import FINAL
-from nnunet_lefusion.training.roi_data import lesion_roi
+from nnunet_lefusion.roi import covering_rois
 from tests.test_train_sampler import dataset, train_tiny  # noqa: F401  (shared fixtures)
 
 # A very short fast-mode walk: 4 strided steps, no resampling -> 4 network evaluations per ROI.
@@ -78,28 +78,48 @@ def test_histogram_matching_takes_the_condition_and_keeps_the_network_pattern(da
     matched = resynthesize(image, label, sampler, seed=1, histogram="case", **QUICK_KW)
     outside = ~np.isin(label, (3, 4))
     assert np.array_equal(raw[outside], image[outside]) and np.array_equal(matched[outside], image[outside])
-    window = np.zeros(label.shape, dtype=bool)  # lesion voxels outside the small test ROI stay as they are
-    window[lesion_roi(image, label, sampler.labels, sampler.roi_size).spec.overlap()[0]] = True
     tested = 0
-    for cls in (3, 4):
-        real, before, after = (v[(label == cls) & window].astype(np.float64) for v in (image, raw, matched))
+    for cls in (3, 4):   # every lesion voxel, over all the windows that cover the lesions
+        real, before, after = (v[label == cls].astype(np.float64) for v in (image, raw, matched))
         if real.size < 20:
             continue
         tested += 1
         assert wasserstein_distance(real, after) < 0.1 * real.std() < wasserstein_distance(real, before)
-        assert spearmanr(before, after).statistic > 0.99
     assert tested
+    earlier = np.zeros(label.shape, dtype=bool)   # each window is matched on its own: order kept within it
+    for spec in covering_rois(image, label, (2, 3, 4), (3, 4), sampler.roi_size):
+        window = np.zeros(label.shape, dtype=bool)
+        window[spec.overlap()[0]] = True
+        made_here = window & ~earlier & np.isin(label, (3, 4))
+        earlier |= made_here
+        for cls in (3, 4):
+            if ((label == cls) & made_here).sum() >= 20:
+                assert spearmanr(raw[(label == cls) & made_here], matched[(label == cls) & made_here]).statistic > 0.99
 
 
-def _raw_case(dataset: Path, name: str) -> RawCase:
+def _raw_case(dataset: Path, name: str, slices: int | None = None) -> RawCase:
+    """A raw phantom case; with ``slices``, only that many consecutive slices, where the lesions (else the
+    heart) are largest: thin enough for the 2-slice test window, wider than it in-plane."""
     image, label = (sitk.GetArrayFromImage(v) for v in _case(dataset, name))
+    if slices:
+        weight = np.where(np.isin(label, (3, 4)).any(), np.isin(label, (3, 4)), label > 0).sum(axis=(1, 2))
+        first = int(np.argmax(np.convolve(weight, np.ones(slices), "valid")))
+        image, label = image[first:first + slices], label[first:first + slices]
     spacing = sitk.ReadImage(str(dataset / "labelsTr" / f"{name}.nii.gz")).GetSpacing()[::-1]
     return RawCase(name, image[None].astype(np.float32), label[None].astype(np.float32), {"spacing": list(spacing)})
 
 
+def _retextured_share(before: RawCase, after: RawCase, labels: LesionLabels) -> float:
+    """The share of the synthetic case's lesion voxels whose intensity the sampler changed."""
+    lesion = np.isin(after.seg[0], labels.lesions)
+    return float((after.image[0][lesion] != before.image[0][lesion]).mean())
+
+
 def test_synthesizer_retextures_real_and_generated_lesions(dataset, checkpoint):
     labels = LesionLabels.emidec()
-    sick, normal = _raw_case(dataset, "Case_P003"), _raw_case(dataset, "Case_N001")
+    sick, normal = _raw_case(dataset, "Case_P003", slices=2), _raw_case(dataset, "Case_N001", slices=2)
+    assert min((normal.seg[0] > 0).any(axis=(0, 1)).sum(), (normal.seg[0] > 0).any(axis=(0, 2)).sum()) > 32, \
+        "the organ must be wider than the 32-voxel test window"
     rng = np.random.default_rng(0)
     plain = LeFusionSynthesizer(checkpoint, labels, **QUICK_KW)
     assert plain.kinds == ("retexture",)
@@ -125,6 +145,21 @@ def test_synthesizer_retextures_real_and_generated_lesions(dataset, checkpoint):
     grown = np.isin(added.case.seg[0], labels.lesions)
     assert (grown & lesion).sum() == lesion.sum() and grown.sum() > lesion.sum()
     assert np.array_equal(added.case.image[0][~grown], sick.image[0][~grown])
+    # every lesion voxel got a new texture: each window was placed to hold all of its case's lesions
+    for before, after in ((sick, real), (normal, new), (sick, added)):
+        assert _retextured_share(before, after.case, labels) > 0.97
+
+
+def test_lesions_wider_than_the_window_are_covered_by_several_windows(dataset, checkpoint):
+    """A lesion through more slices than the 2-slice window: windows one after the other re-texture all of it."""
+    sick = _raw_case(dataset, "Case_P003")
+    assert np.isin(sick.seg[0], (3, 4)).any(axis=(1, 2)).sum() > 2
+    synthesizer = LeFusionSynthesizer(checkpoint, LesionLabels.emidec(), **QUICK_KW)
+    rng = np.random.default_rng(0)
+    made = synthesizer.render(synthesizer.propose(sick, "retexture", rng), rng).case
+    lesion = np.isin(sick.seg[0], (3, 4))
+    assert np.array_equal(made.image[0][~lesion], sick.image[0][~lesion])
+    assert _retextured_share(sick, made, LesionLabels.emidec()) > 0.97
 
 
 def _error(capsys, argv) -> str:

@@ -19,7 +19,8 @@ from nnunet_lefusion.phantom import write_dataset
 from nnunet_lefusion.model.checkpoint import META_KEY, OPTIMIZER_KEY, load_checkpoint
 from nnunet_lefusion.training.loop import FINAL, LATEST, LOG_NAME, TrainConfig, train
 from nnunet_lefusion.synthesis.lefusion import LesionSampler
-from nnunet_lefusion.training.roi_data import lesion_roi, load_roi_set, read_volume
+from nnunet_lefusion.roi import covering_rois
+from nnunet_lefusion.training.roi_data import load_roi_set, read_volume
 from nnunet_lefusion.training.sampler import LesionLoss, sampler_meta
 
 LESION_ID, NORMAL_ID = 981, 982
@@ -217,6 +218,6 @@ def test_histogram_scale_and_condition_dropout(dataset, tmp_path):
         (dataset / "dataset.json").read_text())) if "P" in c[0])
     image, label = read_volume(image_file)[0], read_volume(label_file)[0]
     sampler.resynthesize_many([image], [label], np.random.default_rng(0), SamplerConfig(1, 1, strided_steps=2), "case")
-    item = lesion_roi(image, label, labels, sampler.roi_size)
-    own = lesion_histograms(item.image, item.label, labels.lesions)
-    assert len(conds) == 2 and all(torch.allclose(c[0], torch.from_numpy(own) * 16.0) for c in conds)
+    windows = covering_rois(image, label, labels.host, labels.lesions, sampler.roi_size)
+    own = lesion_histograms(windows[0].intensity.to_unit(image), label, labels.lesions)   # the whole lesion's
+    assert len(conds) == 2 * len(windows) and all(torch.allclose(c[0], torch.from_numpy(own) * 16.0) for c in conds)

@@ -67,6 +67,10 @@ def make_synthesizer(method: str, cases: list[RawCase], labels: LesionLabels,
         except SynthesisSkipped as exc:
             raise LeFusionError(f"copy-paste impossible: {exc}") from None
     if method == "lefusion":
+        channels = {case.image.shape[0] for case in cases}
+        if channels != {1}:
+            raise LeFusionError(f"LeFusion re-textures one image channel, but the cases have {max(channels)}: "
+                                "lesion labels would lie on untouched tissue in the others; use --method copypaste")
         if not options.checkpoint:
             raise LeFusionError("--method lefusion needs --checkpoint (train one with nnUNetv2_lefusion_train_sampler)")
         from nnunet_lefusion.synthesis.lefusion import LeFusionSynthesizer

@@ -27,7 +27,7 @@ from nnunet_lefusion.model.unet3d import Unet3D
 from nnunet_lefusion.synthesis.base import Proposal, RawCase, Synthetic, SynthesisSkipped, lesion_voxel_counts
 from nnunet_lefusion.synthesis.plan import KINDS
 from nnunet_lefusion.training.loop import resolve_device
-from nnunet_lefusion.training.roi_data import LesionRoi, lesion_roi
+from nnunet_lefusion.training.roi_data import INTENSITY_PERCENTILES, LesionRoi
 from nnunet_lefusion.training.sampler import SAMPLER_KIND, histogram_scale, sampler_clusters
 
 MODES = ("fast", "official")
@@ -128,9 +128,11 @@ class LesionSampler:
         """New lesion textures for several native-grid cases (Z, Y, X), ``batch_size`` ROIs per sampler call.
 
         ``labels`` are the roles of the cases' labels (default: those the sampler was trained with); network
-        channel k re-textures ``labels.lesions[k]``. Returns, per case, two copies of the image (same dtype) that
-        differ from it only on lesion voxels inside the ROI: the network's textures as sampled, and the same
-        textures with each lesion class histogram-matched to its condition (see ``RePaintSampler``).
+        channel k re-textures ``labels.lesions[k]``. Every lesion voxel is re-textured: the window is placed to
+        hold a case's lesions, or, for lesions wider than one window, several windows are sampled one after the
+        other, each keeping what the earlier ones made as known background. Returns, per case, two copies of the
+        image (same dtype) that differ from it only on lesion voxels: the network's textures as sampled, and the
+        same textures with each lesion class histogram-matched to its condition (see ``RePaintSampler``).
         """
         labels = labels or self.labels
         if len(labels.lesions) != self.model.config.channels:
@@ -138,33 +140,43 @@ class LesionSampler:
                                 f"{len(labels.lesions)} lesion label(s) {list(labels.lesions)}.")
         if batch_size < 1:
             raise LeFusionError(f"the sampling batch size must be >= 1, got {batch_size}.")
-        items, conds = [], []
+        windows, conds = [], []
         for image, label in zip(images, label_maps, strict=True):
             image, label = np.asarray(image), np.asarray(label)
             if image.shape != label.shape or image.ndim != 3:
                 raise LeFusionError(f"image {image.shape} and label {label.shape} must be 3D (Z, Y, X) of one shape.")
             if not np.isin(label, labels.lesions).any():
                 raise LeFusionError(f"the label map has no voxel of the lesion labels {list(labels.lesions)}.")
-            item = lesion_roi(image, label, labels, self.roi_size)
-            items.append(item)
-            conds.append(self.condition(item, labels.lesions, histogram, rng))
+            specs = roi.covering_rois(image, label, labels.host, labels.lesions, self.roi_size, INTENSITY_PERCENTILES)
+            windows.append(specs)
+            whole = LesionRoi(specs[0].intensity.to_unit(image), label, specs[0])
+            conds.append(self.condition(whole, labels.lesions, histogram, rng))
         sampler = RePaintSampler(self.model, self.schedule, config)
         generator = torch.Generator(self.device).manual_seed(int(rng.integers(2 ** 63)))
-        out = []
-        for first in range(0, len(items), batch_size):
-            chunk, chunk_images = items[first:first + batch_size], images[first:first + batch_size]
-            roi_images = self.network_axes(np.stack([i.image for i in chunk]))
-            roi_labels = self.network_axes(np.stack([i.label.astype(np.int64) for i in chunk]))
-            result = sampler.sample(torch.from_numpy(roi_images).to(self.device),
-                                    torch.from_numpy(roi_labels).to(self.device), labels.lesions,
-                                    torch.from_numpy(np.stack(conds[first:first + batch_size]))
-                                    * self.histogram_scale, generator, histogram_matching=True)
-            sampled, matched = (self.network_axes(r.cpu().numpy()) for r in (result.image, result.matched))
-            for item, image, roi_sampled, roi_matched in zip(chunk, chunk_images, sampled, matched):
-                lesions = np.isin(item.label, labels.lesions)
-                out.append((roi.paste_image(image, roi_sampled, lesions, item.spec),
-                            roi.paste_image(image, roi_matched, lesions, item.spec)))
-        return out
+        sampled = [np.array(image, copy=True) for image in images]
+        matched = [np.array(image, copy=True) for image in images]
+        done = [np.zeros(np.shape(label), dtype=bool) for label in label_maps]
+        for step in range(max(map(len, windows))):
+            todo = [i for i, specs in enumerate(windows) if step < len(specs)]
+            for first in range(0, len(todo), batch_size):
+                chunk = todo[first:first + batch_size]
+                specs = [windows[i][step] for i in chunk]
+                roi_labels = [np.where(roi.crop(done[i], spec), 0, roi.crop(label_maps[i], spec)).astype(np.int64)
+                              for i, spec in zip(chunk, specs)]
+                result = sampler.sample(
+                    torch.from_numpy(self.network_axes(np.stack([roi.crop_image(sampled[i], spec)
+                                                                 for i, spec in zip(chunk, specs)]))).to(self.device),
+                    torch.from_numpy(self.network_axes(np.stack(roi_labels))).to(self.device), labels.lesions,
+                    torch.from_numpy(np.stack([conds[i] for i in chunk])) * self.histogram_scale, generator,
+                    histogram_matching=True)
+                raw, fitted = (self.network_axes(r.cpu().numpy()) for r in (result.image, result.matched))
+                for i, spec, roi_label, roi_raw, roi_fitted in zip(chunk, specs, roi_labels, raw, fitted):
+                    new = np.isin(roi_label, labels.lesions)
+                    sampled[i] = roi.paste_image(sampled[i], roi_raw, new, spec)
+                    matched[i] = roi.paste_image(matched[i], roi_fitted, new, spec)
+                    native, inside = spec.overlap()
+                    done[i][native] |= new[inside]
+        return list(zip(sampled, matched))
 
     def resynthesize_many(self, images: Sequence[np.ndarray], label_maps: Sequence[np.ndarray],
                           rng: np.random.Generator, config: SamplerConfig, histogram: Histogram = "random",
