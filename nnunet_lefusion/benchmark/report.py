@@ -114,8 +114,9 @@ def write_png(summary: dict, results: list[dict], arms: tuple[str, ...], scored:
 
 
 def write_outputs(out: Path, info: dict, results: list[dict], arms: tuple[str, ...], seeds: int,
-                  scored: list[Structure], detected: list[Structure], cv: bool) -> str:
-    """summary.json, per_case.csv, table.md and benchmark.png in ``out``; returns the Markdown table."""
+                  scored: list[Structure], detected: list[Structure], cv: bool) -> tuple[str, dict]:
+    """summary.json, per_case.csv, table.md and benchmark.png in ``out``; returns the Markdown table and the
+    figures."""
     results = with_detection_rates(results, detected)
     keys = figure_keys(scored, detected)
     summary = summarise(results, arms, seeds, keys, cv)
@@ -126,4 +127,4 @@ def write_outputs(out: Path, info: dict, results: list[dict], arms: tuple[str, .
     write_csv(results, out / "per_case.csv")
     atomic_write_text(out / "table.md", text)
     write_png(summary, results, arms, scored, out / "benchmark.png")
-    return text
+    return text, summary

@@ -11,9 +11,11 @@ Layout of the output folder ``OUT``::
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from nnunet_lefusion.phantom import write_dataset
 from nnunet_lefusion.training.roi_data import read_volume
 
 METRICS_FILE = "metrics.json"
+_PR_SET_PDEATHSIG = 1
 _OWN_FILES = {"splits_final.json", "lefusion_cache", "lefusion.yaml"}
 
 
@@ -118,6 +121,15 @@ def prepare(setup: Setup, test_dataset: Path | None) -> None:
                       json.dumps([{"train": s["train"], "val": s["val"]} for s in splits], indent=1))
 
 
+def _die_with_parent() -> None:
+    """In a child process: be killed when the benchmark dies (even by ``kill -9``), so that a re-run never finds
+    an orphaned training still writing into its folder (Linux; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 class Run:
     """One arm trained with one seed's training cases."""
 
@@ -149,7 +161,7 @@ class Run:
             log.write(f"\n=== {stage}: {' '.join(cmd)}\n")
             log.flush()
             result = subprocess.run([str(tool) if tool.exists() else cmd[0], *cmd[1:]], env=self.env(),
-                                    stdout=log, stderr=subprocess.STDOUT)
+                                    stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         if result.returncode != 0:
             raise LeFusionError(f"{self.arm.name} seed {self.seed}: {stage} failed (exit {result.returncode}); "
                                 f"see {self.folder / 'log.txt'}")

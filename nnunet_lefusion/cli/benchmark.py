@@ -9,7 +9,6 @@ lesion-wise detection. Re-running the command resumes: finished runs are skipped
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -112,10 +111,22 @@ def main(argv: list[str] | None = None) -> None:
             "seeds": seeds, "train_cases": train_cases, "rate": args.rate, "cv": args.cv,
             "test_cases": sorted({c for s in setup.splits for c in s["test"]}),
             "splits": setup.splits, "seconds_this_call": round(time.time() - start, 1)}
-    text = write_outputs(setup.out, info, results, arms, seeds, scored, setup.detected, args.cv)
+    text, figures = write_outputs(setup.out, info, results, arms, seeds, scored, setup.detected, args.cv)
     print("\n" + text)
     print(f"outputs: {setup.out}/summary.json, per_case.csv, table.md, benchmark.png")
+    print(headline(figures, scored, roles, arms))
+
+
+def headline(figures: dict, scored, roles, arms: tuple[str, ...]) -> str:
+    """One line: Dice of the rarest lesion class for the control, and each arm's paired difference to it."""
     rare = next((s.key for s in scored if s.labels == (roles.lesions[-1],)), scored[0].key)
-    control = json.loads((setup.out / "summary.json").read_text())["figures"][f"dice_{rare}"]["real"]["estimate"]
-    print(f"real-only Dice {rare}: {control['mean']:.3f}" if control["mean"] is not None
-          else f"real-only Dice {rare}: no test case has it")
+    per_arm = figures[f"dice_{rare}"]
+    control = per_arm[arms[0]]["estimate"]
+    if control["mean"] is None:
+        return f"headline: Dice {rare}: no test case has it"
+    parts = [f"{arms[0]} {control['mean']:.3f}"]
+    for arm in arms[1:]:
+        d = per_arm[arm]["vs_" + arms[0]]
+        parts.append(f"{arm} {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] p={d['p']:.3f}"
+                     if d["mean"] is not None else f"{arm} -")
+    return f"headline: Dice {rare} (cases with it): " + "; ".join(parts)

@@ -1,0 +1,85 @@
+"""``nnUNetv2_lefusion_benchmark`` end to end with the tiny preset (real nnU-Net training, prediction and
+evaluation), interrupted by kill -9 and completed by running the same command again; and its statistics."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nnunet_lefusion.benchmark.metrics import dice, detection, hd95
+from nnunet_lefusion.benchmark.stats import bootstrap, paired
+from tests.nnunet_helpers import BIN, run_cli
+
+
+def test_dice_hd95_and_detection_on_known_masks():
+    reference = np.zeros((4, 20, 20), bool)
+    reference[1:3, 2:6, 2:6] = True            # lesion A
+    reference[1:3, 12:16, 12:16] = True        # lesion B
+    prediction = np.zeros_like(reference)
+    prediction[1:3, 2:6, 3:7] = True           # A, shifted by one voxel
+    prediction[1:3, 17:19, 2:4] = True         # a false positive
+    assert dice(reference, prediction) == pytest.approx(2 * 24 / (64 + 40))
+    assert math.isnan(dice(reference & False, prediction & False))
+    assert detection(reference, prediction) == (2, 1, 1)
+    assert hd95(reference, reference, (10.0, 1.5, 1.5)) == 0.0
+    assert hd95(reference, prediction, (10.0, 1.5, 1.5)) > 1.5 and math.isnan(hd95(reference, prediction & False,
+                                                                                  (1, 1, 1)))
+
+
+def test_bootstrap_interval_contains_the_mean_and_the_paired_test_sees_a_shift():
+    rng = np.random.default_rng(0)
+    control = rng.uniform(0.3, 0.8, size=(30, 3))
+    control[0, 1] = np.nan   # a case without the structure in one seed
+    estimate = bootstrap(control)
+    assert estimate.low < estimate.mean < estimate.high and estimate.n == 89
+    shifted = paired(control + 0.05 + rng.normal(0, 0.01, control.shape), control)
+    same = paired(control + rng.normal(0, 0.01, control.shape), control)
+    assert shifted.low > 0 and shifted.p < 0.01 and same.low < 0 < same.high and same.p > 0.05
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_runs_end_to_end_and_resumes_after_kill(phantom_dataset, tmp_path):
+    out = tmp_path / "bench"
+    cmd = [str(BIN / "nnUNetv2_lefusion_benchmark"), "-d", "990", "-c", "3d_fullres", "-o", str(out),
+           "--preset", "tiny", "--train-cases", "5", "-device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0"}
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    real_done = out / "runs" / "real" / "seed_0" / "metrics.json"
+    other_log = out / "runs" / "copypaste" / "seed_0" / "log.txt"
+    deadline = time.time() + 900
+    while not (other_log.is_file() and "=== train" in other_log.read_text()) and first.poll() is None:
+        assert time.time() < deadline, "the first run never reached the second arm's training"
+        time.sleep(0.5)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert real_done.is_file() and not (out / "runs" / "copypaste" / "seed_0" / "metrics.json").exists()
+    finished = real_done.stat().st_mtime_ns
+
+    done = run_cli("nnUNetv2_lefusion_benchmark", *cmd[1:], env=env)   # the same command completes the benchmark
+    assert real_done.stat().st_mtime_ns == finished, "a finished run was redone"
+    assert done.stdout.strip().splitlines()[-1].startswith("headline: Dice ")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arms"] == ["real", "copypaste"] and summary["seeds"] == 1
+    assert len(summary["test_cases"]) == 3 and len(summary["splits"][0]["train"]) == 5
+    rows = list(csv.DictReader((out / "per_case.csv").open()))
+    assert len(rows) == 2 * 3 and {r["arm"] for r in rows} == {"real", "copypaste"}
+    for key, per_arm in summary["figures"].items():
+        for arm, figures in per_arm.items():
+            e = figures["estimate"]
+            if e["mean"] is not None:
+                assert e["low"] - 1e-9 <= e["mean"] <= e["high"] + 1e-9, (key, arm)
+        diff = per_arm["copypaste"]["vs_real"]
+        if diff["mean"] is not None:
+            assert diff["low"] - 1e-9 <= diff["mean"] <= diff["high"] + 1e-9 and 0 < diff["p"] <= 1
+    organ = summary["figures"]["dice_organ"]["real"]["estimate"]
+    assert organ["n"] == 3 and 0 <= organ["mean"] <= 1
+    assert "| real |" in (out / "table.md").read_text() and (out / "benchmark.png").stat().st_size > 10_000
+    assert (out / "runs" / "copypaste" / "seed_0" / "cache" / "manifest.json").is_file()
