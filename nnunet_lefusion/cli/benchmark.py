@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     preset = PRESETS[args.preset]
     arms = parse_arms(args.arms, preset)
-    seeds = args.seeds or preset.seeds
-    train_cases = args.train_cases or preset.train_cases
+    seeds = args.seeds if args.seeds is not None else preset.seeds
+    train_cases = args.train_cases if args.train_cases is not None else preset.train_cases
     if seeds < 1 or (train_cases is not None and train_cases < 1) or not 0.0 < args.rate <= 1.0:
         raise LeFusionError("need --seeds >= 1, --train-cases >= 1 and 0 < --rate <= 1")
     device = check_device(args.device, nnunet=True)
