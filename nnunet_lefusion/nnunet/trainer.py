@@ -64,17 +64,16 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
         """``--c``: continue the statistics of the epochs the checkpoint holds (later epochs in the file, written
         after that checkpoint, are trained again and counted anew)."""
         path = Path(self.output_folder) / STATS_FILE
+        self.lefusion_epochs, self._lefusion_base = [], (0, 0)
         try:
-            earlier = json.loads(path.read_text())["epochs"]
-            self.lefusion_epochs = [e for e in earlier if int(e["epoch"]) < self.current_epoch]
+            earlier = [e for e in json.loads(path.read_text())["epochs"] if int(e["epoch"]) < self.current_epoch]
+            self._lefusion_base = (sum(int(e["loads"]) for e in earlier), sum(int(e["synthetic"]) for e in earlier))
+            self.lefusion_epochs = earlier
         except FileNotFoundError:
-            self.lefusion_epochs = []
+            pass
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self.print_to_log_file(f"LeFusion: cannot read the statistics of the earlier epochs ({path}: "
                                    f"{type(exc).__name__}); counting from this epoch on")
-            self.lefusion_epochs = []
-        self._lefusion_base = (sum(e["loads"] for e in self.lefusion_epochs),
-                               sum(e["synthetic"] for e in self.lefusion_epochs))
         if self.lefusion_epochs:
             self.print_to_log_file(f"LeFusion: resumed the statistics of {len(self.lefusion_epochs)} earlier epochs")
 
