@@ -12,7 +12,7 @@ from pathlib import Path
 from nnunet_lefusion.errors import LeFusionError
 
 STUB_NAME = "nnUNetTrainerLeFusion.py"
-STUB_SOURCE = '''"""nnunet-lefusion trainer stub (nnUNetv2_lefusion_register): LeFusion trainers for nnU-Net's lookup."""
+STUB_SOURCE = '''"""nnunet-lefusion trainer stub (nnUNetv2_lefusion_register): the LeFusion trainers for nnU-Net."""
 try:
     from nnunet_lefusion.nnunet.trainer import *  # noqa: F401,F403
 except ModuleNotFoundError as exc:  # nnunet-lefusion uninstalled: define nothing, nnU-Net finds its other trainers
