@@ -69,7 +69,8 @@ def test_synthesize_refuses_a_generator_that_saw_validation_cases(request, phant
     masks = "rule" if leaking == "sampler" else str(request.getfixturevalue("masks_fold1"))
     cache = tmp_path / "cache"
     res = run_cli("nnUNetv2_lefusion_synthesize", "-d", "990", "-f", "0", "--method", "lefusion", "--checkpoint",
-                  str(sampler), "--mask-generator", masks, "-n", "1", "--cache", str(cache), check=False)
+                  str(sampler), "--mask-generator", masks, "--mix", "retexture=0.5,newmask=0.5", "-n", "1",
+                  "--cache", str(cache), check=False)
     lines = error_lines(res)
     assert res.returncode == 2 and len(lines) == 1, res.stderr
     assert f"the {leaking} " in lines[0] and "validation case" in lines[0] and "-f 0" in lines[0]
@@ -115,10 +116,9 @@ def test_trainer_refuses_a_cache_made_with_a_leaking_generator(phantom_dataset, 
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("LEFUSION_RATE", "0.5")
     monkeypatch.setenv("LEFUSION_CACHE", str(cache))
-    trainer = get_trainer_from_args(phantom_dataset, "3d_fullres", 0, nnUNetTrainerLeFusion.__name__,
-                                    device=torch.device("cpu"))
-    with pytest.raises(LeFusionError, match="validation case"):
-        trainer.get_tr_and_val_datasets()
+    with pytest.raises(LeFusionError, match="validation case"):  # in the constructor, before nnU-Net's own work
+        get_trainer_from_args(phantom_dataset, "3d_fullres", 0, nnUNetTrainerLeFusion.__name__,
+                              device=torch.device("cpu"))
 
 
 def test_cascade_configuration_is_refused(phantom_dataset, nnunet_dirs):

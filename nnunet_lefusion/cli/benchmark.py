@@ -18,7 +18,7 @@ from nnunet_lefusion.benchmark.metrics import structures
 from nnunet_lefusion.benchmark.plan import ARMS, PRESETS, estimate_seconds, parse_arms
 from nnunet_lefusion.benchmark.report import write_outputs
 from nnunet_lefusion.benchmark.runner import Setup, execute_all, prepare
-from nnunet_lefusion.cli.common import add_device_argument, cli_main, default_device
+from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import resolve_lesion_labels
 from nnunet_lefusion.nnunet.context import DatasetContext, dataset_name, env_folder
@@ -48,12 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-share", default=None,
                         help="lefusion_masks: wanted share of the rarest lesion label among synthetic lesion voxels "
                              "(default <innermost lesion label>=0.3)")
-    add_device_argument(parser)
+    add_device_argument(parser, nnunet=True)
     return parser
 
 
-def generator_args(args: argparse.Namespace, arms: tuple[str, ...], innermost: int, emidec: bool) -> dict:
+def generator_args(args: argparse.Namespace, arms: tuple[str, ...], innermost: int, emidec: bool,
+                   device: str) -> dict:
     """synthesize flags of every LeFusion arm, checked before anything runs."""
+    from nnunet_lefusion.nnunet.synthesize import SynthesizerOptions, check_generator_files
+
+    if args.sampler and not any(ARMS[n].method == "lefusion" for n in arms):
+        raise LeFusionError(f"--sampler is used by the lefusion arms only, and none of {', '.join(arms)} is one")
+    if (args.mask_generator or args.target_share) and not any(ARMS[n].new_masks for n in arms):
+        raise LeFusionError(f"--mask-generator and --target-share are used by the lefusion_masks arm only, which "
+                            f"is not among {', '.join(arms)}")
     flags = {}
     for name in arms:
         arm = ARMS[name]
@@ -62,11 +70,11 @@ def generator_args(args: argparse.Namespace, arms: tuple[str, ...], innermost: i
         if not args.sampler or not Path(args.sampler).is_file():
             raise LeFusionError(f"arm {name} needs a sampler checkpoint: --sampler FILE "
                                 f"({'not found: ' + args.sampler if args.sampler else 'none given'})")
-        flags[name] = ["--checkpoint", args.sampler, "--mix", arm.mix]
+        check_generator_files("lefusion", SynthesizerOptions(args.sampler))
+        flags[name] = ["--checkpoint", args.sampler, "--mix", arm.mix, "-device", device]
         if arm.new_masks:
             masks = args.mask_generator or (str(SHIPPED_MASKS) if emidec else "rule")
-            if masks != "rule" and not Path(masks).is_file():
-                raise LeFusionError(f"mask generator {masks} not found")
+            check_generator_files("lefusion", SynthesizerOptions(args.sampler, mask_generator=masks))
             flags[name] += ["--mask-generator", masks, "--target-share", args.target_share or f"{innermost}=0.3"]
     return flags
 
@@ -76,11 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     preset = PRESETS[args.preset]
     arms = parse_arms(args.arms, preset)
-    seeds = args.seeds or preset.seeds
-    train_cases = args.train_cases or preset.train_cases
+    seeds = args.seeds if args.seeds is not None else preset.seeds
+    train_cases = args.train_cases if args.train_cases is not None else preset.train_cases
     if seeds < 1 or (train_cases is not None and train_cases < 1) or not 0.0 < args.rate <= 1.0:
         raise LeFusionError("need --seeds >= 1, --train-cases >= 1 and 0 < --rate <= 1")
-    env_folder("nnUNet_raw")
+    device = check_device(args.device, nnunet=True)
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env_folder(name)
     ctx = DatasetContext(args.dataset, args.configuration, 0, args.plans)
     if args.cv and seeds > 5:
         raise LeFusionError("--cv runs nnU-Net's 5 folds at most: --seeds <= 5")
@@ -94,9 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         if test_raw.name == ctx.dataset:
             raise LeFusionError("the test dataset must not be the training dataset (or use --cv)")
     setup = Setup(ctx=ctx, out=Path(args.output).resolve(), preset=preset, arms=arms, seeds=seeds,
-                  train_cases=train_cases, rate=args.rate, device=args.device or default_device(), cv=args.cv,
+                  train_cases=train_cases, rate=args.rate, device=device, cv=args.cv,
                   roles=roles, scored=scored, detected=[s for s in scored if len(s.labels) == 1],
-                  generator_args=generator_args(args, arms, roles.lesions[-1], emidec))
+                  generator_args=generator_args(args, arms, roles.lesions[-1], emidec, device))
     print(f"benchmark {ctx.dataset} {ctx.configuration}, preset {preset.name} ({preset.describe}): arms "
           f"{', '.join(arms)} x {seeds} seed(s) = {len(arms) * seeds} runs, "
           f"{train_cases or 'all'} training cases per seed, rate {args.rate}, device {setup.device}")

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from nnunet_lefusion.cli.common import cli_main
+from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main
 from nnunet_lefusion.errors import LeFusionError
 
 DATASET_ID = 990
@@ -35,11 +35,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nnUNetv2_lefusion_demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", default="lefusion_demo", help="folder for all demo data (default ./lefusion_demo)")
     parser.add_argument("-n", dest="num_cases", type=int, default=12, help="phantom cases (default 12)")
-    parser.add_argument("-c", dest="configuration", default="3d_fullres")
+    parser.add_argument("-c", dest="configuration", default="3d_fullres", choices=("2d", "3d_fullres"),
+                        help="nnU-Net configuration (default 3d_fullres)")
     parser.add_argument("--iterations", type=int, default=20, help="training iterations (default 20)")
     parser.add_argument("--rate", type=float, default=0.5, help="synthetic rate (default 0.5)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    add_device_argument(parser, nnunet=True)
     args = parser.parse_args(argv)
+    device = check_device(args.device, nnunet=True)
+    if args.num_cases < 5:
+        raise LeFusionError(f"-n {args.num_cases}: nnU-Net's 5-fold split needs at least 5 cases")
+    if args.iterations < 1 or not 0.0 <= args.rate <= 1.0:
+        raise LeFusionError(f"need --iterations >= 1 and 0 <= --rate <= 1, got {args.iterations} and {args.rate}")
+    if Path(args.work_dir).exists() and not Path(args.work_dir).is_dir():
+        raise LeFusionError(f"--work-dir {args.work_dir} exists and is not a folder")
 
     work = Path(args.work_dir).resolve()
     env = dict(os.environ,
@@ -56,12 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     _run("synthesize", ["nnUNetv2_lefusion_synthesize", "-d", ds, "-c", cfg, "-f", "0", "--method", "copypaste",
                         "-n", str(2 * args.num_cases), "--overwrite"], env)
     _run("register trainers", ["nnUNetv2_lefusion_register"], env)
-    _run("train", ["nnUNetv2_train", ds, cfg, "0", "-tr", trainer, "-device", args.device], env)
+    _run("train", ["nnUNetv2_train", ds, cfg, "0", "-tr", trainer, "-device", device], env)
     results = next((work / "nnUNet_results").glob(f"Dataset{DATASET_ID:03d}_*")) / f"{trainer}__nnUNetPlans__{cfg}"
     raw = next((work / "nnUNet_raw").glob(f"Dataset{DATASET_ID:03d}_*"))
     pred = work / "predictions"
     _run("predict", ["nnUNetv2_predict", "-i", str(raw / "imagesTr"), "-o", str(pred), "-d", ds, "-c", cfg,
-                     "-f", "0", "-tr", trainer, "-device", args.device, "--disable_tta"], env)
+                     "-f", "0", "-tr", trainer, "-device", device, "--disable_tta"], env)
     stats = json.loads((results / "fold_0" / "lefusion_stats.json").read_text())
     summary = json.loads((results / "fold_0" / "validation" / "summary.json").read_text())
     print("\n=== demo summary")

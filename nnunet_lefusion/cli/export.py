@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     output = Path(args.output)
+    if output.is_dir() or output.parent.exists() and not output.parent.is_dir():
+        raise LeFusionError(f"the output {output} must be a file name in a folder.")
     if output.exists() and not args.overwrite:
         raise LeFusionError(f"{output} exists; pass --overwrite to replace it.")
     if output.resolve() == Path(args.checkpoint).resolve():

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_lefusion.cli.common import cli_main
+from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.model.checkpoint import WEIGHTS
-from nnunet_lefusion.synthesis.lefusion import MODES, LesionSampler, resynthesize
+from nnunet_lefusion.synthesis.lefusion import MODES, LesionSampler, resynthesize, sampler_config
 from nnunet_lefusion.training.roi_data import read_volume
 
 
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--organ-labels", type=int, nargs="+",
                         help="labels of the host organ (default: the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    add_device_argument(parser)
     return parser
 
 
@@ -94,14 +94,17 @@ def main(argv: list[str] | None = None) -> None:
     output = Path(args.output)
     if not output.parent.is_dir():
         raise LeFusionError(f"the output folder {output.parent} does not exist.")
+    if output.resolve() in (Path(args.image).resolve(), Path(args.label).resolve()):
+        raise LeFusionError(f"the output {output} must not be the input image or label.")
     histogram = ("case" if args.own_histogram else args.cluster if args.cluster is not None
                  else read_histogram(args.histogram) if args.histogram else "random")
+    sampler_config(args.mode, tuple(args.jumps) if args.jumps else None, args.strided_steps)  # refuse before reading
+    sampler = LesionSampler.load(args.checkpoint, check_device(args.device), args.weights)
     image, reference = read_volume(args.image)
     label, label_image = read_volume(args.label)
     if not same_grid(reference, label_image):
         raise LeFusionError(f"{args.label} is not on the grid of {args.image} "
                             f"(size, spacing, origin or direction differ).")
-    sampler = LesionSampler.load(args.checkpoint, args.device, args.weights)
     labels = LesionLabels(tuple(args.lesion_labels or sampler.labels.lesions),
                           tuple(args.organ_labels or sampler.labels.organ), sampler.labels.cavity)
     out = resynthesize(image, label, sampler, args.mode, histogram, args.seed, labels=labels,

@@ -3,11 +3,39 @@ from __future__ import annotations
 
 import argparse
 
-from nnunet_lefusion.cli.common import cli_main
+from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main
+from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import resolve_lesion_labels
 from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.synthesize import METHODS, SynthesizerOptions, synthesize_cache
 from nnunet_lefusion.synthesis.plan import SynthesisPlan
+
+NEW_MASK_KINDS = ("newmask", "normal")
+
+
+def check_flags(args: argparse.Namespace, plan: SynthesisPlan | None) -> None:
+    """Refuse flags the chosen method would ignore, and a LeFusion run that misses what it needs."""
+    lefusion_only = {"--checkpoint": args.checkpoint, "--sampling": args.sampling, "-device": args.device,
+                     "--mask-generator": args.mask_generator,
+                     "--no-histogram-matching": args.no_histogram_matching or None}
+    if args.method != "lefusion":
+        given = [flag for flag, value in lefusion_only.items() if value is not None]
+        if given:
+            raise LeFusionError(f"{', '.join(given)} only apply to --method lefusion, not {args.method}")
+    elif not args.checkpoint:
+        raise LeFusionError("--method lefusion needs --checkpoint (train one with nnUNetv2_lefusion_train_sampler)")
+    if args.candidates is not None and not args.target_share:
+        raise LeFusionError("--candidates only applies with --target-share (it picks among proposals to meet it)")
+    if args.method == "copypaste" and plan and plan.mix.get("retexture", 0) > 0:
+        raise LeFusionError("--method copypaste makes newmask and normal cases, not retexture (that is lefusion's)")
+    if args.method == "lefusion":
+        new_masks = bool(plan and any(plan.mix.get(k, 0) > 0 for k in NEW_MASK_KINDS))
+        if args.mask_generator and not new_masks:
+            raise LeFusionError("--mask-generator makes new lesion masks, which only newmask/normal cases use: add "
+                                "them to --mix (e.g. --mix retexture=0.5,newmask=0.25,normal=0.25) or drop it")
+        if new_masks and not args.mask_generator:
+            raise LeFusionError("newmask/normal cases of --method lefusion need --mask-generator (rule or a "
+                                "checkpoint of nnUNetv2_lefusion_train_masks)")
 
 
 @cli_main
@@ -46,28 +74,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target-share", default=None,
                         help="wanted share of each lesion label among the synthetic lesion voxels, e.g. 4=0.2 "
                              "(raises the rare no-reflow)")
-    parser.add_argument("--candidates", type=int, default=8,
+    parser.add_argument("--candidates", type=int, default=None,
                         help="proposals drawn per case to meet --target-share (default 8)")
     parser.add_argument("--checkpoint", default=None,
                         help="LeFusion sampler checkpoint (--method lefusion); refused if it was trained on a "
                              "validation case of this fold")
-    parser.add_argument("--sampling", default="fast", choices=("fast", "official"),
-                        help="LeFusion sampling schedule: fast (128 network evaluations) or the official 5/5 jumps")
+    parser.add_argument("--sampling", default=None, choices=("fast", "official"),
+                        help="LeFusion sampling schedule: fast (128 network evaluations, default) or the official "
+                             "5/5 jumps")
     parser.add_argument("--mask-generator", default=None,
                         help="new lesion masks for newmask/normal cases: 'rule' or a learned mask-generator checkpoint "
                              "(refused if it was trained on a validation case of this fold)")
-    parser.add_argument("--device", default="cpu", help="device for LeFusion sampling (cpu, cuda)")
+    add_device_argument(parser)
     parser.add_argument("--no-histogram-matching", action="store_true",
                         help="LeFusion: keep the network's lesion intensities as sampled instead of matching them to "
                              "the histogram condition")
     args = parser.parse_args(argv)
 
+    plan = (SynthesisPlan.parse(args.mix, args.target_share, 8 if args.candidates is None else args.candidates)
+            if args.mix or args.target_share else None)
+    check_flags(args, plan)
+    device = check_device(args.device) if args.method == "lefusion" else "cpu"
     ctx = DatasetContext(args.dataset, args.configuration, args.fold, args.plans)
     labels = resolve_lesion_labels(ctx.dataset_json, args.lesion_labels, args.organ_labels)
-    plan = SynthesisPlan.parse(args.mix, args.target_share, args.candidates) if args.mix or args.target_share else None
     folder, manifest = synthesize_cache(ctx, labels, args.method, args.num_cases, args.seed, args.cache,
                                         args.overwrite, plan, SynthesizerOptions(
-                                            args.checkpoint, args.sampling, args.device, args.mask_generator,
+                                            args.checkpoint, args.sampling or "fast", device, args.mask_generator,
                                             not args.no_histogram_matching), args.num_parts, args.part_id)
     print(f"{len(manifest.cases)} synthetic cases in {folder}")
     synthetic = manifest.lesion_voxel_totals()

@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-from nnunet_lefusion.cli.common import cli_main
+from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import resolve_lesion_labels
 from nnunet_lefusion.model import ModelConfig
@@ -41,8 +40,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="native-grid window around the host organ (default %(default)s)")
     parser.add_argument("--pool", type=int, default=MaskGrid.pool,
                         help="in-plane pooling from the window onto the network grid (default %(default)s)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (default: cuda when available)")
+    add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue the run in the output folder")
     parser.add_argument("--lesion-labels", type=int, nargs="+", default=None,
@@ -57,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    train_config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                               checkpoint_every=args.checkpoint_every, seed=args.seed, device=check_device(args.device))
+    train_config.resolved()  # refuse bad settings before reading the data
     name = dataset_name(args.dataset)
     fold = parse_fold(args.fold)
     raw = env_folder("nnUNet_raw") / name
@@ -75,8 +76,6 @@ def main(argv: list[str] | None = None) -> None:
     if pairs.lesion_voxels_outside:
         print(f"warning: {pairs.lesion_voxels_outside} lesion voxels lie outside the {grid.window} window and are "
               f"not learned; enlarge --window")
-    train_config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                               checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device)
     result = train_mask_model(pairs, config, labels, grid, output, train_config, resume=args.resume,
                               training_data=record)
     print(f"trained to step {result.step} ({result.steps_per_second:.3f} steps/s); generator: {result.checkpoint}")

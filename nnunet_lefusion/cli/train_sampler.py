@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from nnunet_lefusion.cli.common import cli_main
+from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import resolve_lesion_labels
 from nnunet_lefusion.model.config import ModelConfig, available_configs
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-every", type=int, default=0,
                         help="also keep checkpoint_step<k>.pt every this many steps (default 0: never)")
     parser.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    add_device_argument(parser)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA, or a CPU with bf16 support such as AMX: about 1.7x faster there)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--lesion-labels", type=int, nargs="+", help="lesion labels, outer to inner "
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
            else env_folder("nnUNet_results") / name / f"LeFusion__{config_name(args.config)}")
     train_config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
                                checkpoint_every=args.checkpoint_every, keep_every=args.keep_every, seed=args.seed,
-                               device=args.device, bf16=args.bf16, progress=not args.quiet)
+                               device=check_device(args.device), bf16=args.bf16, progress=not args.quiet)
     train_config.resolved()  # refuse bad settings before reading the data
     check_model_fits(model_config, len(labels.lesions), args.roi)
     files, record = raw_fold(name, raw_folder, fold)

@@ -38,6 +38,10 @@ def nnunet_split(identifiers: list[str], fold: int | str,
             return ids
 
     if fold != "all":
+        if len(ids) < 5 and not (preprocessed_base / "splits_final.json").is_file():
+            raise LeFusionError(f"fold {fold} needs nnU-Net's 5-fold split, but the dataset has only {len(ids)} "
+                                f"training case(s): add cases, use -f all, or write your own splits_final.json to "
+                                f"{preprocessed_base}")
         preprocessed_base.mkdir(parents=True, exist_ok=True)
     shim = SimpleNamespace(dataset_class=Listed, fold=fold, preprocessed_dataset_folder=str(preprocessed_base),
                            preprocessed_dataset_folder_base=str(preprocessed_base or ""),

@@ -12,7 +12,13 @@ from pathlib import Path
 from nnunet_lefusion.errors import LeFusionError
 
 STUB_NAME = "nnUNetTrainerLeFusion.py"
-STUB_SOURCE = "from nnunet_lefusion.nnunet.trainer import *  # noqa: F401,F403 (nnunet-lefusion trainer stub)\n"
+STUB_SOURCE = '''"""nnunet-lefusion trainer stub (nnUNetv2_lefusion_register): the LeFusion trainers for nnU-Net."""
+try:
+    from nnunet_lefusion.nnunet.trainer import *  # noqa: F401,F403
+except ModuleNotFoundError as exc:  # nnunet-lefusion uninstalled: define nothing, nnU-Net finds its other trainers
+    if (exc.name or "").split(".")[0] != "nnunet_lefusion":
+        raise
+'''
 
 
 def nnunet_trainer_folder() -> Path:

@@ -81,6 +81,29 @@ def make_synthesizer(method: str, cases: list[RawCase], labels: LesionLabels,
     raise LeFusionError(f"unknown synthesis method {method!r} (available: {', '.join(METHODS)})")
 
 
+def check_generator_files(method: str, options: SynthesizerOptions) -> None:
+    """Refuse, before any case is read, a LeFusion run without a readable sampler checkpoint, or whose checkpoint
+    or mask generator is another kind of file (metadata only; the networks are checked when they are built)."""
+    if method != "lefusion":
+        return
+    from nnunet_lefusion.masks.learned import MASK_KIND
+    from nnunet_lefusion.training.sampler import SAMPLER_KIND
+
+    if not options.checkpoint:
+        raise LeFusionError("--method lefusion needs --checkpoint (train one with nnUNetv2_lefusion_train_sampler)")
+    meta = read_meta(options.checkpoint)  # None: an official checkpoint, checked when loaded
+    if meta is not None and meta.extras.get("kind") != SAMPLER_KIND:
+        raise LeFusionError(f"--checkpoint {options.checkpoint} is not a LeFusion sampler checkpoint (kind "
+                            f"{meta.extras.get('kind')!r}); a mask generator goes to --mask-generator")
+    if options.mask_generator not in (None, "rule"):
+        meta = read_meta(options.mask_generator)
+        kind = meta.extras.get("kind") if meta is not None else None
+        if kind != MASK_KIND:
+            raise LeFusionError(f"--mask-generator {options.mask_generator} is not a lesion-mask generator "
+                                f"checkpoint (kind {kind!r}); give 'rule' or a checkpoint of "
+                                f"nnUNetv2_lefusion_train_masks")
+
+
 def generator_records(method: str, options: SynthesizerOptions) -> list[dict]:
     """Role, path and recorded training cases (``CheckpointMeta.training_data``) of the trained generators used."""
     used = [("sampler", options.checkpoint), ("mask generator", options.mask_generator)] if method == "lefusion" else []
@@ -243,6 +266,7 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
     ctx.check_single_stage()
     options = options or SynthesizerOptions()
     folder = Path(cache_folder) if cache_folder else default_cache_folder(ctx)
+    check_generator_files(method, options)
     generators = generator_records(method, options)
     check_no_leak(generators, ctx.held_out_hashes(), ctx.fold, "refused")
     if not overwrite and (folder / MANIFEST).exists():

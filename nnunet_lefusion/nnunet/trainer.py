@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_lefusion.config import load_settings
+from nnunet_lefusion.config import TrainerSettings, load_settings
+from nnunet_lefusion.errors import LeFusionError, LeFusionExit
 from nnunet_lefusion.nnunet.cache import Manifest, atomic_write_text, default_cache_folder
-from nnunet_lefusion.nnunet.context import DatasetContext
+from nnunet_lefusion.nnunet.context import DatasetContext, env_folder
 from nnunet_lefusion.nnunet.dataset import LoadCounters, SyntheticMixDataset
 
 STATS_FILE = "lefusion_stats.json"
@@ -28,15 +29,53 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        self.lefusion = self.check_lefusion_input(plans, configuration, fold)  # before nnU-Net writes anything
         super().__init__(plans, configuration, fold, dataset_json, device)
-        default_file = (Path(self.preprocessed_dataset_folder_base) / "lefusion.yaml"
-                        if self.preprocessed_dataset_folder_base else None)
-        self.lefusion = load_settings(default_file)
-        if self.fixed_rate is not None:
-            self.lefusion.rate = self.fixed_rate
         self.lefusion_counters = LoadCounters()
         self.lefusion_epochs: list[dict] = []
         self._lefusion_seen = (0, 0)
+        self._lefusion_base = (0, 0)  # loads and synthetic loads of the epochs before a resume (--c)
+
+    @classmethod
+    def check_lefusion_input(cls, plans: dict, configuration: str, fold: int | str) -> TrainerSettings:
+        """The settings, and their cache checked against this dataset, plans, configuration and fold, before nnU-Net
+        creates the output folder or builds the network. A problem raises :class:`LeFusionExit`: one
+        ``nnUNetv2_train: error: ...`` line and exit code 2 instead of a traceback."""
+        try:
+            env_folder("nnUNet_results")
+            preprocessed = env_folder("nnUNet_preprocessed") / plans["dataset_name"]
+            settings = load_settings(preprocessed / "lefusion.yaml")
+            if cls.fixed_rate is not None:
+                settings.rate = cls.fixed_rate
+            if settings.rate > 0 and settings.mode == "cache":
+                ctx = DatasetContext(plans["dataset_name"], configuration, fold, plans["plans_name"])
+                ctx.check_single_stage()
+                folder = Path(settings.cache) if settings.cache else default_cache_folder(ctx)
+                Manifest.load(folder).check_matches(ctx, ctx.split[0], folder)
+        except LeFusionError as exc:
+            raise LeFusionExit(str(exc)) from None
+        return settings
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        self._resume_lefusion_stats()
+
+    def _resume_lefusion_stats(self) -> None:
+        """``--c``: continue the statistics of the epochs the checkpoint holds (later epochs in the file, written
+        after that checkpoint, are trained again and counted anew)."""
+        path = Path(self.output_folder) / STATS_FILE
+        self.lefusion_epochs, self._lefusion_base = [], (0, 0)
+        try:
+            earlier = [e for e in json.loads(path.read_text())["epochs"] if int(e["epoch"]) < self.current_epoch]
+            self._lefusion_base = (sum(int(e["loads"]) for e in earlier), sum(int(e["synthetic"]) for e in earlier))
+            self.lefusion_epochs = earlier
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.print_to_log_file(f"LeFusion: cannot read the statistics of the earlier epochs ({path}: "
+                                   f"{type(exc).__name__}); counting from this epoch on")
+        if self.lefusion_epochs:
+            self.print_to_log_file(f"LeFusion: resumed the statistics of {len(self.lefusion_epochs)} earlier epochs")
 
     def get_tr_and_val_datasets(self):
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
@@ -67,7 +106,8 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
         self.lefusion_epochs.append({"epoch": self.current_epoch, "loads": d_loads, "synthetic": d_syn})
         if self.local_rank == 0:
             stats = {"settings": self.lefusion.to_dict(), "epochs": self.lefusion_epochs,
-                     "total_loads": loads, "total_synthetic": synthetic}
+                     "total_loads": self._lefusion_base[0] + loads,
+                     "total_synthetic": self._lefusion_base[1] + synthetic}
             atomic_write_text(Path(self.output_folder) / STATS_FILE, json.dumps(stats, indent=1))
         super().on_epoch_end()
 
