@@ -5,6 +5,7 @@ import pickle
 from pathlib import Path
 
 import blosc2
+import SimpleITK as sitk
 import numpy as np
 import pytest
 
@@ -115,3 +116,23 @@ def test_plan_puts_lesions_on_normal_cases_and_raises_the_rare_class(phantom_dat
     real, synthetic = manifest.real_lesion_voxels, manifest.lesion_voxel_totals()
     assert synthetic["4"] / sum(synthetic.values()) > real["4"] / sum(real.values())
     assert "lesion voxels, synthetic" in res.stdout
+
+
+def test_preview_and_nifti_export_of_an_existing_cache(cache_3d, tmp_path):
+    ctx, folder, manifest = cache_3d
+    before = sorted(p.stat().st_mtime_ns for p in folder.iterdir())
+    done = run_cli("nnUNetv2_lefusion_synthesize", "-d", "990", "-c", "3d_fullres", "-f", "0", "--preview",
+                   str(tmp_path / "preview"), "--preview-cases", "3", "--export-raw", str(tmp_path / "nii"))
+    assert "3 preview pictures" in done.stdout
+    pictures = sorted((tmp_path / "preview").iterdir())
+    assert [p.name for p in pictures] == [f"{i}.png" for i in sorted(manifest.cases)[:3]]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" and p.stat().st_size > 5_000 for p in pictures)
+    exported = sorted(p.name for p in (tmp_path / "nii").iterdir())
+    assert exported == sorted([f"{i}.nii.gz" for i in manifest.cases] + [f"{i}_0000.nii.gz" for i in manifest.cases])
+    some = sorted(manifest.cases)[0]
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "nii" / f"{some}.nii.gz")))
+    stored = blosc2.open(str(folder / f"{some}_seg.b2nd"), mode="r")[:]
+    assert np.array_equal(label, stored[0])
+    assert sitk.ReadImage(str(tmp_path / "nii" / f"{some}_0000.nii.gz")).GetSpacing() == pytest.approx(
+        ctx.configuration_manager.spacing[::-1], rel=1e-6)
+    assert sorted(p.stat().st_mtime_ns for p in folder.iterdir()) == before, "looking must not change the cache"

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import resolve_lesion_labels
+from nnunet_lefusion.nnunet.cache import Manifest, default_cache_folder
 from nnunet_lefusion.nnunet.context import DatasetContext
+from nnunet_lefusion.nnunet.preview import export_nifti, write_previews
 from nnunet_lefusion.nnunet.synthesize import METHODS, SynthesizerOptions, synthesize_cache
 from nnunet_lefusion.synthesis.plan import SynthesisPlan
 
@@ -49,10 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-f", dest="fold", default="0", help="fold: 0-4 or 'all' (default 0)")
     parser.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     parser.add_argument("--method", default="copypaste", choices=METHODS, help="synthesis method")
-    parser.add_argument("-n", dest="num_cases", type=int, required=True,
+    parser.add_argument("-n", dest="num_cases", type=int, default=0,
                         help="number of synthetic cases to add, spread evenly over the training cases; a later run "
                              "adds more, continuing over the training cases where the last one stopped. The same "
-                             "command again after an interruption finishes the interrupted run instead")
+                             "command again after an interruption finishes the interrupted run instead (default 0: "
+                             "only --preview / --export-raw an existing cache)")
     parser.add_argument("-num_parts", type=int, default=1,
                         help="split this run into parts, as nnUNetv2_predict does: run the same command once per "
                              "-part_id, at the same time (other processes or machines sharing the cache folder); "
@@ -85,6 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mask-generator", default=None,
                         help="new lesion masks for newmask/normal cases: 'rule' or a learned mask-generator checkpoint "
                              "(refused if it was trained on a validation case of this fold)")
+    parser.add_argument("--preview", metavar="DIR",
+                        help="write one picture per synthetic case of the cache: its real source and the synthetic "
+                             "case at the slice with the most lesion, lesion outlines drawn")
+    parser.add_argument("--preview-cases", type=int, default=None, help="at most this many pictures (default all)")
+    parser.add_argument("--export-raw", metavar="DIR",
+                        help="write the cache's synthetic cases as NIfTI (images and labels, nnU-Net's preprocessed "
+                             "grid and spacing) for a viewer")
     add_device_argument(parser)
     parser.add_argument("--no-histogram-matching", action="store_true",
                         help="LeFusion: keep the network's lesion intensities as sampled instead of matching them to "
@@ -93,14 +104,27 @@ def main(argv: list[str] | None = None) -> None:
 
     plan = (SynthesisPlan.parse(args.mix, args.target_share, 8 if args.candidates is None else args.candidates)
             if args.mix or args.target_share else None)
-    check_flags(args, plan)
-    device = check_device(args.device) if args.method == "lefusion" else "cpu"
+    if args.num_cases == 0:
+        if not (args.preview or args.export_raw):
+            raise LeFusionError("nothing to do: give -n N to synthesize, or --preview/--export-raw to look at a cache")
+    else:
+        check_flags(args, plan)
     ctx = DatasetContext(args.dataset, args.configuration, args.fold, args.plans)
     labels = resolve_lesion_labels(ctx.dataset_json, args.lesion_labels, args.organ_labels)
-    folder, manifest = synthesize_cache(ctx, labels, args.method, args.num_cases, args.seed, args.cache,
-                                        args.overwrite, plan, SynthesizerOptions(
-                                            args.checkpoint, args.sampling or "fast", device, args.mask_generator,
-                                            not args.no_histogram_matching), args.num_parts, args.part_id)
+    if args.num_cases == 0:
+        folder = Path(args.cache) if args.cache else default_cache_folder(ctx)
+        manifest = Manifest.load(folder)
+    else:
+        device = check_device(args.device) if args.method == "lefusion" else "cpu"
+        folder, manifest = synthesize_cache(ctx, labels, args.method, args.num_cases, args.seed, args.cache,
+                                            args.overwrite, plan, SynthesizerOptions(
+                                                args.checkpoint, args.sampling or "fast", device, args.mask_generator,
+                                                not args.no_histogram_matching), args.num_parts, args.part_id)
+    if args.preview:
+        written = write_previews(ctx, folder, labels, Path(args.preview), args.preview_cases)
+        print(f"{written} preview pictures in {args.preview}")
+    if args.export_raw:
+        print(f"{export_nifti(ctx, folder, Path(args.export_raw))} synthetic cases as NIfTI in {args.export_raw}")
     print(f"{len(manifest.cases)} synthetic cases in {folder}")
     synthetic = manifest.lesion_voxel_totals()
     for name, counts in (("real (training cases)", manifest.real_lesion_voxels), ("synthetic", synthetic)):
