@@ -107,11 +107,11 @@ def prepare(setup: Setup, test_dataset: Path | None) -> None:
         splits = []
         for k in range(setup.seeds):
             train = draw_training_cases(pool, setup.train_cases, k)
-            rest = [c for c in pool if c not in train]
+            rest = draw_training_cases([c for c in pool if c not in train], 5, k)   # nnU-Net's own validation
             if not rest:
                 raise LeFusionError(f"--train-cases {setup.train_cases} leaves no case of {len(pool)} for nnU-Net's "
                                     "validation; use fewer")
-            splits.append({"train": train, "val": rest[:5], "test": sorted(pairs)})
+            splits.append({"train": train, "val": rest, "test": sorted(pairs)})
     setup.splits = splits
     setup.test_images = {c: pairs[c][0] for s in splits for c in s["test"]}
     setup.test_labels = {c: pairs[c][1] for s in splits for c in s["test"]}

@@ -9,6 +9,7 @@ lesion-wise detection. Re-running the command resumes: finished runs are skipped
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import shlex
 import sys
 import time
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     test = parser.add_mutually_exclusive_group()
     test.add_argument("--test-dataset", help="raw test dataset (name or id) never used for training anything")
     test.add_argument("--cv", action="store_true", help="test on each fold's validation cases instead")
+    parser.add_argument("--epochs", type=int, help="training epochs per run (default: the preset's)")
+    parser.add_argument("--iterations", type=int, help="training iterations per epoch (default: the preset's)")
     parser.add_argument("--rate", type=float, default=0.5, help="synthetic rate of the synthesis arms (default 0.5)")
     parser.add_argument("--sampler", help="LeFusion sampler checkpoint for the lefusion arms")
     parser.add_argument("--mask-generator", default=None,
@@ -83,6 +86,12 @@ def generator_args(args: argparse.Namespace, arms: tuple[str, ...], innermost: i
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     preset = PRESETS[args.preset]
+    if args.epochs is not None or args.iterations is not None:
+        if min(v for v in (args.epochs, args.iterations) if v is not None) < 1:
+            raise LeFusionError("need --epochs >= 1 and --iterations >= 1")
+        preset = replace(preset, epochs=args.epochs or preset.epochs or 1000,
+                         iterations=args.iterations or preset.iterations or 250,
+                         val_iterations=preset.val_iterations or 50)
     arms = parse_arms(args.arms, preset)
     seeds = args.seeds if args.seeds is not None else preset.seeds
     train_cases = args.train_cases if args.train_cases is not None else preset.train_cases
@@ -117,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     prepare(setup, test_raw)
     results = execute_all(setup)
     info = {"command": "nnUNetv2_lefusion_benchmark " + shlex.join(sys.argv[1:] if argv is None else argv),
-            "dataset": ctx.dataset, "configuration": ctx.configuration, "preset": preset.name, "arms": list(arms),
+            "dataset": ctx.dataset, "configuration": ctx.configuration, "preset": preset.name, "epochs": preset.epochs,
+            "iterations": preset.iterations, "arms": list(arms),
             "seeds": seeds, "train_cases": train_cases, "rate": args.rate, "cv": args.cv,
             "test_cases": sorted({c for s in setup.splits for c in s["test"]}),
             "splits": setup.splits, "seconds_this_call": round(time.time() - start, 1)}
