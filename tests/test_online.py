@@ -6,17 +6,17 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from nnunetv2.run.run_training import get_trainer_from_args
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
-from nnunet_lefusion.config import ENV_VARIABLES, load_settings
+from nnunet_lefusion.config import ENV_VARIABLES, TrainerSettings, load_settings
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.nnunet.cache import CASE_FILES, MANIFEST, Manifest
 from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.dataset import SyntheticMixDataset
+from nnunet_lefusion.nnunet.online import OnlineProducer
 from nnunet_lefusion.nnunet.trainer import nnUNetTrainerLeFusion
 from nnunet_lefusion.synthesis.plan import SynthesisPlan
 from tests.nnunet_helpers import run_cli
@@ -66,6 +66,31 @@ def test_stream_of_kinds_follows_the_mix():
         order.append(kind)
     assert made == {"retexture": 4, "normal": 2, "newmask": 2}
     assert order[:4].count("retexture") == 2
+
+
+def test_budget_shares_ranks_spreads_cases_and_keeps_the_time_share():
+    settings = TrainerSettings(mode="online", online_cases_per_epoch=5).validate()
+    assert [OnlineProducer(None, Path("."), None, settings, "cpu", r, 2).quota for r in range(2)] == [3, 2]
+    producer = OnlineProducer(None, Path("."), None, settings, "cpu")
+
+    def fake_produce(epoch: int, seconds: float = 1.0) -> None:
+        producer.made_epoch += 1
+        producer.made_total += 1
+        producer.synthesis_time += seconds
+        producer.synthesis_time_total += seconds
+
+    producer.produce = fake_produce
+    made = []
+    for step in range(1, 11):
+        producer.after_step(1.0, step, 10, 0)
+        made.append(producer.made_epoch)
+    assert made == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5], "a rank's share, spread over the epoch"
+    producer.settings = TrainerSettings(mode="online", online_cases_per_epoch=0, online_time_share=0.2).validate()
+    producer.quota = 0
+    producer.epoch_start()
+    for step in range(1, 21):
+        producer.after_step(1.0, step, 20, 1)
+    assert producer.made_epoch == 5 and producer.synthesis_time <= 0.2 * (producer.synthesis_time + 20)
 
 
 def make_trainer(dataset: str, configuration: str = "3d_fullres"):
@@ -167,15 +192,17 @@ def test_online_lefusion_training_from_an_existing_cache(phantom_dataset, tmp_pa
     cache = tmp_path / "cache"
     run_cli("nnUNetv2_lefusion_synthesize", "-d", "990", "-c", "2d", "-n", "2", "--cache", str(cache))
     initial = set(Manifest.load(cache).cases)
+    # One LeFusion case (minutes on a shared CPU), made after the first step, then loaded (no prefetch with 0 workers).
     fold, stats = train_online(phantom_dataset, "2d", {
-        "nnUNet_n_proc_DA": "2", "LEFUSION_METHOD": "lefusion", "LEFUSION_CASES_PER_EPOCH": "1",
-        "LEFUSION_POOL_MAX": "1", "LEFUSION_CHECKPOINT": str(sampler / "checkpoint_final.pt")}, cache)
-    epochs = stats["epochs"]
-    assert [e["produced"] for e in epochs] == [1, 1] and [e["pool_online"] for e in epochs] == [1, 1]
-    assert epochs[-1]["retired"] == 1 and epochs[-1]["pool_total"] == len(initial) + 1
+        "nnUNet_n_proc_DA": "0", "LEFUSION_EPOCHS": "1", "LEFUSION_ITERS": "16", "LEFUSION_METHOD": "lefusion",
+        "LEFUSION_CASES_PER_EPOCH": "1", "LEFUSION_POOL_MAX": "1",
+        "LEFUSION_CHECKPOINT": str(sampler / "checkpoint_final.pt")}, cache)
+    (epoch,) = stats["epochs"]
+    assert (epoch["produced"], epoch["pool_online"], epoch["pool_total"]) == (1, 1, len(initial) + 1)
     manifest = Manifest.load(cache)
-    assert initial < set(manifest.cases), "offline cases are kept"
+    assert initial < set(manifest.cases), "the cases of the existing cache are kept and used"
     (online_id,) = manifest.online_ids()
     info = manifest.cases[online_id]
-    assert info["method"] == "lefusion" and info["kind"] == "retexture" and info["online"]["epoch"] == 1
-    assert set(stats["online"]["new_ids_loaded"]) and not set(stats["online"]["new_ids_loaded"]) & initial
+    assert info["method"] == "lefusion" and info["kind"] == "retexture" and info["online"]["epoch"] == 0
+    assert stats["online"]["new_ids_loaded"] == [online_id]
+    assert manifest.runs[-1]["generators"][0]["role"] == "sampler", "the online sampler is recorded for leak checks"
