@@ -137,6 +137,14 @@ def test_producer_fills_a_bounded_pool_that_the_dataset_follows(phantom_dataset,
     for identifier in val.identifiers:
         assert "lefusion" not in val.load_case(identifier)[3]
     producer.close()
+    # A second start (resume) keeps the pool, adds its own run entry and deletes files no manifest lists.
+    orphan = cache / "Case_P001__syn0099.pkl"
+    orphan.write_bytes(b"left by a killed run")
+    again = make_trainer(phantom_dataset)
+    again.get_tr_and_val_datasets()
+    assert not orphan.exists() and set(Manifest.load(cache).cases) == set(made[1:])
+    assert len(Manifest.load(cache).runs) == 2 and again.lefusion_online.initial_ids == set(made[1:])
+    again.lefusion_online.close()
 
 
 SHORT = {"LEFUSION_EPOCHS": "2", "LEFUSION_VAL_ITERS": "1", "LEFUSION_ITERS": "8", "LEFUSION_MODE": "online",
@@ -187,12 +195,12 @@ def test_online_copypaste_training(phantom_dataset, tmp_path, workers):
 @pytest.mark.slow
 def test_online_lefusion_training_from_an_existing_cache(phantom_dataset, tmp_path):
     sampler = tmp_path / "sampler"
-    run_cli("nnUNetv2_lefusion_train_sampler", "-d", "990", "-f", "0", "--config", "tiny", "--steps", "2",
-            "--batch-size", "1", "--checkpoint-every", "2", "--quiet", "-o", str(sampler))
+    run_cli("nnUNetv2_lefusion_train_sampler", "-d", "990", "-f", "0", "--config", "tiny", "--roi", "2", "32", "32",
+            "--steps", "2", "--batch-size", "1", "--checkpoint-every", "2", "--quiet", "-o", str(sampler))
     cache = tmp_path / "cache"
     run_cli("nnUNetv2_lefusion_synthesize", "-d", "990", "-c", "2d", "-n", "2", "--cache", str(cache))
     initial = set(Manifest.load(cache).cases)
-    # One LeFusion case (minutes on a shared CPU), made after the first step, then loaded (no prefetch with 0 workers).
+    # One LeFusion case (a 2x32x32 ROI: a minute on a shared CPU), made after the first step, then loaded (no prefetch with 0 workers).
     fold, stats = train_online(phantom_dataset, "2d", {
         "nnUNet_n_proc_DA": "0", "LEFUSION_EPOCHS": "1", "LEFUSION_ITERS": "16", "LEFUSION_METHOD": "lefusion",
         "LEFUSION_CASES_PER_EPOCH": "1", "LEFUSION_POOL_MAX": "1",
