@@ -58,7 +58,7 @@ class TrainerSettings:
             raise LeFusionError(f"online_cases_per_epoch must be >= 0, got {self.online_cases_per_epoch}")
         if not 0.0 <= self.online_time_share < 1.0:
             raise LeFusionError(f"online_time_share must be in [0, 1), got {self.online_time_share}")
-        if self.online_cases_per_epoch == 0 and self.online_time_share == 0:
+        if self.mode == "online" and self.online_cases_per_epoch == 0 and self.online_time_share == 0:
             raise LeFusionError("online_cases_per_epoch and online_time_share are both 0: set at least one budget")
         if self.pool_max < 1:
             raise LeFusionError(f"pool_max must be >= 1, got {self.pool_max}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,17 @@ from nnunet_lefusion.synthesis.base import lesion_voxel_counts
 
 RELOAD_S = 30.0  # re-read the manifest at least this often even if its stat looks unchanged
 ID_SLOTS, ID_WIDTH = 4096, 128  # ring of the synthetic identifiers loaded lately (bytes per identifier)
+
+
+@contextmanager
+def _reading(lock, timeout: float = 5.0):
+    """Hold ``lock`` for a read in the main process, but go on without it if a killed worker left it held."""
+    held = lock.acquire(timeout=timeout)
+    try:
+        yield
+    finally:
+        if held:
+            lock.release()
 
 
 class LoadCounters:
@@ -65,14 +77,14 @@ class LoadCounters:
 
     def voxel_snapshot(self) -> dict[str, dict[str, int]]:
         """Lesion voxels loaded so far: ``{"real": {label: n}, "synthetic": {label: n}}``."""
-        with self.voxels.get_lock():
+        with _reading(self.voxels.get_lock()):
             values = list(self.voxels[:])
         n = len(self.labels)
         return {"real": dict(zip(self.labels, values[:n])), "synthetic": dict(zip(self.labels, values[n:]))}
 
     def new_ids(self) -> tuple[list[str], int]:
         """The synthetic identifiers loaded since the last call (main process only), and how many were lost."""
-        with self.ids_written.get_lock():
+        with _reading(self.ids_written.get_lock()):
             written = self.ids_written.value
             first = max(self._ids_read, written - ID_SLOTS)
             ids = [bytes(self.ids[(i % ID_SLOTS) * ID_WIDTH:(i % ID_SLOTS + 1) * ID_WIDTH]).rstrip(b"\0").decode(

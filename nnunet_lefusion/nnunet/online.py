@@ -63,6 +63,13 @@ class OnlineProducer:
         check_no_leak(generators, self.ctx.held_out_hashes(), self.ctx.fold, "online synthesis refused")
         prepare_folder(self.folder)
         self.writer = Writer(self.folder).__enter__()
+        try:
+            return self._start(options, generators)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, options, generators: list[dict]) -> Manifest:
         t0 = time.perf_counter()
         cases, self.synthesizer, self.pools, self.plan = prepare_synthesis(
             self.ctx, self.labels, self.settings.method, self.settings.synthesis_plan(), options, progress=False)
