@@ -10,29 +10,125 @@ import yaml
 from nnunet_lefusion.errors import LeFusionError
 
 CONFIG_ENV = "LEFUSION_CONFIG"
-MODES = ("cache",)
+MODES = ("cache", "online")
+METHODS = ("copypaste", "lefusion")
+SAMPLING = ("fast", "official")
 
 
 @dataclass
 class TrainerSettings:
-    """What the trainer injects: ``rate`` is the probability that a loaded training case is synthetic."""
+    """What the trainer injects: ``rate`` is the probability that a loaded training case is synthetic.
+
+    ``mode``: ``cache`` reads a pre-synthesized cache; ``online`` also fills that cache during training (the
+    trainer's main process synthesizes ``online_cases_per_epoch`` cases per epoch, at most ``online_time_share`` of
+    the training time, into a pool of at most ``pool_max`` cases). The synthesis keys mirror
+    ``nnUNetv2_lefusion_synthesize`` (``--method``, ``--checkpoint``, ``--sampling``, ``--mask-generator``,
+    ``--mix``, ``--target-share``, ``--candidates``, ``--device``, ``--seed``).
+    """
 
     rate: float = 0.5
     mode: str = "cache"
     cache: str | None = None  # folder of a synthetic cache; None: the default one of the dataset/config/fold
+    # online mode: the budget and the pool
+    online_cases_per_epoch: int = 4  # synthetic cases per epoch (all GPUs together); 0: only the time share limits
+    online_time_share: float = 0.0  # at most this share of the wall time goes to synthesis; 0: no time limit
+    pool_max: int = 64  # online cases kept; the oldest are retired beyond it (cases made offline are never retired)
+    # online mode: what is synthesized (as nnUNetv2_lefusion_synthesize)
+    method: str = "copypaste"
+    checkpoint: str | None = None
+    sampling: str = "fast"
+    mask_generator: str | None = None
+    histogram_matching: bool = True
+    mix: str | None = None
+    target_share: str | None = None
+    candidates: int = 8
+    device: str | None = None  # None: the trainer's device
+    seed: int = 0
 
     def validate(self) -> "TrainerSettings":
         if not 0.0 <= self.rate <= 1.0:
             raise LeFusionError(f"rate must be in [0, 1], got {self.rate}")
         if self.mode not in MODES:
             raise LeFusionError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for key in ("mix", "target_share"):
+            value = getattr(self, key)
+            if isinstance(value, dict):  # YAML mapping {retexture: 0.5, ...}
+                setattr(self, key, ",".join(f"{k}={v}" for k, v in value.items()))
+        if self.online_cases_per_epoch < 0:
+            raise LeFusionError(f"online_cases_per_epoch must be >= 0, got {self.online_cases_per_epoch}")
+        if not 0.0 <= self.online_time_share < 1.0:
+            raise LeFusionError(f"online_time_share must be in [0, 1), got {self.online_time_share}")
+        if self.mode == "online" and self.online_cases_per_epoch == 0 and self.online_time_share == 0:
+            raise LeFusionError("online_cases_per_epoch and online_time_share are both 0: set at least one budget")
+        if self.pool_max < 1:
+            raise LeFusionError(f"pool_max must be >= 1, got {self.pool_max}")
+        if self.method not in METHODS:
+            raise LeFusionError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.sampling not in SAMPLING:
+            raise LeFusionError(f"sampling must be one of {SAMPLING}, got {self.sampling!r}")
+        if self.mode == "online" and self.method == "lefusion" and not self.checkpoint:
+            raise LeFusionError("online mode with method lefusion needs a checkpoint (key checkpoint / "
+                                "LEFUSION_CHECKPOINT; train one with nnUNetv2_lefusion_train_sampler)")
+        self.synthesis_plan()
         return self
+
+    def synthesis_plan(self):
+        """The :class:`SynthesisPlan` of ``mix`` / ``target_share`` / ``candidates`` (None: the method's default)."""
+        from nnunet_lefusion.synthesis.plan import SynthesisPlan
+
+        if not self.mix and not self.target_share:
+            if self.candidates < 1:
+                raise LeFusionError(f"candidates must be >= 1, got {self.candidates}")
+            return None
+        return SynthesisPlan.parse(self.mix, self.target_share, self.candidates)
+
+    def synthesizer_options(self, default_device: str):
+        """The :class:`SynthesizerOptions` of these settings (device: ``device`` or ``default_device``)."""
+        from nnunet_lefusion.nnunet.synthesize import SynthesizerOptions
+
+        return SynthesizerOptions(self.checkpoint, self.sampling, self.device or default_device, self.mask_generator,
+                                  self.histogram_matching)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-_ENV = {"rate": ("LEFUSION_RATE", float), "mode": ("LEFUSION_MODE", str), "cache": ("LEFUSION_CACHE", str)}
+def _bool(text: str) -> bool:
+    if text.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+_bool.__name__ = "bool"
+_ENV = {"rate": ("LEFUSION_RATE", float), "mode": ("LEFUSION_MODE", str), "cache": ("LEFUSION_CACHE", str),
+        "online_cases_per_epoch": ("LEFUSION_CASES_PER_EPOCH", int),
+        "online_time_share": ("LEFUSION_TIME_SHARE", float), "pool_max": ("LEFUSION_POOL_MAX", int),
+        "method": ("LEFUSION_METHOD", str), "checkpoint": ("LEFUSION_CHECKPOINT", str),
+        "sampling": ("LEFUSION_SAMPLING", str), "mask_generator": ("LEFUSION_MASK_GENERATOR", str),
+        "histogram_matching": ("LEFUSION_HISTOGRAM_MATCHING", _bool), "mix": ("LEFUSION_MIX", str),
+        "target_share": ("LEFUSION_TARGET_SHARE", str), "candidates": ("LEFUSION_CANDIDATES", int),
+        "device": ("LEFUSION_DEVICE", str), "seed": ("LEFUSION_SEED", int)}
+ENV_VARIABLES = tuple(env for env, _ in _ENV.values()) + (CONFIG_ENV,)
+
+
+def _typed(key: str, value, path) -> object:
+    """A YAML value checked against the key's type (an integer may stand for a float)."""
+    if value is None:
+        return None
+    cast = _ENV[key][1]
+    if cast is str:
+        if isinstance(value, dict) and key in ("mix", "target_share"):
+            return value
+        if isinstance(value, (dict, list)):
+            raise LeFusionError(f"LeFusion config {path}: {key} must be a string, got {value!r}")
+        return str(value)
+    ok = {float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool), _bool: isinstance(value, bool)}[cast]
+    if not ok:
+        raise LeFusionError(f"LeFusion config {path}: {key} must be a {cast.__name__}, got {value!r}")
+    return float(value) if cast is float else value
 
 
 def load_settings(default_file: str | os.PathLike | None = None) -> TrainerSettings:
@@ -50,11 +146,16 @@ def load_settings(default_file: str | os.PathLike | None = None) -> TrainerSetti
         unknown = set(loaded) - allowed
         if unknown:
             raise LeFusionError(f"unknown keys in LeFusion config {path}: {sorted(unknown)} (allowed: {sorted(allowed)})")
-        values.update(loaded)
+        for key, value in loaded.items():
+            values[key] = _typed(key, value, path)
     for key, (env, cast) in _ENV.items():
         if env in os.environ:
             try:
                 values[key] = cast(os.environ[env])
             except ValueError:
                 raise LeFusionError(f"{env}={os.environ[env]!r} is not a valid {cast.__name__}") from None
-    return TrainerSettings(**values).validate()
+    try:
+        settings = TrainerSettings(**values)
+    except TypeError as exc:
+        raise LeFusionError(f"bad LeFusion settings: {exc}") from None
+    return settings.validate()

@@ -24,6 +24,7 @@ MANIFEST = "manifest.json"
 FORMAT = "nnunet-lefusion-cache"
 VERSION = 2
 CASE_FILES = (".b2nd", "_seg.b2nd", ".pkl")  # the .pkl last: it marks a complete case on disk
+ONLINE = "online"  # provenance key of a case made during training (online mode)
 
 
 def default_cache_folder(ctx: DatasetContext) -> Path:
@@ -134,6 +135,19 @@ class Manifest:
                 totals[label] = totals.get(label, 0) + int(n)
         return totals
 
+    def online_ids(self) -> list[str]:
+        """The cases made during training (online mode), oldest (lowest case number) first."""
+        return sorted((i for i, c in self.cases.items() if ONLINE in c), key=lambda i: (self.cases[i]["slot"], i))
+
+    def retire_online(self, pool_max: int) -> list[str]:
+        """Drop the oldest online cases beyond ``pool_max`` from the manifest; returns their identifiers (the caller
+        deletes their files once the saved manifest no longer lists them). Offline cases are never retired."""
+        ids = self.online_ids()
+        retired = ids[:max(0, len(ids) - pool_max)]
+        for identifier in retired:
+            del self.cases[identifier]
+        return retired
+
     def variants_by_source(self) -> dict[str, list[str]]:
         """source identifier -> sorted synthetic identifiers made from it."""
         out: dict[str, list[str]] = {}
@@ -147,6 +161,33 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(tmp_name(path.name))
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def case_files(folder: Path, identifier: str) -> list[Path]:
+    """The files of a cached case."""
+    return [Path(folder) / f"{identifier}{suffix}" for suffix in CASE_FILES]
+
+
+def remove_case_files(folder: Path, identifiers: list[str]) -> None:
+    """Delete the files of cases that the manifest no longer lists (the .pkl first: the case is then incomplete)."""
+    for identifier in identifiers:
+        for path in reversed(case_files(folder, identifier)):
+            path.unlink(missing_ok=True)
+
+
+def unlisted_cases(folder: Path, manifest: Manifest) -> list[str]:
+    """Identifiers of case files in ``folder`` that ``manifest`` does not list (left by a killed online run between
+    its manifest update and the deletion of retired files, or between writing a case and listing it)."""
+    found = set()
+    for path in Path(folder).iterdir():
+        name = path.name
+        if name.startswith(".") or name == MANIFEST:
+            continue
+        for suffix in ("_seg.b2nd", ".b2nd", ".pkl"):
+            if name.endswith(suffix):
+                found.add(name[:-len(suffix)])
+                break
+    return sorted(found - set(manifest.cases))
 
 
 def write_case(folder: Path, identifier: str, data: np.ndarray, seg: np.ndarray, properties: dict,

@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from nnunet_lefusion.config import METHODS
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.masks import MaskGenerator, RuleBasedMaskGenerator
 from nnunet_lefusion.model.checkpoint import read_meta
-from nnunet_lefusion.nnunet.cache import MANIFEST, Manifest, default_cache_folder, write_case
+from nnunet_lefusion.nnunet.cache import (MANIFEST, Manifest, default_cache_folder, remove_case_files,
+                                          unlisted_cases, write_case)
 from nnunet_lefusion.nnunet.cache_lock import (LOCK, TMP_PREFIX, WRITER_PREFIX, Writer, alive, locked, other_writers,
                                                remove_dead_leftovers, token)
 from nnunet_lefusion.nnunet.context import DatasetContext
@@ -32,7 +34,6 @@ from nnunet_lefusion.synthesis.base import (Proposal, RawCase, Synthesizer, Synt
 from nnunet_lefusion.synthesis.copypaste import CopyPasteSynthesizer
 from nnunet_lefusion.synthesis.plan import ShareTracker, SynthesisPlan
 
-METHODS = ("copypaste", "lefusion")
 
 
 @dataclass
@@ -231,6 +232,18 @@ def existing_manifest(ctx: DatasetContext, folder: Path) -> Manifest:
     return manifest
 
 
+def open_manifest(ctx: DatasetContext, folder: Path, labels: LesionLabels, cases: list[RawCase]) -> Manifest:
+    """Under the cache lock: the checked manifest of the cache, or a new one (not saved yet); removes the leftovers
+    of dead writers."""
+    remove_dead_leftovers(folder)
+    if (folder / MANIFEST).exists():
+        return existing_manifest(ctx, folder)
+    manifest = Manifest.for_context(ctx)
+    manifest.lesion_labels = labels.to_dict()
+    manifest.real_lesion_voxels = real_lesion_voxels(cases, labels)
+    return manifest
+
+
 def start_run(ctx: DatasetContext, folder: Path, overwrite: bool, request: dict, plan: SynthesisPlan,
               part_id: int, generators: list[dict], labels: LesionLabels,
               cases: list[RawCase]) -> tuple[dict, set[int]]:
@@ -241,16 +254,30 @@ def start_run(ctx: DatasetContext, folder: Path, overwrite: bool, request: dict,
             if others:
                 raise LeFusionError(f"--overwrite refused: {folder} is being written by {', '.join(others)}")
             _clear(folder)
-        remove_dead_leftovers(folder)
-        if (folder / MANIFEST).exists():
-            manifest = existing_manifest(ctx, folder)
-        else:
-            manifest = Manifest.for_context(ctx)
-            manifest.lesion_labels = labels.to_dict()
-            manifest.real_lesion_voxels = real_lesion_voxels(cases, labels)
+        manifest = open_manifest(ctx, folder, labels, cases)
         run = join_run(manifest, folder, request, plan, part_id, generators)
         manifest.save(folder)
     return run, {c["slot"] for c in manifest.cases.values() if c["run"] == run["id"]}
+
+
+def prepare_synthesis(ctx: DatasetContext, labels: LesionLabels, method: str, plan: SynthesisPlan | None,
+                      options: SynthesizerOptions, progress: bool = True,
+                      ) -> tuple[list[RawCase], Synthesizer, dict[str, list[RawCase]], SynthesisPlan]:
+    """Read the fold's training cases and set up the synthesizer, its target pools and the checked plan."""
+    cases = [load_raw_case(ctx, i) for i in tqdm(sorted(ctx.split[0]), desc="reading training cases", unit="case",
+                                                 disable=not progress)]
+    if not any(np.isin(c.seg, labels.lesions).any() for c in cases):
+        raise LeFusionError(f"no training case of fold {ctx.fold} contains a lesion label {list(labels.lesions)}")
+    synthesizer = make_synthesizer(method, cases, labels, options)
+    pools = _pools(cases, labels)
+    plan = (plan or default_plan(synthesizer, pools)).validate(labels)
+    for kind in plan.mix:
+        if kind not in synthesizer.kinds and plan.mix[kind] > 0:
+            raise LeFusionError(f"method {method} cannot make {kind!r} cases (it makes {', '.join(synthesizer.kinds)})")
+        if plan.mix[kind] > 0 and not pools[kind]:
+            raise LeFusionError(f"no training case of fold {ctx.fold} can be a {kind!r} target "
+                                f"({'no normal case' if kind == 'normal' else 'no case with lesions'})")
+    return cases, synthesizer, pools, plan
 
 
 def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num_cases: int, seed: int = 0,
@@ -271,18 +298,7 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
     check_no_leak(generators, ctx.held_out_hashes(), ctx.fold, "refused")
     if not overwrite and (folder / MANIFEST).exists():
         existing_manifest(ctx, folder)  # refused before any work
-    cases = [load_raw_case(ctx, i) for i in tqdm(sorted(ctx.split[0]), desc="reading training cases", unit="case")]
-    if not any(np.isin(c.seg, labels.lesions).any() for c in cases):
-        raise LeFusionError(f"no training case of fold {ctx.fold} contains a lesion label {list(labels.lesions)}")
-    synthesizer = make_synthesizer(method, cases, labels, options)
-    pools = _pools(cases, labels)
-    plan = (plan or default_plan(synthesizer, pools)).validate(labels)
-    for kind in plan.mix:
-        if kind not in synthesizer.kinds and plan.mix[kind] > 0:
-            raise LeFusionError(f"method {method} cannot make {kind!r} cases (it makes {', '.join(synthesizer.kinds)})")
-        if plan.mix[kind] > 0 and not pools[kind]:
-            raise LeFusionError(f"no training case of fold {ctx.fold} can be a {kind!r} target "
-                                f"({'no normal case' if kind == 'normal' else 'no case with lesions'})")
+    cases, synthesizer, pools, plan = prepare_synthesis(ctx, labels, method, plan, options)
     request = json.loads(json.dumps({
         "method": method, "num_cases": num_cases, "seed": seed, "mix": plan.mix, "target_share": plan.target_share,
         "candidates": plan.candidates, "num_parts": num_parts, "sampling": options.mode,
@@ -311,17 +327,55 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
 
 
 def _store(ctx: DatasetContext, folder: Path, run: dict, slot: Slot, proposal: Proposal, synthetic) -> None:
-    """Preprocess one synthetic case with nnU-Net, write its files, then list it in the manifest (under the lock)."""
-    syn_id = f"{proposal.target.identifier}__syn{slot.index:04d}"
-    data, seg, properties = preprocess_case(ctx, synthetic.case)
+    """Store the case of an offline run's slot."""
     provenance = {"source": proposal.target.identifier, "seed": slot.seed, "run": run["id"], "slot": slot.index,
                   **synthetic.provenance}
+    store_case(ctx, folder, f"{proposal.target.identifier}__syn{slot.index:04d}", synthetic.case, provenance)
+
+
+def store_case(ctx: DatasetContext, folder: Path, syn_id: str, case: RawCase, provenance: dict,
+               pool_max: int | None = None) -> list[str]:
+    """The one way a synthetic case enters a cache: preprocess it with nnU-Net, write its files, then list it in
+    the manifest (under the lock). With ``pool_max`` (online mode) the oldest online cases beyond it are unlisted
+    in the same manifest update and their files deleted after it; returns their identifiers."""
+    data, seg, properties = preprocess_case(ctx, case)
     properties["lefusion"] = provenance
     write_case(folder, syn_id, data, seg, properties, ctx.configuration_manager.patch_size)
     with locked(folder):
         manifest = Manifest.load(folder)
         manifest.cases[syn_id] = provenance
+        retired = manifest.retire_online(pool_max) if pool_max is not None else []
         manifest.save(folder)
+    remove_case_files(folder, retired)
+    return retired
+
+
+def reserve_index(folder: Path) -> int:
+    """Under the cache lock: the next case number (an online case's number; offline runs reserve ranges)."""
+    with locked(folder):
+        manifest = Manifest.load(folder)
+        index = manifest.next_index
+        manifest.next_index += 1
+        manifest.save(folder)
+    return index
+
+
+def start_online_run(ctx: DatasetContext, folder: Path, labels: LesionLabels, cases: list[RawCase], request: dict,
+                     generators: list[dict], part: int) -> tuple[Manifest, dict]:
+    """Under the cache lock: open (or create) the cache for online synthesis and add this process's run entry (it
+    records the generators, so later checks see them). The caller is a ``Writer`` of ``folder`` already. If no
+    other writer is alive, case files the manifest does not list (a killed online run's) are deleted."""
+    prepare_folder(folder)
+    with locked(folder):
+        manifest = open_manifest(ctx, folder, labels, cases)
+        if not other_writers(folder):
+            remove_case_files(folder, unlisted_cases(folder, manifest))
+        run = {"id": len(manifest.runs), "request": request, "first": manifest.next_index, "num_cases": 0,
+               "position": {}, "totals": {}, "parts": {str(part): token()}, "generators": generators,
+               "online": True}
+        manifest.runs.append(run)
+        manifest.save(folder)
+    return manifest, run
 
 
 def real_lesion_voxels(cases: list[RawCase], labels: LesionLabels) -> dict[str, int]:

@@ -3,11 +3,13 @@
 Each variant overrides one thing, like nnU-Net's own trainer variants. The constructor keeps nnU-Net's signature;
 rate, cache and mode come from ``lefusion.yaml`` / ``$LEFUSION_CONFIG`` and ``LEFUSION_*`` variables
 (see :mod:`nnunet_lefusion.config`), except in the ``_rXXX`` variants whose name fixes the rate.
+Mode ``online`` also synthesizes cases during training (:mod:`nnunet_lefusion.nnunet.online`).
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -15,7 +17,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_lefusion.config import TrainerSettings, load_settings
 from nnunet_lefusion.errors import LeFusionError, LeFusionExit
-from nnunet_lefusion.nnunet.cache import Manifest, atomic_write_text, default_cache_folder
+from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
+from nnunet_lefusion.nnunet.cache import MANIFEST, Manifest, atomic_write_text, default_cache_folder
 from nnunet_lefusion.nnunet.context import DatasetContext, env_folder
 from nnunet_lefusion.nnunet.dataset import LoadCounters, SyntheticMixDataset
 
@@ -23,7 +26,8 @@ STATS_FILE = "lefusion_stats.json"
 
 
 class nnUNetTrainerLeFusion(nnUNetTrainer):
-    """nnU-Net training where a loaded training case is replaced by a cached synthetic variant with prob. ``rate``."""
+    """nnU-Net training where a loaded training case is replaced by a cached synthetic variant with prob. ``rate``
+    (mode ``online``: the cache is also filled during training)."""
 
     fixed_rate: float | None = None  # set by the _rXXX variants: their name must tell the truth
 
@@ -33,8 +37,12 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.lefusion_counters = LoadCounters()
         self.lefusion_epochs: list[dict] = []
-        self._lefusion_seen = (0, 0)
-        self._lefusion_base = (0, 0)  # loads and synthetic loads of the epochs before a resume (--c)
+        self.lefusion_online = None  # the OnlineProducer of mode online
+        self._lefusion_seen = {"loads": 0, "synthetic": 0, "voxels": None}
+        self._lefusion_step = 0
+        self._lefusion_loaded: dict[str, int] = {}  # synthetic identifier -> loads, this epoch
+        self._lefusion_lost = 0
+        self._lefusion_new_ids: set[str] = set()
 
     @classmethod
     def check_lefusion_input(cls, plans: dict, configuration: str, fold: int | str) -> TrainerSettings:
@@ -64,10 +72,9 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
         """``--c``: continue the statistics of the epochs the checkpoint holds (later epochs in the file, written
         after that checkpoint, are trained again and counted anew)."""
         path = Path(self.output_folder) / STATS_FILE
-        self.lefusion_epochs, self._lefusion_base = [], (0, 0)
+        self.lefusion_epochs = []
         try:
             earlier = [e for e in json.loads(path.read_text())["epochs"] if int(e["epoch"]) < self.current_epoch]
-            self._lefusion_base = (sum(int(e["loads"]) for e in earlier), sum(int(e["synthetic"]) for e in earlier))
             self.lefusion_epochs = earlier
         except FileNotFoundError:
             pass
@@ -77,39 +84,137 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
         if self.lefusion_epochs:
             self.print_to_log_file(f"LeFusion: resumed the statistics of {len(self.lefusion_epochs)} earlier epochs")
 
+    def _lesion_labels(self, manifest: Manifest | None) -> LesionLabels | None:
+        """The cache's lesion labels, else those named in dataset.json; None if there are none (no voxel counts)."""
+        if manifest is not None and manifest.lesion_labels:
+            return LesionLabels.from_dict(manifest.lesion_labels)
+        try:
+            return resolve_lesion_labels(self.dataset_json)
+        except LeFusionError as exc:
+            self.print_to_log_file(f"LeFusion: no lesion voxel counts ({exc})")
+            return None
+
     def get_tr_and_val_datasets(self):
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
-        folder, variants = None, {}
+        folder, variants, manifest, online = None, {}, None, self.lefusion.mode == "online"
         if self.lefusion.rate > 0:
             ctx = DatasetContext(self.plans_manager.dataset_name, self.configuration_name, self.fold,
                                  self.plans_manager.plans_name)
             ctx.check_single_stage()
             folder = Path(self.lefusion.cache) if self.lefusion.cache else default_cache_folder(ctx)
-            manifest = Manifest.load(folder)
+            if online:
+                manifest = Manifest.load(folder) if (folder / MANIFEST).is_file() else None
+                labels = self._lesion_labels(manifest)
+                if labels is None:
+                    raise LeFusionError("online mode needs the lesion labels: name them in dataset.json, or create "
+                                        "the cache first with nnUNetv2_lefusion_synthesize --lesion-labels")
+                from nnunet_lefusion.nnunet.online import OnlineProducer
+
+                rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if self.is_ddp \
+                    else (0, 1)
+                self.lefusion_online = OnlineProducer(ctx, folder, labels, self.lefusion, str(self.device), rank,
+                                                      world, self.print_to_log_file)
+                manifest = self.lefusion_online.start()
+            else:
+                manifest = Manifest.load(folder)
             manifest.check_matches(ctx, list(dataset_tr.identifiers), folder)
             variants = manifest.variants_by_source()
             covered = sum(1 for i in dataset_tr.identifiers if variants.get(i))
-            self.print_to_log_file(f"LeFusion: rate {self.lefusion.rate}, cache {folder}: {len(manifest.cases)} "
-                                   f"synthetic cases for {covered}/{len(dataset_tr.identifiers)} training cases")
+            self.print_to_log_file(f"LeFusion: mode {self.lefusion.mode}, rate {self.lefusion.rate}, cache {folder}: "
+                                   f"{len(manifest.cases)} synthetic cases for {covered}/"
+                                   f"{len(dataset_tr.identifiers)} training cases")
         else:
             self.print_to_log_file("LeFusion: rate 0, no synthetic cases (control run)")
-        return SyntheticMixDataset(dataset_tr, folder, variants, self.lefusion.rate, self.lefusion_counters), \
-            dataset_val
+        labels = self._lesion_labels(manifest)
+        self.lefusion_counters = LoadCounters(labels.lesions if labels is not None else ())
+        return SyntheticMixDataset(dataset_tr, folder, variants, self.lefusion.rate, self.lefusion_counters, labels,
+                                   watch=self.lefusion_online is not None), dataset_val
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._lefusion_step = 0
+        if self.lefusion_online is not None:
+            self.lefusion_online.epoch_start()
+
+    def train_step(self, batch: dict) -> dict:
+        start = time.perf_counter()
+        result = super().train_step(batch)
+        self._lefusion_step += 1
+        if self.lefusion_online is not None:
+            self.lefusion_online.after_step(time.perf_counter() - start, self._lefusion_step,
+                                            self.num_iterations_per_epoch, self.current_epoch)
+        self._lefusion_read_ids()
+        return result
+
+    def _lefusion_read_ids(self) -> None:
+        ids, lost = self.lefusion_counters.new_ids()
+        for identifier in ids:
+            self._lefusion_loaded[identifier] = self._lefusion_loaded.get(identifier, 0) + 1
+        self._lefusion_lost += lost
+
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        """``values`` summed over the DDP ranks (every rank calls this at the same point); as is without DDP."""
+        if not self.is_ddp:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
 
     def on_epoch_end(self):
-        loads, synthetic = self.lefusion_counters.snapshot()
-        d_loads, d_syn = loads - self._lefusion_seen[0], synthetic - self._lefusion_seen[1]
-        self._lefusion_seen = (loads, synthetic)
+        self._lefusion_read_ids()
+        counters = self.lefusion_counters
+        loads, synthetic = counters.snapshot()
+        voxels = counters.voxel_snapshot()
+        seen = self._lefusion_seen
+        before = seen["voxels"] or {k: dict.fromkeys(v, 0) for k, v in voxels.items()}
+        labels = list(counters.labels)
+        d_voxels = [voxels[k][lab] - before[k][lab] for k in ("real", "synthetic") for lab in labels]
+        self._lefusion_seen = {"loads": loads, "synthetic": synthetic, "voxels": voxels}
+        producer = self.lefusion_online
+        online = [producer.made_epoch, producer.retired_epoch, producer.synthesis_time] if producer else [0, 0, 0.0]
+        summed = self._sum_over_ranks([loads - seen["loads"], synthetic - seen["synthetic"], *d_voxels, *online])
+        d_loads, d_syn = int(summed[0]), int(summed[1])
+        d_voxels = [int(v) for v in summed[2:2 + 2 * len(labels)]]
+        made, retired, synthesis_s = int(summed[-3]), int(summed[-2]), summed[-1]
         fraction = d_syn / d_loads if d_loads else 0.0
+        entry = {"epoch": self.current_epoch, "loads": d_loads, "synthetic": d_syn, "fraction": round(fraction, 4),
+                 "lesion_voxels": {"real": dict(zip(labels, d_voxels[:len(labels)])),
+                                   "synthetic": dict(zip(labels, d_voxels[len(labels):]))}}
         self.print_to_log_file(f"LeFusion: {d_syn} of {d_loads} training-case loads were synthetic "
                                f"(realised fraction {fraction:.3f}, rate {self.lefusion.rate})")
-        self.lefusion_epochs.append({"epoch": self.current_epoch, "loads": d_loads, "synthetic": d_syn})
+        if labels:
+            self.print_to_log_file("LeFusion: lesion voxels loaded, " + "; ".join(
+                f"{k} " + ", ".join(f"label {lab}: {n}" for lab, n in entry["lesion_voxels"][k].items())
+                for k in ("real", "synthetic")))
+        if producer is not None:
+            new = {i: n for i, n in self._lefusion_loaded.items() if i not in producer.initial_ids}
+            self._lefusion_new_ids.update(new)
+            pool_online, pool_total = producer.pool_sizes()
+            entry.update({"produced": made, "retired": retired, "synthesis_s": round(synthesis_s, 2),
+                          "pool_online": pool_online, "pool_total": pool_total,
+                          "new_loads": sum(new.values()), "new_cases_loaded": len(new)})
+            self.print_to_log_file(
+                f"LeFusion online: {made} case(s) made this epoch ({synthesis_s:.1f} s), {retired} retired; pool "
+                f"{pool_online}/{self.lefusion.pool_max} online cases, {pool_total} in all; {sum(new.values())} "
+                f"load(s) of {len(new)} case(s) made during this training")
+        self._lefusion_loaded = {}
+        self.lefusion_epochs.append(entry)
         if self.local_rank == 0:
-            stats = {"settings": self.lefusion.to_dict(), "epochs": self.lefusion_epochs,
-                     "total_loads": self._lefusion_base[0] + loads,
-                     "total_synthetic": self._lefusion_base[1] + synthetic}
+            stats = {"settings": self.lefusion.to_dict(), "epochs": self.lefusion_epochs,   # all ranks, all epochs
+                     "total_loads": sum(e["loads"] for e in self.lefusion_epochs),
+                     "total_synthetic": sum(e["synthetic"] for e in self.lefusion_epochs)}
+            if producer is not None:
+                stats["online"] = {"new_ids_loaded": sorted(self._lefusion_new_ids),
+                                   "ids_lost": self._lefusion_lost, "initial_cases": len(producer.initial_ids)}
             atomic_write_text(Path(self.output_folder) / STATS_FILE, json.dumps(stats, indent=1))
         super().on_epoch_end()
+
+    def on_train_end(self):
+        try:
+            super().on_train_end()
+        finally:
+            if self.lefusion_online is not None:
+                self.lefusion_online.close()
 
 
 class nnUNetTrainerLeFusion_r000(nnUNetTrainerLeFusion):

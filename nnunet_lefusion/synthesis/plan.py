@@ -74,6 +74,14 @@ class SynthesisPlan:
         position = {k: (np.arange(n) + 0.5) / n for k, n in counts.items() if n}
         return [k for _, k in sorted((p, k) for k, ps in position.items() for p in ps)]
 
+    def next_kind(self, made: dict[str, int]) -> str:
+        """For a stream of cases (online synthesis): the kind of the next case, given how many of each kind were
+        made; the kind furthest behind its planned share (ties in the order of :data:`KINDS`)."""
+        total = sum(self.mix.values())
+        n = sum(made.values()) + 1
+        wanted = [k for k in KINDS if self.mix.get(k, 0) > 0]
+        return max(wanted, key=lambda k: (n * self.mix[k] / total - made.get(k, 0), -KINDS.index(k)))
+
 
 class ShareTracker:
     """Running lesion-voxel totals of the synthetic cases; picks the proposal closest to the target shares."""

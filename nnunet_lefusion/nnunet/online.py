@@ -1,0 +1,152 @@
+"""Online mode: the trainer synthesizes cases during training into a bounded pool of the synthetic cache.
+
+* **Where.** In nnU-Net's main process of each rank, the one that holds the GPU, between training steps
+  (``nnUNetTrainerLeFusion.train_step``). Never in the data-augmentation workers: they are forked after CUDA was
+  initialised and cannot use it, and each would hold its own model copy.
+* **Budget.** Per epoch a rank makes its share of ``online_cases_per_epoch`` (``n // world + (rank < n % world)``),
+  spread over the epoch: after step ``i`` of ``I`` it has made ``ceil(share * i / I)`` cases. With
+  ``online_time_share`` ``s`` > 0 it also starts a case only while this epoch's synthesis time, plus the mean time
+  of a case, stays within ``s`` of the epoch's synthesis + training-step time (with ``online_cases_per_epoch`` 0
+  only this limit applies). Cases the time limit skips are not made up later.
+* **Writing.** A case is made like ``nnUNetv2_lefusion_synthesize`` makes one (``prepare_synthesis``,
+  ``choose_proposals``, ``render_many``) and stored through the same ``store_case``: nnU-Net's preprocessor,
+  Blosc2 files under temporary names renamed into place, then listed in the manifest under the cache lock. Case
+  numbers come from the manifest (``reserve_index``, under the lock), so ranks and offline runs never collide.
+* **Pool.** In that same manifest update the oldest online cases beyond ``pool_max`` are unlisted; their files are
+  deleted after the manifest is saved. Cases of offline runs (an existing cache) are kept and used, never retired.
+* **Workers** (``SyntheticMixDataset(watch=True)``) re-read the manifest when it changes and fall back to the real
+  case if a picked case was retired meanwhile.
+* **DDP** (``nnUNetv2_train -num_gpus N``): every rank is a process with its own trainer, DA workers and producer on
+  its own GPU (``self.device``, ``cuda:local_rank``); each makes its share, seeded by ``(seed, rank, epoch, k)``,
+  into the one pool (shared cache folder, cache lock). The trainer sums the per-epoch counts over the ranks
+  (``torch.distributed.all_reduce``) before rank 0 logs and writes them.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_lefusion.config import TrainerSettings
+from nnunet_lefusion.labels import LesionLabels
+from nnunet_lefusion.nnunet.cache import ONLINE, Manifest
+from nnunet_lefusion.nnunet.cache_lock import Writer
+from nnunet_lefusion.nnunet.context import DatasetContext
+from nnunet_lefusion.nnunet.provenance import check_no_leak
+from nnunet_lefusion.nnunet.synthesize import (Slot, choose_proposals, generator_records, prepare_folder,
+                                               prepare_synthesis, reserve_index, start_online_run, store_case)
+
+
+class OnlineProducer:
+    """One rank's producer of synthetic cases during training (see the module documentation)."""
+
+    def __init__(self, ctx: DatasetContext, folder: Path, labels: LesionLabels, settings: TrainerSettings,
+                 device: str, rank: int = 0, world_size: int = 1, log=print) -> None:
+        self.ctx, self.folder, self.labels, self.settings = ctx, Path(folder), labels, settings
+        self.device, self.rank, self.world_size, self.log = device, rank, world_size, log
+        n = settings.online_cases_per_epoch
+        self.quota = n // world_size + (1 if rank < n % world_size else 0)
+        self.writer: Writer | None = None
+        self.synthesizer = None
+        self.made_total = 0
+        self.synthesis_time_total = 0.0
+        self.kinds: dict[str, int] = {}
+        self.initial_ids: set[str] = set()
+        self.epoch_start()
+
+    def start(self) -> Manifest:
+        """Set up the synthesizer on the fold's training cases and open (or create) the cache; its manifest."""
+        options = self.settings.synthesizer_options(self.device)
+        generators = generator_records(self.settings.method, options)
+        check_no_leak(generators, self.ctx.held_out_hashes(), self.ctx.fold, "online synthesis refused")
+        prepare_folder(self.folder)
+        self.writer = Writer(self.folder).__enter__()
+        try:
+            return self._start(options, generators)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, options, generators: list[dict]) -> Manifest:
+        t0 = time.perf_counter()
+        cases, self.synthesizer, self.pools, self.plan = prepare_synthesis(
+            self.ctx, self.labels, self.settings.method, self.settings.synthesis_plan(), options, progress=False)
+        request = {"online": True, "method": self.settings.method, "seed": self.settings.seed, "rank": self.rank,
+                   "mix": self.plan.mix, "target_share": {str(k): v for k, v in self.plan.target_share.items()},
+                   "candidates": self.plan.candidates, "sampling": options.mode,
+                   "histogram_matching": options.histogram_matching, "generators": [g["path"] for g in generators]}
+        manifest, self.run = start_online_run(self.ctx, self.folder, self.labels, cases, request, generators,
+                                              self.rank)
+        self.totals = manifest.lesion_voxel_totals()
+        self.initial_ids = set(manifest.cases)
+        self.log(f"LeFusion online: {self.settings.method} synthesizer ready on {options.device} "
+                 f"({time.perf_counter() - t0:.1f} s, {len(cases)} training cases, mix {self.plan.mix}); rank "
+                 f"{self.rank} makes {self.quota} case(s) per epoch"
+                 + (f", at most {self.settings.online_time_share:.0%} of the time" if self.settings.online_time_share
+                    else "") + f"; pool of at most {self.settings.pool_max} online cases in {self.folder}")
+        return manifest
+
+    def epoch_start(self) -> None:
+        self.made_epoch, self.retired_epoch = 0, 0
+        self.synthesis_time, self.train_time = 0.0, 0.0
+
+    def _within_time(self) -> bool:
+        share = self.settings.online_time_share
+        if share <= 0:
+            return True
+        estimate = self.synthesis_time_total / self.made_total if self.made_total else 0.0
+        spent = self.synthesis_time + estimate
+        return spent <= share * (spent + self.train_time)
+
+    def after_step(self, step_time: float, steps_done: int, steps_per_epoch: int, epoch: int) -> None:
+        """Called after each training step: make the cases that are due (see the budget above)."""
+        self.train_time += step_time
+        due = math.ceil(self.quota * steps_done / max(steps_per_epoch, 1)) if self.quota else None
+        while (due is None or self.made_epoch < due) and self._within_time():
+            self.produce(epoch)
+
+    def produce(self, epoch: int) -> str:
+        """Make one case, store it in the pool (retiring the oldest beyond ``pool_max``); its identifier."""
+        t0 = time.perf_counter()
+        kind = self.plan.next_kind(self.kinds)
+        rng = np.random.default_rng([self.settings.seed, self.rank, epoch, self.made_epoch])
+        seed = int(rng.integers(2 ** 31))
+        index = reserve_index(self.folder)
+        slot = Slot(index, kind, int(rng.integers(len(self.pools[kind]))), seed)
+        proposal = choose_proposals(self.synthesizer, self.pools, [slot], self.plan, self.labels, self.totals,
+                                    {index})[index]
+        synthetic = self.synthesizer.render_many([proposal], np.random.default_rng(seed))[0]
+        source = proposal.target.identifier
+        syn_id = f"{source}__syn{index:04d}"
+        provenance = {"source": source, "seed": seed, "run": self.run["id"], "slot": index, **synthetic.provenance,
+                      ONLINE: {"rank": self.rank, "epoch": epoch, "time": round(time.time(), 3)}}
+        retired = store_case(self.ctx, self.folder, syn_id, synthetic.case, provenance, self.settings.pool_max)
+        for label, n in synthetic.provenance.get("lesion_voxels", {}).items():
+            self.totals[label] = self.totals.get(label, 0) + int(n)
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        self.made_epoch += 1
+        self.made_total += 1
+        self.retired_epoch += len(retired)
+        elapsed = time.perf_counter() - t0
+        self.synthesis_time += elapsed
+        self.synthesis_time_total += elapsed
+        return syn_id
+
+    def pool_sizes(self) -> tuple[int, int]:
+        """(online cases, all cases) the manifest lists now."""
+        manifest = Manifest.load(self.folder)
+        return len(manifest.online_ids()), len(manifest.cases)
+
+    def close(self) -> None:
+        """Stop being a writer of the cache and free the synthesizer (and its GPU memory)."""
+        if self.writer is not None:
+            self.writer.__exit__(None, None, None)
+            self.writer = None
+        if self.synthesizer is not None:
+            self.synthesizer = None
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
