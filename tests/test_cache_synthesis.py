@@ -84,7 +84,7 @@ def test_synthesize_appends_and_refuses_other_fold_cache(cache_3d, tmp_path):
     (["-d", "977", "-n", "1"], "not found"),
     (["-d", "990", "-c", "3d_lowres", "-n", "1"], "configuration"),
     (["-d", "990", "-n", "1", "--lesion-labels", "7"], "label 7"),
-    (["-d", "990", "-n", "0"], ">= 1"),
+    (["-d", "990", "-n", "-1"], ">= 1"),
 ])
 def test_synthesize_bad_input_is_one_error_line(phantom_dataset, args, message):
     res = run_cli("nnUNetv2_lefusion_synthesize", *args, check=False)
