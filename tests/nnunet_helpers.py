@@ -23,3 +23,8 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     """The error lines a command printed (progress bars aside); a traceback counts as a failure to report."""
     assert "Traceback" not in result.stderr, result.stderr
     return [line for line in result.stderr.splitlines() if ": error:" in line]
+
+
+def latest_training_log(fold: Path) -> str:
+    """The text of the newest nnU-Net training log in a fold folder (earlier runs may have left theirs)."""
+    return max(fold.glob("training_log_*.txt"), key=lambda f: f.stat().st_mtime_ns).read_text()

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_lefusion.nnunet.context import DatasetContext
-from tests.nnunet_helpers import run_cli
+from tests.nnunet_helpers import latest_training_log, run_cli
 
 pytestmark = pytest.mark.slow
 SHORT = {"LEFUSION_EPOCHS": "1", "LEFUSION_VAL_ITERS": "2"}
@@ -38,7 +38,7 @@ def test_3d_fullres_trains_with_synthetic_cases_at_the_rate_and_predicts(phantom
     assert stats["settings"]["rate"] == 0.5
     fraction = stats["total_synthetic"] / stats["total_loads"]
     assert stats["total_loads"] >= 24 and 0.25 <= fraction <= 0.75, stats
-    log = next(fold.glob("training_log_*.txt")).read_text()
+    log = latest_training_log(fold)
     assert "training-case loads were synthetic" in log
     check_validation_is_real(fold, phantom_dataset, "3d_fullres")
 

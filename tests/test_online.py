@@ -19,7 +19,7 @@ from nnunet_lefusion.nnunet.dataset import SyntheticMixDataset
 from nnunet_lefusion.nnunet.online import OnlineProducer
 from nnunet_lefusion.nnunet.trainer import nnUNetTrainerLeFusion
 from nnunet_lefusion.synthesis.plan import SynthesisPlan
-from tests.nnunet_helpers import run_cli
+from tests.nnunet_helpers import latest_training_log, run_cli
 
 
 @pytest.fixture
@@ -176,7 +176,7 @@ def check_online_run(fold: Path, stats: dict, cache: Path, dataset: str, configu
     files = [p.name for p in cache.iterdir() if not p.name.startswith(".") and p.name != MANIFEST]
     assert len(files) == len(CASE_FILES) * len(manifest.cases), "only listed cases stay on disk"
     assert not any(p.name.startswith(".writer-") for p in cache.iterdir()), "the writer mark is removed at the end"
-    log = max(fold.glob("training_log_*.txt"), key=lambda f: f.stat().st_mtime_ns).read_text()   # this run's
+    log = latest_training_log(fold)
     assert "LeFusion online: 3 case(s) made this epoch" in log and "lesion voxels loaded" in log
     val = DatasetContext(dataset, configuration, 0).split[1]
     summary = json.loads((fold / "validation" / "summary.json").read_text())
