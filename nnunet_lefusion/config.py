@@ -145,7 +145,8 @@ def load_settings(default_file: str | os.PathLike | None = None) -> TrainerSetti
         allowed = {f.name for f in fields(TrainerSettings)}
         unknown = set(loaded) - allowed
         if unknown:
-            raise LeFusionError(f"unknown keys in LeFusion config {path}: {sorted(unknown)} (allowed: {sorted(allowed)})")
+            raise LeFusionError(f"unknown keys in LeFusion config {path}: {sorted(unknown)} "
+                                f"(allowed: {sorted(allowed)})")
         for key, value in loaded.items():
             values[key] = _typed(key, value, path)
     for key, (env, cast) in _ENV.items():

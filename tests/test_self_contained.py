@@ -16,7 +16,8 @@ def checked_files() -> list[Path]:
     found = []
     for name in CHECKED:
         path = ROOT / name
-        found += [f for f in path.rglob("*") if f.is_file() and "__pycache__" not in f.parts] if path.is_dir() else [path]
+        found += ([f for f in path.rglob("*") if f.is_file() and "__pycache__" not in f.parts]
+                  if path.is_dir() else [path])
     guard = Path(__file__).resolve()  # its examples below are what the guard must catch
     return [f for f in found if f.suffix in {".py", ".yaml", ".ini", ".txt", ""} and f != guard]
 

@@ -33,7 +33,8 @@ def _run(step: str, cmd: list[str], env: dict[str, str]) -> None:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nnUNetv2_lefusion_demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", default="lefusion_demo", help="folder for all demo data (default ./lefusion_demo)")
+    parser.add_argument("--work-dir", default="lefusion_demo",
+                        help="folder for all demo data (default ./lefusion_demo)")
     parser.add_argument("-n", dest="num_cases", type=int, default=12, help="phantom cases (default 12)")
     parser.add_argument("-c", dest="configuration", default="3d_fullres", choices=("2d", "3d_fullres"),
                         help="nnU-Net configuration (default 3d_fullres)")

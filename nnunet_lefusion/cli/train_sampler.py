@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also keep checkpoint_step<k>.pt every this many steps (default 0: never)")
     parser.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt")
     add_device_argument(parser)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA, or a CPU with bf16 support such as AMX: about 1.7x faster there)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast (CUDA, or a CPU with bf16 support such as AMX: about 1.6x faster there)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--lesion-labels", type=int, nargs="+", help="lesion labels, outer to inner "
                         "(default: guessed from dataset.json label names)")

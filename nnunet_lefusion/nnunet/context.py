@@ -52,7 +52,8 @@ class DatasetContext:
         self.dataset = dataset_name(self.dataset)
         self.fold = parse_fold(self.fold)
         if not self.plans_file.is_file():
-            raise LeFusionError(f"no plans {self.plans_file}; run nnUNetv2_plan_and_preprocess for {self.dataset} first")
+            raise LeFusionError(f"no plans {self.plans_file}; run nnUNetv2_plan_and_preprocess for {self.dataset} "
+                                "first")
         if self.configuration not in self.plans_manager.available_configurations:
             raise LeFusionError(f"configuration {self.configuration!r} is not in {self.plans_file.name} "
                                 f"(available: {self.plans_manager.available_configurations})")
