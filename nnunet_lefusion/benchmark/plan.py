@@ -52,8 +52,8 @@ class Preset:
 
 
 PRESETS = {p.name: p for p in (
-    Preset("cpu", tuple(ARMS), 3, 20, 40, 1.0, 40, 15, 2, 1.1, {"copypaste": 1.0, "lefusion": 20.0},
-           "2-core CPU: 600 iterations per run on 20 training cases"),
+    Preset("cpu", tuple(ARMS), 3, 40, 40, 0.5, 40, 30, 2, 1.3, {"copypaste": 1.0, "lefusion": 20.0},
+           "2-core CPU: 1,200 iterations per run on 40 training cases"),
     Preset("full", tuple(ARMS), 3, None, 40, 2.0, None, None, None, 0.15, {"copypaste": 0.5, "lefusion": 2.0},
            "nnU-Net's own schedule (1000 epochs x 250 iterations; GPU)"),
     Preset("tiny", ("real", "copypaste"), 1, 6, 3, 1.0, 1, 4, 1, 1.1, {"copypaste": 1.0, "lefusion": 20.0},
