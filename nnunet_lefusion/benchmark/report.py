@@ -10,9 +10,21 @@ import numpy as np
 
 from nnunet_lefusion.benchmark.metrics import Structure
 from nnunet_lefusion.benchmark.plan import CONTROL
-from nnunet_lefusion.benchmark.runner import table
 from nnunet_lefusion.benchmark.stats import bootstrap, paired
 from nnunet_lefusion.nnunet.cache import atomic_write_text
+
+
+def table(results: list[dict], key: str, arms: tuple[str, ...], seeds: int) -> dict[str, np.ndarray]:
+    """arm -> (test cases x seeds) values of one figure; NaN where missing. In --cv every case is tested
+    by one fold only, so each lands in its fold's column and the other columns stay NaN."""
+    cases = sorted({row["case"] for r in results for row in r["cases"]})
+    index = {c: i for i, c in enumerate(cases)}
+    values = {arm: np.full((len(cases), seeds), np.nan) for arm in arms}
+    for r in results:
+        for row in r["cases"]:
+            value = row.get(key)
+            values[r["arm"]][index[row["case"]], r["seed"]] = np.nan if value is None else value
+    return values
 
 
 def figure_keys(scored: list[Structure], detected: list[Structure]) -> list[str]:
@@ -37,7 +49,7 @@ def summarise(results: list[dict], arms: tuple[str, ...], seeds: int, keys: list
     """Per figure: each arm's mean with its interval, and each arm's paired difference to the control."""
     summary = {}
     for key in keys:
-        _, values = table(results, key, arms, seeds)
+        values = table(results, key, arms, seeds)
         if cv:   # one test per case: its fold's value
             values = {arm: np.nanmean(v, axis=1, keepdims=True) if np.isfinite(v).any() else v[:, :1]
                       for arm, v in values.items()}

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from nnunet_lefusion.benchmark.metrics import Structure, case_figures
 from nnunet_lefusion.benchmark.plan import ARMS, Arm, Preset, draw_training_cases
+from nnunet_lefusion.cli.train_sampler import training_cases
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.nnunet.cache import atomic_write_text
@@ -84,10 +85,9 @@ def _phantom_test_set(ctx: DatasetContext, out: Path, count: int) -> Path:
 
 
 def _raw_pairs(raw: Path) -> dict[str, tuple[Path, Path]]:
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-
-    files = get_filenames_of_train_images_and_targets(str(raw), json.loads((raw / "dataset.json").read_text()))
-    return {k: (Path(v["images"][0]).parent, Path(v["label"])) for k, v in files.items()}
+    """identifier -> (folder of its images, label file) of a raw dataset's training cases."""
+    return {ident: (image.parent, label)
+            for ident, image, label in training_cases(raw, json.loads((raw / "dataset.json").read_text()))}
 
 
 def prepare(setup: Setup, test_dataset: Path | None) -> None:
@@ -244,16 +244,3 @@ def execute_all(setup: Setup) -> list[dict]:
             if not run.done:
                 run.execute(progress)
     return [json.loads((run.folder / METRICS_FILE).read_text()) for run in runs]
-
-
-def table(results: list[dict], key: str, arms: tuple[str, ...], seeds: int) -> tuple[list[str], dict[str, np.ndarray]]:
-    """(test cases, arm -> (cases x seeds) values of one figure; NaN where missing). In --cv every case is tested
-    by one fold only, so each lands in its fold's column and the other columns stay NaN."""
-    cases = sorted({row["case"] for r in results for row in r["cases"]})
-    index = {c: i for i, c in enumerate(cases)}
-    values = {arm: np.full((len(cases), seeds), np.nan) for arm in arms}
-    for r in results:
-        for row in r["cases"]:
-            value = row.get(key)
-            values[r["arm"]][index[row["case"]], r["seed"]] = np.nan if value is None else value
-    return cases, values
