@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--weights", default="ema", choices=("ema", "model"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-full", action="store_true", help="only the fast mode")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[None],
+                        help="classifier-free guidance scale(s) to compare (default: the checkpoint's)")
     args = parser.parse_args()
 
     sampler = LesionSampler.load(args.checkpoint, args.device, args.weights)
@@ -114,9 +116,12 @@ def main() -> None:
     images = [c[1] for c in cases]
     label_maps = [m for _, _, m in cases]   # every lesion voxel is re-synthesized (several windows if needed)
     jl, jn = args.full_schedule
-    modes = {"fast": sampler_config("fast")}
-    if not args.skip_full:
-        modes[f"full {jl}/{jn}"] = sampler_config("official", (jl, jn))
+    modes = {}
+    for w in args.guidance:
+        suffix = f" w={w:g}" if w is not None else ""
+        modes["fast" + suffix] = sampler_config("fast", guidance=w)
+        if not args.skip_full:
+            modes[f"full {jl}/{jn}" + suffix] = sampler_config("official", (jl, jn), guidance=w)
     print(f"checkpoint {args.checkpoint} ({args.weights} weights), {len(cases)} held-out cases from {raw.name}, "
           f"histogram condition: {args.histogram}, torch threads {torch.get_num_threads()}")
 

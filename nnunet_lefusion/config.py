@@ -66,9 +66,6 @@ class TrainerSettings:
             raise LeFusionError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.sampling not in SAMPLING:
             raise LeFusionError(f"sampling must be one of {SAMPLING}, got {self.sampling!r}")
-        if self.mode == "online" and self.method == "lefusion" and not self.checkpoint:
-            raise LeFusionError("online mode with method lefusion needs a checkpoint (key checkpoint / "
-                                "LEFUSION_CHECKPOINT; train one with nnUNetv2_lefusion_train_sampler)")
         self.synthesis_plan()
         return self
 

@@ -159,3 +159,25 @@ def test_fast_mode_end_to_end_at_300_steps(net, case):
     lesion = roi_label >= 3
     assert torch.equal(result.image[~lesion], roi[~lesion])
     assert torch.isfinite(result.image).all()
+
+
+def test_guidance_extrapolates_from_the_null_condition(net, case):
+    """w = 1 is the conditional network alone (one pass per evaluation); w > 1 runs the network with the condition
+    and with its learned null condition at the same inputs and moves eps beyond the conditional one."""
+    image, label, spec = case
+    calls = []
+    hook = net.register_forward_hook(lambda m, args, out: calls.append((args[2], out.clone())))
+    try:
+        plain = _sample(net, spec, image, label, config=SamplerConfig.official(2, 2, guidance=1.0))[2]
+        assert len(calls) == plain.evaluations == 18 and all(c is not None for c, _ in calls)
+        calls.clear()
+        guided = _sample(net, spec, image, label, config=SamplerConfig.official(2, 2, guidance=3.0))[2]
+    finally:
+        hook.remove()
+    assert len(calls) == 2 * guided.evaluations
+    conditional, null = calls[0][1], calls[1][1]
+    assert calls[0][0] is not None and calls[1][0] is None
+    assert not torch.allclose(conditional, null)
+    assert guided.evaluations == plain.evaluations and not torch.equal(guided.image, plain.image)
+    with pytest.raises(LeFusionError):
+        SamplerConfig(guidance=-1.0).validate()

@@ -21,10 +21,10 @@ from nnunet_lefusion.benchmark.report import write_outputs
 from nnunet_lefusion.benchmark.runner import Setup, execute_all, prepare
 from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main
 from nnunet_lefusion.errors import LeFusionError
-from nnunet_lefusion.labels import resolve_lesion_labels
+from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
 from nnunet_lefusion.nnunet.context import DatasetContext, dataset_name, env_folder
+from nnunet_lefusion.pretrained import default_generator
 
-SHIPPED_MASKS = Path(__file__).resolve().parents[2] / "pretrained" / "lesion_masks_phantom.pt"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, help="training epochs per run (default: the preset's)")
     parser.add_argument("--iterations", type=int, help="training iterations per epoch (default: the preset's)")
     parser.add_argument("--rate", type=float, default=0.5, help="synthetic rate of the synthesis arms (default 0.5)")
-    parser.add_argument("--sampler", help="LeFusion sampler checkpoint for the lefusion arms")
+    parser.add_argument("--sampler", help="LeFusion sampler checkpoint for the lefusion arms (default: the shipped "
+                                          "pretrained/lefusion_sampler_phantom.pt where the labels fit it)")
     parser.add_argument("--mask-generator", default=None,
                         help="new lesion masks for lefusion_masks: 'rule' or a checkpoint (default: the shipped "
                              "learned generator for Emidec-like labels, else 'rule')")
@@ -55,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def generator_args(args: argparse.Namespace, arms: tuple[str, ...], innermost: int, emidec: bool,
-                   device: str) -> dict:
-    """synthesize flags of every LeFusion arm, checked before anything runs."""
+def generator_args(args: argparse.Namespace, arms: tuple[str, ...], roles: LesionLabels, device: str) -> dict:
+    """synthesize flags of every LeFusion arm, checked before anything runs (default sampler and mask generator:
+    the shipped ones where the labels fit them; the rule-based masks otherwise)."""
     from nnunet_lefusion.nnunet.synthesize import SynthesizerOptions, check_generator_files
 
     if args.sampler and not any(ARMS[n].method == "lefusion" for n in arms):
@@ -70,15 +71,18 @@ def generator_args(args: argparse.Namespace, arms: tuple[str, ...], innermost: i
         arm = ARMS[name]
         if arm.method != "lefusion":
             continue
-        if not args.sampler or not Path(args.sampler).is_file():
-            raise LeFusionError(f"arm {name} needs a sampler checkpoint: --sampler FILE "
-                                f"({'not found: ' + args.sampler if args.sampler else 'none given'})")
-        check_generator_files("lefusion", SynthesizerOptions(args.sampler))
-        flags[name] = ["--checkpoint", args.sampler, "--mix", arm.mix, "-device", device]
+        sampler = args.sampler or default_generator("sampler", roles, "--sampler")
+        if not Path(sampler).is_file():
+            raise LeFusionError(f"arm {name} needs a sampler checkpoint: --sampler {sampler} not found")
+        check_generator_files("lefusion", SynthesizerOptions(sampler))
+        flags[name] = ["--checkpoint", sampler, "--mix", arm.mix, "-device", device]
         if arm.new_masks:
-            masks = args.mask_generator or (str(SHIPPED_MASKS) if emidec else "rule")
-            check_generator_files("lefusion", SynthesizerOptions(args.sampler, mask_generator=masks))
-            flags[name] += ["--mask-generator", masks, "--target-share", args.target_share or f"{innermost}=0.3"]
+            try:
+                masks = args.mask_generator or default_generator("mask generator", roles)
+            except LeFusionError:  # labels the shipped generator does not know: rule-based masks
+                masks = "rule"
+            check_generator_files("lefusion", SynthesizerOptions(sampler, mask_generator=masks))
+            flags[name] += ["--mask-generator", masks, "--target-share", args.target_share or f"{roles.lesions[-1]}=0.3"]
     return flags
 
 
@@ -105,7 +109,6 @@ def main(argv: list[str] | None = None) -> None:
         raise LeFusionError("--cv runs nnU-Net's 5 folds at most: --seeds <= 5")
     roles = resolve_lesion_labels(ctx.dataset_json)
     names = {v: k for k, v in ctx.dataset_json["labels"].items() if isinstance(v, int)}
-    emidec = roles.lesions == (3, 4) and roles.organ == (2,)
     scored = structures(roles, names)
     test_raw = None
     if args.test_dataset:
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     setup = Setup(ctx=ctx, out=Path(args.output).resolve(), preset=preset, arms=arms, seeds=seeds,
                   train_cases=train_cases, rate=args.rate, device=device, cv=args.cv,
                   roles=roles, scored=scored, detected=[s for s in scored if len(s.labels) == 1],
-                  generator_args=generator_args(args, arms, roles.lesions[-1], emidec, device))
+                  generator_args=generator_args(args, arms, roles, device))
     print(f"benchmark {ctx.dataset} {ctx.configuration}, preset {preset.name} ({preset.describe}): arms "
           f"{', '.join(arms)} x {seeds} seed(s) = {len(arms) * seeds} runs, "
           f"{train_cases or 'all'} training cases per seed, rate {args.rate}, device {setup.device}")

@@ -1,7 +1,8 @@
 """``nnUNetv2_lefusion_demo``: the whole pipeline on a small phantom, with real nnU-Net commands, on CPU or GPU.
 
-phantom -> nnUNetv2_plan_and_preprocess -> nnUNetv2_lefusion_synthesize -> nnUNetv2_train -tr
-nnUNetTrainerLeFusion_short -> nnUNetv2_predict. Everything lives in its own work folder (its own nnUNet_raw,
+phantom -> nnUNetv2_plan_and_preprocess -> nnUNetv2_lefusion_synthesize (LeFusion with the shipped sampler and
+mask generator: re-textured, new-mask and normal-case kinds, with preview pictures; or copy-paste) -> nnUNetv2_train
+-tr nnUNetTrainerLeFusion_short -> nnUNetv2_predict. Everything lives in its own work folder (its own nnUNet_raw,
 nnUNet_preprocessed and nnUNet_results), so the user's nnU-Net folders are never touched.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_ma
 from nnunet_lefusion.errors import LeFusionError
 
 DATASET_ID = 990
+PHANTOM_SEED = 5  # a phantom none of the shipped models was trained on (they refuse their own training cases)
+LEFUSION_MIX = "retexture=0.5,newmask=0.25,normal=0.25"
 
 
 def _run(step: str, cmd: list[str], env: dict[str, str]) -> None:
@@ -40,13 +43,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="nnU-Net configuration (default 3d_fullres)")
     parser.add_argument("--iterations", type=int, default=20, help="training iterations (default 20)")
     parser.add_argument("--rate", type=float, default=0.5, help="synthetic rate (default 0.5)")
+    parser.add_argument("--method", choices=("lefusion", "copypaste"), default="lefusion",
+                        help="synthesis: lefusion (the shipped sampler and mask generator, default) or copypaste")
+    parser.add_argument("--synthetic", type=int, default=8, help="synthetic cases to make (default 8)")
     add_device_argument(parser, nnunet=True)
     args = parser.parse_args(argv)
     device = check_device(args.device, nnunet=True)
     if args.num_cases < 5:
         raise LeFusionError(f"-n {args.num_cases}: nnU-Net's 5-fold split needs at least 5 cases")
-    if args.iterations < 1 or not 0.0 <= args.rate <= 1.0:
-        raise LeFusionError(f"need --iterations >= 1 and 0 <= --rate <= 1, got {args.iterations} and {args.rate}")
+    if args.iterations < 1 or args.synthetic < 1 or not 0.0 <= args.rate <= 1.0:
+        raise LeFusionError(f"need --iterations >= 1, --synthetic >= 1 and 0 <= --rate <= 1, got {args.iterations}, "
+                            f"{args.synthetic} and {args.rate}")
     if Path(args.work_dir).exists() and not Path(args.work_dir).is_dir():
         raise LeFusionError(f"--work-dir {args.work_dir} exists and is not a folder")
 
@@ -60,10 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     cfg, trainer = args.configuration, "nnUNetTrainerLeFusion_short"
     ds = str(DATASET_ID)
     _run("phantom", ["nnUNetv2_lefusion_phantom", "-d", ds, "-n", str(args.num_cases), "--fov", "heart",
-                     "--overwrite"], env)
+                     "--seed", str(PHANTOM_SEED), "--overwrite"], env)
     _run("plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", ds, "-c", cfg, "-np", "2", "-npfp", "2"], env)
-    _run("synthesize", ["nnUNetv2_lefusion_synthesize", "-d", ds, "-c", cfg, "-f", "0", "--method", "copypaste",
-                        "-n", str(2 * args.num_cases), "--overwrite"], env)
+    preview = work / "preview"
+    synthesize = ["nnUNetv2_lefusion_synthesize", "-d", ds, "-c", cfg, "-f", "0", "--method", args.method,
+                  "-n", str(args.synthetic), "--overwrite", "--preview", str(preview)]
+    if args.method == "lefusion":
+        synthesize += ["--mix", LEFUSION_MIX, "-device", device]
+    _run(f"synthesize ({args.method})", synthesize, env)
     _run("register trainers", ["nnUNetv2_lefusion_register"], env)
     _run("train", ["nnUNetv2_train", ds, cfg, "0", "-tr", trainer, "-device", device], env)
     results = next((work / "nnUNet_results").glob(f"Dataset{DATASET_ID:03d}_*")) / f"{trainer}__nnUNetPlans__{cfg}"
@@ -77,4 +88,5 @@ def main(argv: list[str] | None = None) -> None:
     print(f"synthetic loads: {stats['total_synthetic']} of {stats['total_loads']} (rate {args.rate})")
     print("validation Dice per label: " + ", ".join(
         f"{k}: {v['Dice']:.3f}" for k, v in summary["mean"].items()))
+    print(f"preview pictures (real vs synthetic, lesion outlines): {preview}")
     print(f"predictions: {pred}  |  model: {results}")

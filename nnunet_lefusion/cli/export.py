@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("output", help="file to write (e.g. pretrained/lefusion_small_phantom.pt)")
     parser.add_argument("--weights", default="ema", choices=("ema", "model"), help="which weights (default ema)")
     parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES), help="storage type (default fp16)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="samplers: the classifier-free guidance scale sampling uses by default (measured with "
+                             "benchmarks/lesion_quality.py --guidance; needs training with --cond-drop)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return parser
 
@@ -38,7 +41,10 @@ def main(argv: list[str] | None = None) -> None:
         raise LeFusionError(f"{output} exists; pass --overwrite to replace it.")
     if output.resolve() == Path(args.checkpoint).resolve():
         raise LeFusionError("the output must not be the checkpoint it is exported from.")
-    exported = export_checkpoint(args.checkpoint, output, args.weights, DTYPES[args.dtype])
+    if args.guidance is not None and not 0.0 <= args.guidance <= 20.0:
+        raise LeFusionError(f"--guidance must be in [0, 20], got {args.guidance}")
+    extras = {} if args.guidance is None else {"guidance": args.guidance}
+    exported = export_checkpoint(args.checkpoint, output, args.weights, DTYPES[args.dtype], extras)
     size = output.stat().st_size / 2 ** 20
     print(f"{output}: {args.weights} weights of step {exported.step} in {args.dtype}, {size:.1f} MiB")
 

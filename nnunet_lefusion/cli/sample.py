@@ -18,6 +18,7 @@ from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_ma
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.model.checkpoint import WEIGHTS
+from nnunet_lefusion.pretrained import shipped_file
 from nnunet_lefusion.synthesis.lefusion import MODES, LesionSampler, resynthesize, sampler_config
 from nnunet_lefusion.training.roi_data import read_volume
 
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-i", dest="image", required=True, help="input image (NIfTI or any ITK format)")
     parser.add_argument("-l", dest="label", required=True, help="its label map (lesion masks to re-texture)")
     parser.add_argument("-o", dest="output", required=True, help="output image file")
-    parser.add_argument("--checkpoint", required=True, help="sampler checkpoint (checkpoint_final.pt)")
+    parser.add_argument("--checkpoint", help="sampler checkpoint (default: the shipped "
+                                             "pretrained/lefusion_sampler_phantom.pt, Emidec labels)")
     parser.add_argument("--mode", choices=MODES, default="fast",
                         help="fast: 45 strided steps, resampled at low noise (128 network evaluations); official: "
                              "all 300 steps with 5/5 jumps (1,480 evaluations) (default fast)")
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     histogram = ("case" if args.own_histogram else args.cluster if args.cluster is not None
                  else read_histogram(args.histogram) if args.histogram else "random")
     sampler_config(args.mode, tuple(args.jumps) if args.jumps else None, args.strided_steps)  # refuse before reading
-    sampler = LesionSampler.load(args.checkpoint, check_device(args.device), args.weights)
+    checkpoint = args.checkpoint or shipped_file("sampler")
+    sampler = LesionSampler.load(checkpoint, check_device(args.device), args.weights)
     image, reference = read_volume(args.image)
     label, label_image = read_volume(args.label)
     if not same_grid(reference, label_image):

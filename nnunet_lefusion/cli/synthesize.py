@@ -13,8 +13,6 @@ from nnunet_lefusion.nnunet.preview import export_nifti, write_previews
 from nnunet_lefusion.nnunet.synthesize import METHODS, SynthesizerOptions, synthesize_cache
 from nnunet_lefusion.synthesis.plan import SynthesisPlan
 
-NEW_MASK_KINDS = ("newmask", "normal")
-
 
 def check_flags(args: argparse.Namespace, plan: SynthesisPlan | None) -> None:
     """Refuse flags the chosen method would ignore, and a LeFusion run that misses what it needs."""
@@ -25,20 +23,13 @@ def check_flags(args: argparse.Namespace, plan: SynthesisPlan | None) -> None:
         given = [flag for flag, value in lefusion_only.items() if value is not None]
         if given:
             raise LeFusionError(f"{', '.join(given)} only apply to --method lefusion, not {args.method}")
-    elif not args.checkpoint:
-        raise LeFusionError("--method lefusion needs --checkpoint (train one with nnUNetv2_lefusion_train_sampler)")
     if args.candidates is not None and not args.target_share:
         raise LeFusionError("--candidates only applies with --target-share (it picks among proposals to meet it)")
     if args.method == "copypaste" and plan and plan.mix.get("retexture", 0) > 0:
         raise LeFusionError("--method copypaste makes newmask and normal cases, not retexture (that is lefusion's)")
-    if args.method == "lefusion":
-        new_masks = bool(plan and any(plan.mix.get(k, 0) > 0 for k in NEW_MASK_KINDS))
-        if args.mask_generator and not new_masks:
-            raise LeFusionError("--mask-generator makes new lesion masks, which only newmask/normal cases use: add "
-                                "them to --mix (e.g. --mix retexture=0.5,newmask=0.25,normal=0.25) or drop it")
-        if new_masks and not args.mask_generator:
-            raise LeFusionError("newmask/normal cases of --method lefusion need --mask-generator (rule or a "
-                                "checkpoint of nnUNetv2_lefusion_train_masks)")
+    if args.method == "lefusion" and args.mask_generator and not (plan and plan.new_masks):
+        raise LeFusionError("--mask-generator makes new lesion masks, which only newmask/normal cases use: add "
+                            "them to --mix (e.g. --mix retexture=0.5,newmask=0.25,normal=0.25) or drop it")
 
 
 @cli_main
@@ -81,14 +72,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidates", type=int, default=None,
                         help="proposals drawn per case to meet --target-share (default 8)")
     parser.add_argument("--checkpoint", default=None,
-                        help="LeFusion sampler checkpoint (--method lefusion); refused if it was trained on a "
-                             "validation case of this fold")
+                        help="LeFusion sampler checkpoint (--method lefusion; default: the shipped "
+                             "pretrained/lefusion_sampler_phantom.pt where the lesion labels are Emidec's 3, 4 in "
+                             "2); refused if it was trained on a validation case of this fold")
     parser.add_argument("--sampling", default=None, choices=("fast", "official"),
                         help="LeFusion sampling schedule: fast (128 network evaluations, default) or the official "
                              "5/5 jumps")
     parser.add_argument("--mask-generator", default=None,
                         help="new lesion masks for newmask/normal cases: 'rule' or a learned mask-generator checkpoint "
-                             "(refused if it was trained on a validation case of this fold)")
+                             "(default: the shipped pretrained/lesion_masks_phantom.pt where the labels fit it); "
+                             "refused if it was trained on a validation case of this fold")
     parser.add_argument("--preview", metavar="DIR",
                         help="write one picture per synthetic case of the cache: its real source and the synthetic "
                              "case at the slice with the most lesion, lesion outlines drawn")

@@ -167,14 +167,15 @@ def read_meta(path: str | os.PathLike) -> CheckpointMeta | None:
 
 
 def export_checkpoint(source: str | os.PathLike, target: str | os.PathLike, weights: str = "ema",
-                      dtype: torch.dtype = torch.float16) -> Checkpoint:
-    """Write the ``weights`` (default EMA) of ``source`` alone, stored in ``dtype``, with its metadata and step but
-    without optimizer state: the file to ship or share (in float16 an eighth of a training checkpoint, which
-    holds weights, EMA and two Adam moments in float32). Returns the checkpoint as read back from ``target``."""
+                      dtype: torch.dtype = torch.float16, extras: dict | None = None) -> Checkpoint:
+    """Write the ``weights`` (default EMA) of ``source`` alone, stored in ``dtype``, with its metadata (``extras``
+    added) and step but without optimizer state: the file to ship or share (in float16 an eighth of a training
+    checkpoint, which holds weights, EMA and two Adam moments in float32). Returns the checkpoint as read back from
+    ``target``."""
     checkpoint = load_checkpoint(source)
     meta = checkpoint.meta
     if meta is not None:
-        meta = replace(meta, extras={**meta.extras, "exported_weights": weights})
+        meta = replace(meta, extras={**meta.extras, **(extras or {}), "exported_weights": weights})
     save_checkpoint(target, checkpoint.build(weights), step=checkpoint.step, num_steps=checkpoint.num_steps,
                     meta=meta, dtype=dtype)
     return load_checkpoint(target)

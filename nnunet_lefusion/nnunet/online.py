@@ -35,7 +35,8 @@ from nnunet_lefusion.nnunet.cache import ONLINE, Manifest
 from nnunet_lefusion.nnunet.cache_lock import Writer
 from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.provenance import check_no_leak
-from nnunet_lefusion.nnunet.synthesize import (Slot, choose_proposals, generator_records, prepare_folder,
+from nnunet_lefusion.nnunet.synthesize import (Slot, check_generator_files, choose_proposals, generator_records,
+                                               prepare_folder, with_shipped_generators,
                                                prepare_synthesis, reserve_index, start_online_run, store_case)
 
 
@@ -58,7 +59,9 @@ class OnlineProducer:
 
     def start(self) -> Manifest:
         """Set up the synthesizer on the fold's training cases and open (or create) the cache; its manifest."""
-        options = self.settings.synthesizer_options(self.device)
+        options = with_shipped_generators(self.settings.method, self.settings.synthesizer_options(self.device),
+                                          self.labels, self.settings.synthesis_plan())
+        check_generator_files(self.settings.method, options)
         generators = generator_records(self.settings.method, options)
         check_no_leak(generators, self.ctx.held_out_hashes(), self.ctx.fold, "online synthesis refused")
         prepare_folder(self.folder)

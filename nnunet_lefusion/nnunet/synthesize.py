@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,22 @@ class SynthesizerOptions:
     device: str = "cpu"
     mask_generator: str | None = None  # "rule" or a learned mask-generator checkpoint
     histogram_matching: bool = True  # lesion intensities take their histogram condition exactly
+
+
+def with_shipped_generators(method: str, options: SynthesizerOptions, labels: LesionLabels,
+                            plan: SynthesisPlan | None) -> SynthesizerOptions:
+    """``options`` with what a LeFusion run needs but was not given (the sampler; the mask generator when the plan
+    draws new masks) taken from ``pretrained/``, where the dataset's labels are those the shipped weights learnt;
+    ``LeFusionError`` naming the missing flag otherwise."""
+    if method != "lefusion":
+        return options
+    from nnunet_lefusion.pretrained import default_generator
+
+    checkpoint = options.checkpoint or default_generator("sampler", labels)
+    masks = options.mask_generator
+    if masks is None and plan is not None and plan.new_masks:
+        masks = default_generator("mask generator", labels)
+    return replace(options, checkpoint=checkpoint, mask_generator=masks)
 
 
 def make_mask_generator(spec: str | None, labels: LesionLabels, device: str) -> MaskGenerator | None:
@@ -291,7 +307,7 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise LeFusionError(f"need -num_parts >= 1 and 0 <= -part_id < -num_parts, got {num_parts} and {part_id}")
     ctx.check_single_stage()
-    options = options or SynthesizerOptions()
+    options = with_shipped_generators(method, options or SynthesizerOptions(), labels, plan)
     folder = Path(cache_folder) if cache_folder else default_cache_folder(ctx)
     check_generator_files(method, options)
     generators = generator_records(method, options)

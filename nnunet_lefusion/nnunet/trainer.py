@@ -21,6 +21,7 @@ from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
 from nnunet_lefusion.nnunet.cache import MANIFEST, Manifest, atomic_write_text, default_cache_folder
 from nnunet_lefusion.nnunet.context import DatasetContext, env_folder
 from nnunet_lefusion.nnunet.dataset import LoadCounters, SyntheticMixDataset
+from nnunet_lefusion.nnunet.synthesize import with_shipped_generators
 
 STATS_FILE = "lefusion_stats.json"
 
@@ -55,11 +56,15 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
             settings = load_settings(preprocessed / "lefusion.yaml")
             if cls.fixed_rate is not None:
                 settings.rate = cls.fixed_rate
-            if settings.rate > 0 and settings.mode == "cache":
+            if settings.rate > 0:
                 ctx = DatasetContext(plans["dataset_name"], configuration, fold, plans["plans_name"])
                 ctx.check_single_stage()
                 folder = Path(settings.cache) if settings.cache else default_cache_folder(ctx)
-                Manifest.load(folder).check_matches(ctx, ctx.split[0], folder)
+                if settings.mode == "cache":
+                    Manifest.load(folder).check_matches(ctx, ctx.split[0], folder)
+                else:  # what is not given must be shipped and fit the labels
+                    with_shipped_generators(settings.method, settings.synthesizer_options("cpu"),
+                                            resolve_lesion_labels(ctx.dataset_json), settings.synthesis_plan())
         except LeFusionError as exc:
             raise LeFusionExit(str(exc)) from None
         return settings

@@ -8,7 +8,7 @@ the native grid. :class:`LeFusionSynthesizer` does this for nnU-Net training cas
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -37,12 +37,15 @@ Histogram = Union[str, int, Sequence[float], np.ndarray]
 
 
 def sampler_config(mode: str = "fast", jumps: tuple[int, int] | None = None,
-                   strided_steps: int | None = None) -> SamplerConfig:
+                   strided_steps: int | None = None, guidance: float | None = None) -> SamplerConfig:
     """The reverse walk of a mode: ``fast`` (strided DDIM with jumps, 128 evaluations) or ``official``
-    (all 300 steps, jump length / resamplings ``jumps``, default 5/5 = 1,480 evaluations)."""
+    (all 300 steps, jump length / resamplings ``jumps``, default 5/5 = 1,480 evaluations); ``guidance``: see
+    ``SamplerConfig`` (None: the sampler checkpoint's)."""
     if mode not in MODES:
         raise LeFusionError(f"sampling mode must be one of {', '.join(MODES)}, got {mode!r}.")
-    overrides = {} if jumps is None else {"jump_length": int(jumps[0]), "jump_n_sample": int(jumps[1])}
+    overrides = {"guidance": None if guidance is None else float(guidance)}
+    if jumps is not None:
+        overrides.update(jump_length=int(jumps[0]), jump_n_sample=int(jumps[1]))
     if mode == "official":
         if strided_steps is not None:
             raise LeFusionError("strided steps only apply to the fast mode; the official mode walks every step.")
@@ -68,6 +71,7 @@ class LesionSampler:
     source: str = ""
     in_plane_transposed: bool = False
     histogram_scale: float = 1.0
+    guidance: float = 1.0  # classifier-free guidance used when a SamplerConfig leaves it open
 
     @property
     def device(self) -> torch.device:
@@ -94,7 +98,8 @@ class LesionSampler:
         if meta is None:
             return cls(model, LesionLabels.emidec(), roi.OFFICIAL_CARDIAC_SIZE, None, schedule, str(checkpoint), True)
         return cls(model, LesionLabels.from_dict(meta.extras["labels"]), tuple(meta.roi_size),
-                   sampler_clusters(meta), schedule, str(checkpoint), histogram_scale=histogram_scale(meta))
+                   sampler_clusters(meta), schedule, str(checkpoint), histogram_scale=histogram_scale(meta),
+                   guidance=float(meta.extras.get("guidance", 1.0)))
 
     def condition(self, item: LesionRoi, lesion_labels: Sequence[int], histogram: Histogram,
                   rng: np.random.Generator) -> np.ndarray:
@@ -151,6 +156,8 @@ class LesionSampler:
             windows.append(specs)
             whole = LesionRoi(specs[0].intensity.to_unit(image), label, specs[0])
             conds.append(self.condition(whole, labels.lesions, histogram, rng))
+        if config.guidance is None:
+            config = replace(config, guidance=self.guidance)
         sampler = RePaintSampler(self.model, self.schedule, config)
         generator = torch.Generator(self.device).manual_seed(int(rng.integers(2 ** 63)))
         sampled = [np.array(image, copy=True) for image in images]

@@ -15,6 +15,7 @@ from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 
 KINDS = ("retexture", "newmask", "normal")
+NEW_MASK_KINDS = ("newmask", "normal")  # kinds that need new lesion masks
 
 
 def _parse_pairs(text: str, what: str) -> dict[str, float]:
@@ -50,6 +51,11 @@ class SynthesisPlan:
             except ValueError:
                 raise LeFusionError(f"--target-share keys must be lesion labels, got {target_share!r}") from None
         return plan.validate()
+
+    @property
+    def new_masks(self) -> bool:
+        """True when some of the cases get new lesion masks (and so need a mask generator)."""
+        return any(self.mix.get(kind, 0) > 0 for kind in NEW_MASK_KINDS)
 
     def validate(self, labels: LesionLabels | None = None) -> "SynthesisPlan":
         unknown = set(self.mix) - set(KINDS)
