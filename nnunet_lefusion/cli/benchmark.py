@@ -82,7 +82,8 @@ def generator_args(args: argparse.Namespace, arms: tuple[str, ...], roles: Lesio
             except LeFusionError:  # labels the shipped generator does not know: rule-based masks
                 masks = "rule"
             check_generator_files("lefusion", SynthesizerOptions(sampler, mask_generator=masks))
-            flags[name] += ["--mask-generator", masks, "--target-share", args.target_share or f"{roles.lesions[-1]}=0.3"]
+            share = args.target_share or f"{roles.lesions[-1]}=0.3"
+            flags[name] += ["--mask-generator", masks, "--target-share", share]
     return flags
 
 
