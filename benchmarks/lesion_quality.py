@@ -76,15 +76,20 @@ def lesion_roughness(volume: np.ndarray, mask: np.ndarray) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
+def relative_mean(values: list[float], scale: list[float]) -> float:
+    """Mean over cases of value / scale."""
+    return float(np.mean(np.asarray(values) / np.maximum(np.asarray(scale), 1e-9)))
+
+
 def print_table(rows: dict[str, dict[int, list[float]]], lesions, scale: dict[int, list[float]]) -> None:
     """One row per entry: per lesion label the mean over cases, and the mean of each case's value / its scale."""
     print(f"{'':44s}" + "".join(f"{'label ' + str(lab) + ' (n=' + str(len(scale[lab])) + ')':>28s}" for lab in lesions))
     for name, per_label in rows.items():
         cells = []
         for lab in lesions:
-            values = np.asarray(per_label[lab])
-            rel = values / np.maximum(np.asarray(scale[lab]), 1e-9)
-            cells.append(f"{values.mean():12.1f} | {rel.mean():6.2f}" if values.size else f"{'-':>21s}")
+            values = per_label[lab]
+            cells.append(f"{np.mean(values):12.1f} | {relative_mean(values, scale[lab]):6.2f}" if values
+                         else f"{'-':>21s}")
         print(f"{name:44s}" + "".join(f"{c:>28s}" for c in cells))
 
 
@@ -104,6 +109,8 @@ def main() -> None:
     parser.add_argument("--weights", default="ema", choices=("ema", "model"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-full", action="store_true", help="only the fast mode")
+    parser.add_argument("--precision", nargs="+", default=[None], choices=("fp32", "bf16"),
+                        help="network precision(s) to compare (default: bf16 where the device runs it natively)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[None],
                         help="classifier-free guidance scale(s) to compare (default: the checkpoint's)")
     args = parser.parse_args()
@@ -118,10 +125,12 @@ def main() -> None:
     jl, jn = args.full_schedule
     modes = {}
     for w in args.guidance:
-        suffix = f" w={w:g}" if w is not None else ""
-        modes["fast" + suffix] = sampler_config("fast", guidance=w)
-        if not args.skip_full:
-            modes[f"full {jl}/{jn}" + suffix] = sampler_config("official", (jl, jn), guidance=w)
+        for precision in args.precision:
+            suffix = (f" w={w:g}" if w is not None else "") + (f" {precision}" if len(args.precision) > 1 else "")
+            modes["fast" + suffix] = sampler_config("fast", guidance=w, precision=precision)
+            if not args.skip_full:
+                modes[f"full {jl}/{jn}" + suffix] = sampler_config("official", (jl, jn), guidance=w,
+                                                                   precision=precision)
     print(f"checkpoint {args.checkpoint} ({args.weights} weights), {len(cases)} held-out cases from {raw.name}, "
           f"histogram condition: {args.histogram}, torch threads {torch.get_num_threads()}")
 
@@ -157,6 +166,11 @@ def main() -> None:
     print("\nTexture: mean |difference of in-plane neighbours| inside the lesion, mean over cases "
           "(native units | relative to the real lesion's)")
     print_table(roughness, labels.lesions, real_roughness)
+    first = next(iter(modes))
+    print(f"headline: {first} as sampled: " + "; ".join(
+        f"label {lab} W1 {relative_mean(distance[first][lab], stds[lab]):.2f} lesion s.d., roughness "
+        f"{relative_mean(roughness[first][lab], real_roughness[lab]):.2f}x real"
+        for lab in labels.lesions if distance[first][lab]))
 
 
 if __name__ == "__main__":

