@@ -2,6 +2,9 @@
 sampler re-textures a fresh phantom case and keeps every other voxel bit-identical."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -13,6 +16,7 @@ from nnunet_lefusion.phantom import generate_case
 from nnunet_lefusion.pretrained import SHIPPED
 from nnunet_lefusion.synthesis.lefusion import LesionSampler, sampler_config
 from nnunet_lefusion.synthesis.plan import SynthesisPlan
+from tests.nnunet_helpers import run_cli
 
 EMIDEC = LesionLabels.emidec()
 NEW_MASKS = SynthesisPlan.parse("retexture=0.5,normal=0.5", None)
@@ -54,3 +58,22 @@ def test_shipped_sampler_retextures_a_fresh_case(one_thread):
         assert np.array_equal(out[~lesion], case.image[~lesion])
         assert np.mean(out[lesion] != case.image[lesion]) > 0.9
         assert case.image.min() <= out[lesion].min() and out[lesion].max() <= case.image.max()
+
+
+@pytest.mark.slow
+def test_synthesize_without_checkpoint_uses_the_shipped_weights(nnunet_dirs, tmp_path):
+    """nnUNetv2_lefusion_synthesize --method lefusion with neither --checkpoint nor --mask-generator, on an
+    Emidec-labelled dataset no shipped model saw: the shipped sampler and mask generator make the cases, the
+    manifest records them, and the preview pictures are written."""
+    run_cli("nnUNetv2_lefusion_phantom", "-d", "989", "-n", "6", "--fov", "heart", "--seed", "5")
+    run_cli("nnUNetv2_plan_and_preprocess", "-d", "989", "-c", "3d_fullres", "-np", "2", "-npfp", "2")
+    cache = tmp_path / "cache"
+    done = run_cli("nnUNetv2_lefusion_synthesize", "-d", "989", "-c", "3d_fullres", "-f", "0", "--method",
+                   "lefusion", "--mix", "retexture=0.5,normal=0.5", "-n", "2", "--cache", str(cache), "--preview",
+                   str(tmp_path / "preview"), "-device", "cpu")
+    assert "2 preview pictures" in done.stdout and len(list((tmp_path / "preview").glob("*.png"))) == 2
+    manifest = json.loads((cache / "manifest.json").read_text())
+    used = {Path(g["path"]) for run in manifest["runs"] for g in run["generators"]}
+    assert used == {SHIPPED["sampler"], SHIPPED["mask generator"]}
+    kinds = sorted(case["kind"] for case in manifest["cases"].values())
+    assert kinds == ["normal", "retexture"]
