@@ -44,8 +44,10 @@ def test_lefusion_cache_with_retextured_and_normal_cases(phantom_dataset, tmp_pa
 
 
 def test_lefusion_method_needs_a_valid_checkpoint(phantom_dataset, tmp_path):
-    res = run_cli("nnUNetv2_lefusion_synthesize", "-d", "990", "--method", "lefusion", "-n", "1", check=False)
-    assert res.returncode == 2 and "--checkpoint" in error_lines(res)[0]
+    # no --checkpoint: the shipped sampler, which was trained on phantom cases of seed 0, this dataset's
+    res = run_cli("nnUNetv2_lefusion_synthesize", "-d", "990", "--method", "lefusion", "-n", "1", "--cache",
+                  str(tmp_path / "c"), check=False)
+    assert res.returncode == 2 and "lefusion_sampler_phantom.pt was trained on validation case" in error_lines(res)[0]
     bogus = tmp_path / "bogus.pt"
     bogus.write_bytes(os.urandom(64))
     res = run_cli("nnUNetv2_lefusion_synthesize", "-d", "990", "--method", "lefusion", "-n", "1",
