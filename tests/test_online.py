@@ -42,12 +42,15 @@ def test_online_settings_and_validation(clean_env, tmp_path):
     s = load_settings(cfg)
     assert (s.pool_max, s.online_time_share, s.histogram_matching) == (7, 0.25, False)
     for env, value, message in [("LEFUSION_POOL_MAX", "0", "pool_max"), ("LEFUSION_TIME_SHARE", "1", "time_share"),
-                                ("LEFUSION_METHOD", "lefusion", "checkpoint"), ("LEFUSION_MIX", "bogus=1", "mix"),
+                                ("LEFUSION_SAMPLING", "slow", "sampling"), ("LEFUSION_MIX", "bogus=1", "mix"),
                                 ("LEFUSION_MODE", "offline", "mode"), ("LEFUSION_CASES_PER_EPOCH", "x", "valid int")]:
         clean_env.setenv(env, value)
         with pytest.raises(LeFusionError, match=message):
             load_settings(cfg)
         clean_env.delenv(env)
+    clean_env.setenv("LEFUSION_METHOD", "lefusion")  # no checkpoint: the shipped sampler, resolved at start
+    assert load_settings(cfg).checkpoint is None
+    clean_env.delenv("LEFUSION_METHOD")
     cfg.write_text("mode: online\nonline_cases_per_epoch: 0\n")
     with pytest.raises(LeFusionError, match="both 0"):
         load_settings(cfg)

@@ -59,8 +59,8 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
             if settings.rate > 0:
                 ctx = DatasetContext(plans["dataset_name"], configuration, fold, plans["plans_name"])
                 ctx.check_single_stage()
-                folder = Path(settings.cache) if settings.cache else default_cache_folder(ctx)
                 if settings.mode == "cache":
+                    folder = Path(settings.cache) if settings.cache else default_cache_folder(ctx)
                     Manifest.load(folder).check_matches(ctx, ctx.split[0], folder)
                 else:  # what is not given must be shipped and fit the labels
                     with_shipped_generators(settings.method, settings.synthesizer_options("cpu"),
