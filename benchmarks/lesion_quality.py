@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy.stats import wasserstein_distance
 
-from nnunet_lefusion.cli.train_sampler import training_cases
+from nnunet_lefusion.nnunet.context import training_cases
 from nnunet_lefusion.labels import resolve_lesion_labels
 from nnunet_lefusion.synthesis.lefusion import LesionSampler, sampler_config
 from nnunet_lefusion.training.roi_data import read_volume

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from nnunet_lefusion.cli.train_sampler import training_cases  # noqa: E402
+from nnunet_lefusion.nnunet.context import training_cases  # noqa: E402
 from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels  # noqa: E402
 from nnunet_lefusion.phantom import FOVS, case_plan, case_rng, generate_case  # noqa: E402
 from nnunet_lefusion.realism import TARGETS, case_statistics  # noqa: E402

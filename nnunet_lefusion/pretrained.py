@@ -18,10 +18,14 @@ def shipped_labels(role: str) -> LesionLabels:
     return LesionLabels.from_dict(read_meta(SHIPPED[role]).extras["labels"])
 
 
+def _flag_and_command(role: str, flag: str | None) -> tuple[str, str]:
+    return flag or HOW_TO_TRAIN[role][0], HOW_TO_TRAIN[role][1]
+
+
 def shipped_file(role: str, flag: str | None = None) -> Path:
     """The shipped ``role``'s file; ``LeFusionError`` naming the flag to give if it is not there."""
     if not SHIPPED[role].is_file():
-        flag, command = flag or HOW_TO_TRAIN[role][0], HOW_TO_TRAIN[role][1]
+        flag, command = _flag_and_command(role, flag)
         raise LeFusionError(f"no {flag} given and no shipped {role} in {FOLDER}: train one with {command}")
     return SHIPPED[role]
 
@@ -31,9 +35,9 @@ def default_generator(role: str, labels: LesionLabels, flag: str | None = None) 
     and 4 in myocardium 2); ``LeFusionError`` naming the flag to give (``flag``, else the synthesize one)
     otherwise."""
     shipped = shipped_file(role, flag)
-    flag, command = flag or HOW_TO_TRAIN[role][0], HOW_TO_TRAIN[role][1]
     known = shipped_labels(role)
     if (known.lesions, known.organ) != (labels.lesions, labels.organ):
+        flag, command = _flag_and_command(role, flag)
         raise LeFusionError(f"no {flag} given, and the shipped {role} knows lesion labels {list(known.lesions)} in "
                             f"organ {list(known.organ)}, not {list(labels.lesions)} in {list(labels.organ)}: train "
                             f"one on your data with {command}")

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from nnunet_lefusion.cli.train_sampler import main as train_main, training_cases
+from nnunet_lefusion.cli.train_sampler import main as train_main
+from nnunet_lefusion.nnunet.context import training_cases
 from nnunet_lefusion.diffusion.histograms import lesion_histograms
 from nnunet_lefusion.diffusion.sampler import SamplerConfig
 from nnunet_lefusion.errors import LeFusionError

@@ -26,11 +26,10 @@ from tqdm import tqdm
 
 from nnunet_lefusion.benchmark.metrics import Structure, case_figures
 from nnunet_lefusion.benchmark.plan import ARMS, Arm, Preset, draw_training_cases
-from nnunet_lefusion.cli.train_sampler import training_cases
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.nnunet.cache import atomic_write_text
-from nnunet_lefusion.nnunet.context import DatasetContext
+from nnunet_lefusion.nnunet.context import DatasetContext, training_cases
 from nnunet_lefusion.phantom import write_dataset
 from nnunet_lefusion.training.roi_data import read_volume
 

@@ -27,16 +27,6 @@ from nnunet_lefusion.training.roi_data import load_roi_set
 from nnunet_lefusion.training.sampler import DEFAULT_CLUSTERS, check_model_fits, train_sampler
 
 
-def training_cases(raw_folder: Path, dataset_json: dict) -> list[tuple[str, Path, Path]]:
-    """(identifier, first-channel image, label) of every raw training case, as nnU-Net lists them."""
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-
-    files = get_filenames_of_train_images_and_targets(str(raw_folder), dataset_json)
-    if not files:
-        raise LeFusionError(f"{raw_folder} has no training cases (imagesTr/labelsTr).")
-    return [(ident, Path(f["images"][0]), Path(f["label"])) for ident, f in sorted(files.items())]
-
-
 def config_name(config: str) -> str:
     """The name in the results folder: a packaged config's name, or a YAML file's stem."""
     return Path(config).stem if Path(config).suffix else config
@@ -96,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     train_config.resolved()  # refuse bad settings before reading the data
     check_model_fits(model_config, len(labels.lesions), args.roi)
     files, record = raw_fold(name, raw_folder, fold)
-    cases = [c for c in training_cases(raw_folder, dataset_json) if c[0] in files]
+    cases = [(ident, Path(f["images"][0]), Path(f["label"])) for ident, f in files.items()]
     rois = load_roi_set(cases, labels, args.roi, progress=not args.quiet)
     print(f"fold {fold}: {len(files)} training cases, {len(rois)} with lesions; ROI {tuple(args.roi)}, "
           f"lesion labels {list(labels.lesions)}, organ {list(labels.organ)}"

@@ -144,9 +144,21 @@ class DatasetContext:
     @cached_property
     def raw_cases(self) -> dict[str, dict]:
         """identifier -> {'images': [...], 'label': ...} of the raw training files."""
-        from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-
         if not self.raw_folder.is_dir():
             raise LeFusionError(f"raw dataset folder {self.raw_folder} is missing (nnUNet_raw)")
-        return get_filenames_of_train_images_and_targets(str(self.raw_folder), json.loads(
-            (self.raw_folder / "dataset.json").read_text()))
+        return raw_training_files(self.raw_folder, json.loads((self.raw_folder / "dataset.json").read_text()))
+
+
+def raw_training_files(raw_folder: Path, dataset_json: dict) -> dict[str, dict]:
+    """identifier -> {'images': [...], 'label': ...} of a raw dataset's training cases, as nnU-Net lists them."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    return get_filenames_of_train_images_and_targets(str(raw_folder), dataset_json)
+
+
+def training_cases(raw_folder: Path, dataset_json: dict) -> list[tuple[str, Path, Path]]:
+    """(identifier, first-channel image, label) of every raw training case, sorted; ``LeFusionError`` if none."""
+    files = raw_training_files(raw_folder, dataset_json)
+    if not files:
+        raise LeFusionError(f"{raw_folder} has no training cases (imagesTr/labelsTr).")
+    return [(ident, Path(f["images"][0]), Path(f["label"])) for ident, f in sorted(files.items())]

@@ -84,14 +84,11 @@ def describe(record: dict | None) -> str:
 
 def raw_fold(dataset: str, raw_folder: Path, fold: int | str) -> tuple[dict, dict]:
     """(training-case files {id: {'images', 'label'}}, ``training_record``) of ``fold`` of a raw dataset."""
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-
-    from nnunet_lefusion.nnunet.context import env_folder
+    from nnunet_lefusion.nnunet.context import env_folder, raw_training_files
 
     if not (raw_folder / "dataset.json").is_file():
         raise LeFusionError(f"{raw_folder} has no dataset.json (is nnUNet_raw right?)")
-    files = get_filenames_of_train_images_and_targets(str(raw_folder),
-                                                      json.loads((raw_folder / "dataset.json").read_text()))
+    files = raw_training_files(raw_folder, json.loads((raw_folder / "dataset.json").read_text()))
     if not files:
         raise LeFusionError(f"{raw_folder} has no training cases (imagesTr/labelsTr)")
     base = env_folder("nnUNet_preprocessed") / dataset if fold != "all" else None
