@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nnunet_lefusion.diffusion.loss import lesion_channel_masks, lesion_l1_loss, training_loss
+from nnunet_lefusion.diffusion.loss import lesion_channel_masks, lesion_l1_loss, lesion_mean_loss, training_loss
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.model import ModelConfig
@@ -83,3 +83,32 @@ def test_training_loss_with_tiny_network_is_finite_and_seeded():
     assert grads and all(torch.isfinite(g).all() for g in grads)
     empty = lesion_channel_masks(torch.zeros_like(label), [3, 4])
     assert training_loss(net, CosineSchedule(300), x0, empty, cond) == 0
+
+
+def test_lesion_mean_term_measures_the_lesion_wide_offset_in_x0_units():
+    label, eps, _ = _batch()
+    masks = lesion_channel_masks(label, [3, 4])
+    scale = torch.tensor([2.0, 0.5])
+    offset = torch.tensor([0.3, -0.2])[:, None, None, None, None]  # a lesion-wide offset per case, texture exact
+    shifted = eps + offset * masks + 5.0 * (1 - masks)  # the background is not looked at
+    # case 0 has both classes (2 x 0.3 x 2), case 1 only class 3 (0.2 x 0.5): mean over the batch
+    torch.testing.assert_close(lesion_mean_loss(shifted, eps, masks, scale), torch.tensor((1.2 + 0.1) / 2))
+    # zero-mean errors inside the lesion (texture) cost nothing: the term only sees the level
+    error = torch.randn(eps.shape, generator=torch.Generator().manual_seed(3)) * masks
+    lesion_means = error.sum(dim=(2, 3, 4), keepdim=True) / masks.sum(dim=(2, 3, 4), keepdim=True).clamp(min=1)
+    texture = eps + error - lesion_means * masks
+    assert (texture != eps).any() and lesion_mean_loss(texture, eps, masks, scale) < 1e-5
+    assert lesion_mean_loss(shifted, eps, lesion_channel_masks(torch.zeros_like(label), [3, 4]), scale) == 0
+
+
+def test_training_loss_adds_the_weighted_mean_term():
+    torch.manual_seed(0)
+    net = ModelConfig.from_yaml("tiny").build()
+    label, _, _ = _batch()
+    label = torch.nn.functional.pad(label, (5, 5, 5, 5))[..., :16, :16]
+    x0 = (torch.rand(2, 1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1).expand(2, 2, 3, 16, 16)
+    masks, cond, schedule = lesion_channel_masks(label, [3, 4]), torch.rand(2, 32), CosineSchedule(300)
+    plain, with_mean, twice = (training_loss(net, schedule, x0, masks, cond, torch.Generator().manual_seed(7),
+                                             mean_weight=w) for w in (0.0, 0.5, 1.0))
+    assert with_mean > plain
+    torch.testing.assert_close(twice - plain, 2 * (with_mean - plain))

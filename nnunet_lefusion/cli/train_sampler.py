@@ -24,7 +24,7 @@ from nnunet_lefusion.nnunet.provenance import FOLD_HELP, raw_fold
 from nnunet_lefusion.roi import OFFICIAL_CARDIAC_SIZE
 from nnunet_lefusion.training.loop import TrainConfig
 from nnunet_lefusion.training.roi_data import load_roi_set
-from nnunet_lefusion.training.sampler import DEFAULT_CLUSTERS, check_model_fits, train_sampler
+from nnunet_lefusion.training.sampler import DEFAULT_CLUSTERS, LesionLoss, check_model_fits, train_sampler
 
 
 def config_name(config: str) -> str:
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "16 makes a flat histogram all ones, on the scale of the time embedding)")
     parser.add_argument("--cond-drop", type=float, default=0.0,
                         help="fraction of each batch trained with the null condition instead (default 0, official)")
+    parser.add_argument("--mean-loss", type=float, default=0.0,
+                        help="weight of the lesion-mean term added to the lesion-focused L1 (default 0, official; "
+                             "it makes the network take the lesion's level from its histogram condition)")
     parser.add_argument("-o", "--output", help="output folder (default $nnUNet_results/<dataset>/LeFusion__<config>)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
                                checkpoint_every=args.checkpoint_every, keep_every=args.keep_every, seed=args.seed,
                                device=check_device(args.device), bf16=args.bf16, progress=not args.quiet)
     train_config.resolved()  # refuse bad settings before reading the data
+    LesionLoss(labels.lesions, histogram_scale=args.histogram_scale, cond_drop=args.cond_drop,
+               mean_weight=args.mean_loss)
     check_model_fits(model_config, len(labels.lesions), args.roi)
     files, record = raw_fold(name, raw_folder, fold)
     cases = [(ident, Path(f["images"][0]), Path(f["label"])) for ident, f in files.items()]
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.resume:  # a resumed run is refused unless its checkpoint holds this config: the file stays valid
         atomic_write_text(out / "model_config.yaml", yaml.safe_dump(model_config.to_dict(), sort_keys=False))
     result = train_sampler(rois, model_config, labels, args.roi, out, train_config, args.clusters, args.resume,
-                           args.histogram_scale, args.cond_drop, record)
+                           args.histogram_scale, args.cond_drop, record, args.mean_loss)
     print(f"step {result.step}: {result.checkpoint}")
 
 

@@ -47,10 +47,27 @@ def lesion_l1_loss(eps_hat: torch.Tensor, eps: torch.Tensor, masks: torch.Tensor
     return per_channel.sum()
 
 
+def lesion_mean_loss(eps_hat: torch.Tensor, eps: torch.Tensor, masks: torch.Tensor, x0_scale: torch.Tensor) -> torch.Tensor:
+    """|lesion mean of the eps error| per sample and channel, in clean-image units: times ``x0_scale`` (B,) =
+    sqrt((1 - abar_t) / abar_t), the factor an eps error has in the predicted x0. Sum over channels, mean over the
+    batch; a channel without lesion voxels adds 0.
+
+    The per-voxel L1 barely sees a lesion-wide offset at high noise, where only the condition tells the lesion's
+    level: this term is what makes a network read its histogram condition for the lesion's mean intensity.
+    """
+    dims = tuple(range(2, eps.dim()))
+    masks = masks.to(eps_hat.dtype)
+    voxels = masks.sum(dim=dims)
+    offset = ((eps_hat - eps) * masks).sum(dim=dims) / voxels.clamp(min=1.0)
+    return (offset.abs() * x0_scale[:, None] * (voxels > 0)).sum(dim=1).mean()
+
+
 def training_loss(denoiser: Denoiser, schedule: CosineSchedule, x0: torch.Tensor, masks: torch.Tensor,
                   cond: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                  normalisation: str = "volume") -> torch.Tensor:
-    """One LeFusion training loss: t ~ U{0..T-1}, fresh noise on every channel, lesion-focused L1.
+                  normalisation: str = "volume", mean_weight: float = 0.0, mean_scale_max: float = 10.0
+                  ) -> torch.Tensor:
+    """One LeFusion training loss: t ~ U{0..T-1}, fresh noise on every channel, lesion-focused L1 (official),
+    plus ``mean_weight`` times :func:`lesion_mean_loss` with its x0 factor capped at ``mean_scale_max`` (0: off).
 
     ``x0`` (B, K, D, H, W) is the clean ROI in [-1, 1] repeated over the K lesion channels; ``masks`` comes
     from :func:`lesion_channel_masks`.
@@ -59,4 +76,8 @@ def training_loss(denoiser: Denoiser, schedule: CosineSchedule, x0: torch.Tensor
     t = torch.randint(0, schedule.num_steps, (b,), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     eps_hat = denoiser(schedule.q_sample(x0, t, noise), t, cond)
-    return lesion_l1_loss(eps_hat, noise, masks, normalisation)
+    loss = lesion_l1_loss(eps_hat, noise, masks, normalisation)
+    if mean_weight:
+        x0_scale = schedule.buffers["sqrt_recipm1_alphas_cumprod"].to(x0.device)[t].clamp(max=mean_scale_max)
+        loss = loss + mean_weight * lesion_mean_loss(eps_hat.float(), noise.float(), masks, x0_scale.float())
+    return loss

@@ -74,19 +74,22 @@ class LesionLoss:
     ``histogram_scale`` multiplies the condition (official: 1, raw histograms whose bins are small next to the
     time embedding); ``cond_drop`` replaces it by the network's learned null condition for that fraction of the
     batch (official: 0), which teaches the network the unconditional model as well (the reference of
-    ``benchmarks/condition_response.py``).
+    ``benchmarks/condition_response.py``); ``mean_weight`` adds the lesion-mean term of
+    :func:`~nnunet_lefusion.diffusion.loss.lesion_mean_loss` (official: 0).
     """
 
     def __init__(self, lesion_labels: Sequence[int], num_timesteps: int = NUM_TIMESTEPS,
-                 normalisation: str = "volume", histogram_scale: float = 1.0, cond_drop: float = 0.0) -> None:
-        if not 0.0 <= cond_drop < 1.0 or histogram_scale <= 0:
-            raise LeFusionError(f"need 0 <= cond_drop < 1 and histogram_scale > 0, got {cond_drop} and "
-                                f"{histogram_scale}.")
+                 normalisation: str = "volume", histogram_scale: float = 1.0, cond_drop: float = 0.0,
+                 mean_weight: float = 0.0) -> None:
+        if not 0.0 <= cond_drop < 1.0 or histogram_scale <= 0 or mean_weight < 0:
+            raise LeFusionError(f"need 0 <= cond_drop < 1, histogram_scale > 0 and mean_weight >= 0, got {cond_drop}, "
+                                f"{histogram_scale} and {mean_weight}.")
         self.lesion_labels = tuple(lesion_labels)
         self.schedule = CosineSchedule(num_timesteps)
         self.normalisation = normalisation
         self.histogram_scale = float(histogram_scale)
         self.cond_drop = float(cond_drop)
+        self.mean_weight = float(mean_weight)
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x0, cond = batch["x0"], batch["cond"] * self.histogram_scale
@@ -95,18 +98,19 @@ class LesionLoss:
             dropped = torch.rand(cond.shape[0], device=cond.device) < self.cond_drop
             cond = torch.where(dropped[:, None], model.null_cond_emb.to(cond).expand_as(cond), cond)
         masks = lesion_channel_masks(batch["label"], self.lesion_labels)
-        return training_loss(model, self.schedule, x0, masks, cond, normalisation=self.normalisation)
+        return training_loss(model, self.schedule, x0, masks, cond, normalisation=self.normalisation,
+                             mean_weight=self.mean_weight)
 
 
 def train_sampler(rois: RoiSet, config: ModelConfig, labels: LesionLabels, roi_size: Sequence[int],
                   out_dir: str | Path, train_config: TrainConfig, num_clusters: int = DEFAULT_CLUSTERS,
                   resume: bool = False, histogram_scale: float = 1.0, cond_drop: float = 0.0,
-                  training_data: dict | None = None) -> TrainResult:
+                  training_data: dict | None = None, mean_weight: float = 0.0) -> TrainResult:
     """Train a fresh (or resumed) LeFusion denoiser of ``config`` on ``rois``; files go to ``out_dir``.
-    ``histogram_scale`` and ``cond_drop``: see ``LesionLoss`` (the scale is stored for sampling);
+    ``histogram_scale``, ``cond_drop`` and ``mean_weight``: see ``LesionLoss`` (the scale is stored for sampling);
     ``training_data``: the cases ``rois`` come from, recorded in the checkpoint (``nnunet.provenance``)."""
     check_model_fits(config, len(labels.lesions), roi_size)
-    loss = LesionLoss(labels.lesions, histogram_scale=histogram_scale, cond_drop=cond_drop)
+    loss = LesionLoss(labels.lesions, histogram_scale=histogram_scale, cond_drop=cond_drop, mean_weight=mean_weight)
     meta = sampler_meta(labels, roi_size, rois, num_clusters, seed=train_config.seed, histogram_scale=histogram_scale)
     meta.training_data = training_data
     torch.manual_seed(train_config.seed)
