@@ -82,7 +82,13 @@ def test_checkpoint_layout_and_metadata(dataset, tmp_path):
     centres, counts = meta.histogram_clusters, meta.extras["cluster_counts"]
     assert 1 <= len(centres) == len(counts) <= 3 and sum(counts) == meta.extras["training_cases"] == 3
     assert all(len(c) == 32 for c in centres)
+    assert "mean_loss_weight" not in meta.extras  # the official loss
     assert (tmp_path / "run" / LATEST).is_file()
+
+
+def test_mean_loss_weight_is_recorded(dataset, tmp_path):
+    train_tiny(tmp_path / "mean", 1, "--mean-loss", "0.05")
+    assert load_checkpoint(tmp_path / "mean" / FINAL).meta.extras["mean_loss_weight"] == 0.05
 
 
 def test_interrupted_loop_resumes_exactly(dataset, tmp_path):

@@ -37,12 +37,14 @@ def check_model_fits(config: ModelConfig, num_classes: int, roi_size: Sequence[i
 
 
 def sampler_meta(labels: LesionLabels, roi_size: Sequence[int], rois: RoiSet,
-                 num_clusters: int = DEFAULT_CLUSTERS, seed: int = 0, histogram_scale: float = 1.0) -> CheckpointMeta:
+                 num_clusters: int = DEFAULT_CLUSTERS, seed: int = 0, histogram_scale: float = 1.0,
+                 mean_weight: float = 0.0) -> CheckpointMeta:
     """The ``lefusion_meta`` of a sampler checkpoint: everything sampling needs besides the weights.
 
     ``histogram_clusters`` holds k-means centres of the training histograms (the texture presets offered at
     sampling, official-style: one cond_dim vector each); their sizes, the label roles and ``histogram_scale``
-    (the factor the network sees the histograms multiplied by; 1 = official) are in ``extras``.
+    (the factor the network sees the histograms multiplied by; 1 = official) are in ``extras``, and the weight of
+    the lesion-mean loss term where it was used.
     """
     clusters = cluster_histograms(rois.histograms, num_clusters, seed=seed)
     return CheckpointMeta(
@@ -54,7 +56,8 @@ def sampler_meta(labels: LesionLabels, roi_size: Sequence[int], rois: RoiSet,
         extras={"kind": SAMPLER_KIND, "labels": labels.to_dict(), "cluster_counts": clusters.to_dict()["counts"],
                 "histogram_bins": clusters.num_bins, "histogram_scale": float(histogram_scale),
                 "training_cases": len(rois),
-                "augmentation": {"flip_axis": "Y", "probability": 0.5, "array_axis": FLIP_AXIS}})
+                "augmentation": {"flip_axis": "Y", "probability": 0.5, "array_axis": FLIP_AXIS},
+                **({"mean_loss_weight": float(mean_weight)} if mean_weight else {})})
 
 
 def sampler_clusters(meta: CheckpointMeta) -> HistogramClusters:
@@ -111,7 +114,8 @@ def train_sampler(rois: RoiSet, config: ModelConfig, labels: LesionLabels, roi_s
     ``training_data``: the cases ``rois`` come from, recorded in the checkpoint (``nnunet.provenance``)."""
     check_model_fits(config, len(labels.lesions), roi_size)
     loss = LesionLoss(labels.lesions, histogram_scale=histogram_scale, cond_drop=cond_drop, mean_weight=mean_weight)
-    meta = sampler_meta(labels, roi_size, rois, num_clusters, seed=train_config.seed, histogram_scale=histogram_scale)
+    meta = sampler_meta(labels, roi_size, rois, num_clusters, seed=train_config.seed, histogram_scale=histogram_scale,
+                        mean_weight=mean_weight)
     meta.training_data = training_data
     torch.manual_seed(train_config.seed)
     model = config.build()
