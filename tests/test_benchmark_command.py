@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from nnunet_lefusion.benchmark.metrics import dice, detection, hd95
+from nnunet_lefusion.benchmark.report import run_times
 from nnunet_lefusion.benchmark.stats import bootstrap, paired
 from tests.nnunet_helpers import BIN, run_cli
 
@@ -45,6 +46,15 @@ def test_bootstrap_interval_contains_the_mean_and_the_paired_test_sees_a_shift()
 
 
 @pytest.mark.slow
+def test_run_times_leave_out_runs_without_recorded_times():
+    results = [{"arm": "real", "seed": 0, "seconds": {"synthesize": None, "train": 100.0, "predict": 5.5}},
+               {"arm": "copypaste", "seed": 0, "seconds": {"synthesize": 20.0, "train": 200.0, "predict": 4.0}},
+               {"arm": "lefusion", "seed": 0}]  # finished before times were kept
+    times = run_times(results)
+    assert times["per_run"] == {"real/seed_0": 105.5, "copypaste/seed_0": 224.0, "lefusion/seed_0": None}
+    assert times["timed_runs"] == 2 and times["timed_seconds"] == 329.5
+
+
 def test_tiny_benchmark_runs_end_to_end_and_resumes_after_kill(phantom_dataset, tmp_path):
     out = tmp_path / "bench"
     cmd = [str(BIN / "nnUNetv2_lefusion_benchmark"), "-d", "990", "-c", "3d_fullres", "-o", str(out),
@@ -82,3 +92,7 @@ def test_tiny_benchmark_runs_end_to_end_and_resumes_after_kill(phantom_dataset, 
     assert organ["n"] == 3 and 0 <= organ["mean"] <= 1
     assert "| real |" in (out / "table.md").read_text() and (out / "benchmark.png").stat().st_size > 10_000
     assert (out / "runs" / "copypaste" / "seed_0" / "cache" / "manifest.json").is_file()
+    times = summary["run_seconds"]  # each run's synthesis, training and prediction time, kept across the kill
+    assert times["timed_runs"] == 2 and all(v > 0 for v in times["per_run"].values())
+    assert abs(times["timed_seconds"] - sum(times["per_run"].values())) < 0.2
+    assert "run time: " in done.stdout

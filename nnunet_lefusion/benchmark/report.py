@@ -125,6 +125,19 @@ def write_png(summary: dict, results: list[dict], arms: tuple[str, ...], scored:
     tmp.replace(path)
 
 
+def run_times(results: list[dict]) -> dict:
+    """Wall seconds per run (synthesis + training + prediction, as recorded by the runner; None where a run
+    finished before times were kept or a stage's time is missing) and their sum over the runs that have one."""
+    per_run = {}
+    for result in results:
+        stages = result.get("seconds") or {}
+        known = [v for v in stages.values() if v is not None]
+        complete = bool(stages) and stages.get("train") is not None
+        per_run[f"{result['arm']}/seed_{result['seed']}"] = round(sum(known), 1) if complete else None
+    timed = [v for v in per_run.values() if v is not None]
+    return {"per_run": per_run, "timed_runs": len(timed), "timed_seconds": round(sum(timed), 1)}
+
+
 def write_outputs(out: Path, info: dict, results: list[dict], arms: tuple[str, ...], seeds: int,
                   scored: list[Structure], detected: list[Structure], cv: bool) -> tuple[str, dict]:
     """summary.json, per_case.csv, table.md and benchmark.png in ``out``; returns the Markdown table and the

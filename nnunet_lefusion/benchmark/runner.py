@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,7 +155,9 @@ class Run:
                        LEFUSION_VAL_ITERS=str(preset.val_iterations))
         return env
 
-    def _call(self, stage: str, cmd: list[str]) -> None:
+    def _call(self, stage: str, cmd: list[str]) -> float:
+        """Run one stage's command, its output appended to the run's log; returns its wall seconds."""
+        start = time.perf_counter()
         tool = Path(sys.executable).parent / cmd[0]
         with (self.folder / "log.txt").open("a") as log:
             log.write(f"\n=== {stage}: {' '.join(cmd)}\n")
@@ -164,12 +167,20 @@ class Run:
         if result.returncode != 0:
             raise LeFusionError(f"{self.arm.name} seed {self.seed}: {stage} failed (exit {result.returncode}); "
                                 f"see {self.folder / 'log.txt'}")
+        return time.perf_counter() - start
 
     def _stage_done(self, stage: str) -> bool:
         return (self.folder / f"{stage}.done").is_file()
 
-    def _mark(self, stage: str) -> None:
-        atomic_write_text(self.folder / f"{stage}.done", "")
+    def _mark(self, stage: str, seconds: float | None) -> None:
+        atomic_write_text(self.folder / f"{stage}.done", "" if seconds is None else f"{seconds:.1f}")
+
+    def _stage_seconds(self, stage: str) -> float | None:
+        """Wall seconds of a finished stage (None: not run, resumed after an interruption, or marked before times
+        were kept)."""
+        marker = self.folder / f"{stage}.done"
+        text = marker.read_text().strip() if marker.is_file() else ""
+        return float(text) if text else None
 
     def execute(self, progress: tqdm) -> None:
         """Every stage not yet done; a stage interrupted before its marker starts again from scratch (training
@@ -180,19 +191,23 @@ class Run:
         if self.arm.method and not self._stage_done("cache"):
             progress.set_postfix_str(f"{self.arm.name} seed {self.seed}: synthesize")
             count = max(1, round(len(self.setup.splits[self.seed]["train"]) * preset.synthetic_per_case))
-            self._call("synthesize", ["nnUNetv2_lefusion_synthesize", "-d", dataset, "-c", ctx.configuration,
-                                      "-f", fold, "-p", ctx.plans_identifier, "--method", self.arm.method,
-                                      "-n", str(count), "--seed", fold, "--cache", str(self.folder / "cache"),
-                                      "--overwrite", *self.setup.generator_args.get(self.arm.name, [])])
-            self._mark("cache")
+            seconds = self._call("synthesize", [
+                "nnUNetv2_lefusion_synthesize", "-d", dataset, "-c", ctx.configuration, "-f", fold,
+                "-p", ctx.plans_identifier, "--method", self.arm.method, "-n", str(count), "--seed", fold,
+                "--cache", str(self.folder / "cache"), "--overwrite",
+                *self.setup.generator_args.get(self.arm.name, [])])
+            self._mark("cache", seconds)
         if not self._stage_done("train"):
             progress.set_postfix_str(f"{self.arm.name} seed {self.seed}: train")
             resume = ["--c"] if any((self.folder / "nnUNet_results").rglob("checkpoint_latest.pth")) else []
-            self._call("train", ["nnUNetv2_train", dataset, ctx.configuration, fold, "-tr", self.trainer,
-                                 "-p", ctx.plans_identifier, "-device", self.setup.device, *resume])
-            self._mark("train")
+            seconds = self._call("train", ["nnUNetv2_train", dataset, ctx.configuration, fold, "-tr", self.trainer,
+                                           "-p", ctx.plans_identifier, "-device", self.setup.device, *resume])
+            self._mark("train", None if resume else seconds)  # a resumed training's earlier calls are not timed
         progress.set_postfix_str(f"{self.arm.name} seed {self.seed}: predict")
+        start = time.perf_counter()
         predictions = self._predict()
+        seconds = {"synthesize": self._stage_seconds("cache"), "train": self._stage_seconds("train"),
+                   "predict": round(time.perf_counter() - start, 1)}
         rows = []
         for case in self.setup.splits[self.seed]["test"]:
             reference, header = read_volume(self.setup.test_labels[case])
@@ -201,7 +216,8 @@ class Run:
                                                       self.setup.scored, self.setup.detected)})
         atomic_write_text(self.folder / METRICS_FILE, json.dumps({
             "arm": self.arm.name, "seed": self.seed, "trainer": self.trainer,
-            "training_cases": self.setup.splits[self.seed]["train"], "cases": rows, "curves": self.curves()}))
+            "training_cases": self.setup.splits[self.seed]["train"], "cases": rows, "curves": self.curves(),
+            "seconds": seconds}))
 
     def _predict(self) -> Path:
         """nnU-Net's predictor on this seed's test cases, into a fresh folder renamed when complete."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nnunet_lefusion.benchmark.metrics import structures
 from nnunet_lefusion.benchmark.plan import ARMS, PRESETS, estimate_seconds, parse_arms
-from nnunet_lefusion.benchmark.report import write_outputs
+from nnunet_lefusion.benchmark.report import run_times, write_outputs
 from nnunet_lefusion.benchmark.runner import Setup, execute_all, prepare
 from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main
 from nnunet_lefusion.errors import LeFusionError
@@ -134,9 +134,13 @@ def main(argv: list[str] | None = None) -> None:
             "iterations": preset.iterations, "arms": list(arms),
             "seeds": seeds, "train_cases": train_cases, "rate": args.rate, "cv": args.cv,
             "test_cases": sorted({c for s in setup.splits for c in s["test"]}),
-            "splits": setup.splits, "seconds_this_call": round(time.time() - start, 1)}
+            "splits": setup.splits, "seconds_this_call": round(time.time() - start, 1),
+            "run_seconds": run_times(results)}
     text, figures = write_outputs(setup.out, info, results, arms, seeds, scored, setup.detected, args.cv)
     print("\n" + text)
+    times = info["run_seconds"]
+    print(f"run time: {times['timed_seconds'] / 3600:.1f} h over the {times['timed_runs']} of {len(results)} runs "
+          f"with recorded times (synthesis, training and prediction)")
     print(f"outputs: {setup.out}/summary.json, per_case.csv, table.md, benchmark.png")
     print(headline(figures, scored, roles, arms))
 

@@ -47,7 +47,8 @@ def lesion_l1_loss(eps_hat: torch.Tensor, eps: torch.Tensor, masks: torch.Tensor
     return per_channel.sum()
 
 
-def lesion_mean_loss(eps_hat: torch.Tensor, eps: torch.Tensor, masks: torch.Tensor, x0_scale: torch.Tensor) -> torch.Tensor:
+def lesion_mean_loss(eps_hat: torch.Tensor, eps: torch.Tensor, masks: torch.Tensor,
+                     x0_scale: torch.Tensor) -> torch.Tensor:
     """|lesion mean of the eps error| per sample and channel, in clean-image units: times ``x0_scale`` (B,) =
     sqrt((1 - abar_t) / abar_t), the factor an eps error has in the predicted x0. Sum over channels, mean over the
     batch; a channel without lesion voxels adds 0.
