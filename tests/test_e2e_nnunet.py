@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_lefusion.nnunet.context import DatasetContext
-from tests.nnunet_helpers import latest_training_log, run_cli
+from tests.nnunet_helpers import BIN, latest_training_log, run_cli
 
 pytestmark = pytest.mark.slow
 SHORT = {"LEFUSION_EPOCHS": "1", "LEFUSION_VAL_ITERS": "2"}
@@ -65,3 +68,23 @@ def test_2d_trains_with_all_synthetic_and_control_with_none(phantom_dataset):
     control = train(phantom_dataset, "2d", "nnUNetTrainerLeFusion_r000_short", {"LEFUSION_ITERS": "8"})
     stats = json.loads((control / "lefusion_stats.json").read_text())
     assert stats["total_loads"] > 0 and stats["total_synthetic"] == 0
+
+
+def test_short_run_keeps_a_checkpoint_every_5_epochs_and_resumes_there(phantom_dataset):
+    """An interrupted short run (benchmark, demo) continues with ``--c`` from its last 5-epoch checkpoint."""
+    trainer = "nnUNetTrainerLeFusion_r000_short"
+    fold = Path(os.environ["nnUNet_results"], phantom_dataset, f"{trainer}__nnUNetPlans__2d", "fold_0")
+    env = {**os.environ, "LEFUSION_EPOCHS": "12", "LEFUSION_ITERS": "2", "LEFUSION_VAL_ITERS": "1"}
+    cmd = [str(BIN / "nnUNetv2_train"), "990", "2d", "0", "-tr", trainer, "-device", "cpu"]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (fold / "checkpoint_latest.pth").is_file():
+        assert first.poll() is None and time.time() < deadline, "no checkpoint_latest.pth before the run ended"
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not (fold / "checkpoint_final.pth").exists()
+    run_cli(*[c if i else "nnUNetv2_train" for i, c in enumerate(cmd)], "--c", env=env)
+    log = latest_training_log(fold)
+    assert "Epoch 4\n" not in log and "Epoch 11" in log  # the resumed run starts after the 5-epoch checkpoint
+    assert (fold / "checkpoint_final.pth").is_file()
