@@ -69,6 +69,14 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
             raise LeFusionExit(str(exc)) from None
         return settings
 
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written to a temporary name and renamed: a run killed while saving keeps its
+        previous checkpoint intact, so ``--c`` can continue (nnU-Net writes in place)."""
+        partial = f"{filename}.partial"
+        super().save_checkpoint(partial)
+        if os.path.isfile(partial):  # rank 0 with checkpointing enabled wrote it
+            os.replace(partial, filename)
+
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         super().load_checkpoint(filename_or_checkpoint)
         self._resume_lefusion_stats()
