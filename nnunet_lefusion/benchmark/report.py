@@ -126,8 +126,8 @@ def write_png(summary: dict, results: list[dict], arms: tuple[str, ...], scored:
 
 
 def run_times(results: list[dict]) -> dict:
-    """Wall seconds per run (synthesis + training + prediction, as recorded by the runner; None where a run
-    finished before times were kept or a stage's time is missing) and their sum over the runs that have one."""
+    """Seconds per run (synthesis and prediction wall time, training as nnU-Net's logged epoch times over all its
+    sittings; None where a run finished before times were kept) and their sum over the runs that have one."""
     per_run = {}
     for result in results:
         stages = result.get("seconds") or {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -130,6 +131,9 @@ def _die_with_parent() -> None:
         pass
 
 
+EPOCH_TIME = re.compile(r"Epoch time: ([0-9.]+) s")
+
+
 class Run:
     """One arm trained with one seed's training cases."""
 
@@ -176,11 +180,16 @@ class Run:
         atomic_write_text(self.folder / f"{stage}.done", "" if seconds is None else f"{seconds:.1f}")
 
     def _stage_seconds(self, stage: str) -> float | None:
-        """Wall seconds of a finished stage (None: not run, resumed after an interruption, or marked before times
-        were kept)."""
+        """Seconds of a finished stage (None: not run, or marked before times were kept)."""
         marker = self.folder / f"{stage}.done"
         text = marker.read_text().strip() if marker.is_file() else ""
         return float(text) if text else None
+
+    def epoch_seconds(self) -> float:
+        """nnU-Net's logged epoch times of this run's training, summed over all its logs (a training resumed with
+        ``--c`` writes a new log; epochs trained again after an interruption count again, as they cost again)."""
+        logs = (self.folder / "nnUNet_results").rglob("training_log_*.txt")
+        return sum(float(m) for log in logs for m in EPOCH_TIME.findall(log.read_text(errors="replace")))
 
     def execute(self, progress: tqdm) -> None:
         """Every stage not yet done; a stage interrupted before its marker starts again from scratch (training
@@ -200,9 +209,9 @@ class Run:
         if not self._stage_done("train"):
             progress.set_postfix_str(f"{self.arm.name} seed {self.seed}: train")
             resume = ["--c"] if any((self.folder / "nnUNet_results").rglob("checkpoint_latest.pth")) else []
-            seconds = self._call("train", ["nnUNetv2_train", dataset, ctx.configuration, fold, "-tr", self.trainer,
-                                           "-p", ctx.plans_identifier, "-device", self.setup.device, *resume])
-            self._mark("train", None if resume else seconds)  # a resumed training's earlier calls are not timed
+            self._call("train", ["nnUNetv2_train", dataset, ctx.configuration, fold, "-tr", self.trainer,
+                                 "-p", ctx.plans_identifier, "-device", self.setup.device, *resume])
+            self._mark("train", self.epoch_seconds())  # all of its sittings, also where it was resumed
         progress.set_postfix_str(f"{self.arm.name} seed {self.seed}: predict")
         start = time.perf_counter()
         predictions = self._predict()

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + text)
     times = info["run_seconds"]
     print(f"run time: {times['timed_seconds'] / 3600:.1f} h over the {times['timed_runs']} of {len(results)} runs "
-          f"with recorded times (synthesis, training and prediction)")
+          f"with recorded times (synthesis, training epochs and prediction)")
     print(f"outputs: {setup.out}/summary.json, per_case.csv, table.md, benchmark.png")
     print(headline(figures, scored, roles, arms))
 
