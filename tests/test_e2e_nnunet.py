@@ -89,7 +89,7 @@ def test_short_run_keeps_a_checkpoint_every_5_epochs_and_resumes_there(phantom_d
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert not (fold / "checkpoint_final.pth").exists()
-    run_cli(*[c if i else "nnUNetv2_train" for i, c in enumerate(cmd)], "--c", env=env)
+    run_cli("nnUNetv2_train", *cmd[1:], "--c", env=env)
     epochs = re.findall(r"Epoch (\d+) *$", latest_training_log(fold), re.MULTILINE)
     assert epochs == ["5", "6"]  # the resumed run starts after the checkpoint of epoch 5
     assert (fold / "checkpoint_final.pth").is_file()
