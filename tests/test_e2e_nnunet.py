@@ -61,26 +61,23 @@ def test_3d_fullres_trains_with_synthetic_cases_at_the_rate_and_predicts(phantom
         assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 3, 4}
 
 
-def test_2d_trains_with_all_synthetic_and_control_with_none(phantom_dataset):
+def test_2d_trains_with_all_synthetic(phantom_dataset):
     run_cli("nnUNetv2_lefusion_synthesize", "-d", "990", "-c", "2d", "-f", "0", "-n", "8", "--overwrite")
     fold = train(phantom_dataset, "2d", "nnUNetTrainerLeFusion_short", {"LEFUSION_RATE": "1", "LEFUSION_ITERS": "8"})
     stats = json.loads((fold / "lefusion_stats.json").read_text())
     assert stats["total_loads"] > 0 and stats["total_synthetic"] == stats["total_loads"]
     check_validation_is_real(fold, phantom_dataset, "2d")
-    control = train(phantom_dataset, "2d", "nnUNetTrainerLeFusion_r000_short", {"LEFUSION_ITERS": "8"})
-    stats = json.loads((control / "lefusion_stats.json").read_text())
-    assert stats["total_loads"] > 0 and stats["total_synthetic"] == 0
 
 
-def test_short_run_keeps_a_checkpoint_every_5_epochs_and_resumes_there(phantom_dataset):
-    """An interrupted short run (benchmark, demo) continues with ``--c`` from its last 5-epoch checkpoint, which is
-    whole even though the run is killed the moment the file appears (it is written under another name, then
-    renamed)."""
+def test_control_has_no_synthetic_case_and_resumes_from_its_5_epoch_checkpoint(phantom_dataset):
+    """The control (rate 0) loads no synthetic case. An interrupted short run (benchmark, demo) continues with
+    ``--c`` from its last 5-epoch checkpoint, which is whole even though the run is killed the moment the file
+    appears (it is written under another name, then renamed)."""
     trainer = "nnUNetTrainerLeFusion_r000_short"
     fold = Path(os.environ["nnUNet_results"], phantom_dataset, f"{trainer}__nnUNetPlans__2d", "fold_0")
     env = {**os.environ, "LEFUSION_EPOCHS": "7", "LEFUSION_ITERS": "2", "LEFUSION_VAL_ITERS": "1"}
     cmd = [str(BIN / "nnUNetv2_train"), "990", "2d", "0", "-tr", trainer, "-device", "cpu"]
-    shutil.rmtree(fold, ignore_errors=True)  # another test trains this trainer too
+    shutil.rmtree(fold, ignore_errors=True)  # a fresh run
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (fold / "checkpoint_latest.pth").is_file():
@@ -93,3 +90,5 @@ def test_short_run_keeps_a_checkpoint_every_5_epochs_and_resumes_there(phantom_d
     epochs = re.findall(r"Epoch (\d+) *$", latest_training_log(fold), re.MULTILINE)
     assert epochs == ["5", "6"]  # the resumed run starts after the checkpoint of epoch 5
     assert (fold / "checkpoint_final.pth").is_file()
+    stats = json.loads((fold / "lefusion_stats.json").read_text())
+    assert stats["total_loads"] > 0 and stats["total_synthetic"] == 0
