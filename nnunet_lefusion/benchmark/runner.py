@@ -176,11 +176,11 @@ class Run:
     def _stage_done(self, stage: str) -> bool:
         return (self.folder / f"{stage}.done").is_file()
 
-    def _mark(self, stage: str, seconds: float | None) -> None:
+    def _mark(self, stage: str, seconds: float | None = None) -> None:
         atomic_write_text(self.folder / f"{stage}.done", "" if seconds is None else f"{seconds:.1f}")
 
     def _stage_seconds(self, stage: str) -> float | None:
-        """Seconds of a finished stage (None: not run, or marked before times were kept)."""
+        """Seconds stored with a finished stage's marker (None: not run, or marked without them)."""
         marker = self.folder / f"{stage}.done"
         text = marker.read_text().strip() if marker.is_file() else ""
         return float(text) if text else None
@@ -211,12 +211,12 @@ class Run:
             resume = ["--c"] if any((self.folder / "nnUNet_results").rglob("checkpoint_latest.pth")) else []
             self._call("train", ["nnUNetv2_train", dataset, ctx.configuration, fold, "-tr", self.trainer,
                                  "-p", ctx.plans_identifier, "-device", self.setup.device, *resume])
-            self._mark("train", self.epoch_seconds())  # all of its sittings, also where it was resumed
+            self._mark("train")
         progress.set_postfix_str(f"{self.arm.name} seed {self.seed}: predict")
         start = time.perf_counter()
         predictions = self._predict()
-        seconds = {"synthesize": self._stage_seconds("cache"), "train": self._stage_seconds("train"),
-                   "predict": round(time.perf_counter() - start, 1)}
+        stage_seconds = {"synthesize": self._stage_seconds("cache"), "train": round(self.epoch_seconds(), 1),
+                         "predict": round(time.perf_counter() - start, 1)}
         rows = []
         for case in self.setup.splits[self.seed]["test"]:
             reference, header = read_volume(self.setup.test_labels[case])
@@ -226,7 +226,7 @@ class Run:
         atomic_write_text(self.folder / METRICS_FILE, json.dumps({
             "arm": self.arm.name, "seed": self.seed, "trainer": self.trainer,
             "training_cases": self.setup.splits[self.seed]["train"], "cases": rows, "curves": self.curves(),
-            "seconds": seconds}))
+            "seconds": stage_seconds}))
 
     def _predict(self) -> Path:
         """nnU-Net's predictor on this seed's test cases, into a fresh folder renamed when complete."""
