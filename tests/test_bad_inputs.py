@@ -117,6 +117,7 @@ CASES = [
     ("benchmark-test-is-training", BENCH + ["--test-dataset", "990"], {}, [], "must not be the training"),
     ("benchmark-no-nnUNet_results", BENCH, {}, ["nnUNet_results"], "nnUNet_results"),
     ("benchmark-device-index", BENCH[:-2] + ["-device", "cuda:1"], {}, [], "CUDA_VISIBLE_DEVICES"),
+    ("benchmark-part-beyond-parts", BENCH + ["-num_parts", "2", "-part_id", "2"], {}, [], "-part_id < -num_parts"),
     ("train-missing-cache", TRAIN, {**RATE, "LEFUSION_CACHE": "{base}/nowhere"}, [], "no synthetic cache"),
     ("train-cache-of-another-fold", TRAIN[:3] + ["1"] + TRAIN[4:], {**RATE, "LEFUSION_CACHE": "{c3d}"}, [],
      "fold 0, not fold 1"),

@@ -1,5 +1,6 @@
 """``nnUNetv2_lefusion_benchmark`` end to end with the tiny preset (real nnU-Net training, prediction and
-evaluation), interrupted by kill -9 and completed by running the same command again; and its statistics."""
+evaluation), split in two parts run side by side, one interrupted by kill -9 and completed by running its command
+again; and its statistics."""
 from __future__ import annotations
 
 import csv
@@ -45,7 +46,6 @@ def test_bootstrap_interval_contains_the_mean_and_the_paired_test_sees_a_shift()
     assert shifted.low > 0 and shifted.p < 0.01 and same.low < 0 < same.high and same.p > 0.05
 
 
-@pytest.mark.slow
 def test_run_times_leave_out_runs_without_recorded_times():
     results = [{"arm": "real", "seed": 0, "seconds": {"synthesize": None, "train": 100.0, "predict": 5.5}},
                {"arm": "copypaste", "seed": 0, "seconds": {"synthesize": 20.0, "train": 200.0, "predict": 4.0}},
@@ -55,24 +55,33 @@ def test_run_times_leave_out_runs_without_recorded_times():
     assert times["timed_runs"] == 2 and times["timed_seconds"] == 329.5
 
 
-def test_tiny_benchmark_runs_end_to_end_and_resumes_after_kill(phantom_dataset, tmp_path):
+@pytest.mark.slow
+def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes_the_summary(phantom_dataset,
+                                                                                           tmp_path):
     out = tmp_path / "bench"
     cmd = [str(BIN / "nnUNetv2_lefusion_benchmark"), "-d", "990", "-c", "3d_fullres", "-o", str(out),
-           "--preset", "tiny", "--train-cases", "5", "-device", "cpu"]
+           "--preset", "tiny", "--train-cases", "5", "-device", "cpu", "-num_parts", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0"}
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    real_done = out / "runs" / "real" / "seed_0" / "metrics.json"
+    # both parts start together (they share the test set and the linked preprocessed folder); part 1 (copypaste)
+    # is killed in its training
+    second = subprocess.Popen(cmd + ["-part_id", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(cmd + ["-part_id", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
     other_log = out / "runs" / "copypaste" / "seed_0" / "log.txt"
     deadline = time.time() + 900
-    while not (other_log.is_file() and "=== train" in other_log.read_text()) and first.poll() is None:
-        assert time.time() < deadline, "the first run never reached the second arm's training"
+    while not (other_log.is_file() and "=== train" in other_log.read_text()) and second.poll() is None:
+        assert time.time() < deadline, "part 1 never reached its training"
         time.sleep(0.5)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    second.send_signal(signal.SIGKILL)
+    second.wait()
+    first_output = first.communicate(timeout=900)[0]
+    assert first.returncode == 0 and "1 run(s) of the other parts are not" in first_output, first_output[-2000:]
+    real_done = out / "runs" / "real" / "seed_0" / "metrics.json"
     assert real_done.is_file() and not (out / "runs" / "copypaste" / "seed_0" / "metrics.json").exists()
+    assert not (out / "summary.json").exists() and len(list(out.glob("test/Dataset*/labelsTr/*"))) == 3
     finished = real_done.stat().st_mtime_ns
 
-    done = run_cli("nnUNetv2_lefusion_benchmark", *cmd[1:], env=env)   # the same command completes the benchmark
+    done = run_cli("nnUNetv2_lefusion_benchmark", *cmd[1:], "-part_id", "1", env=env)   # completes the benchmark
     assert real_done.stat().st_mtime_ns == finished, "a finished run was redone"
     assert done.stdout.strip().splitlines()[-1].startswith("headline: Dice ")
     summary = json.loads((out / "summary.json").read_text())

@@ -78,13 +78,18 @@ def draw_training_cases(pool: list[str], count: int | None, seed: int) -> list[s
     return sorted(str(c) for c in rng.choice(sorted(pool), size=count, replace=False))
 
 
-def estimate_seconds(preset: Preset, arms: tuple[str, ...], seeds: int, train_cases: int) -> float:
-    """A rough duration of all runs: training iterations plus synthesis."""
+def run_list(arms: tuple[str, ...], seeds: int) -> list[tuple[str, int]]:
+    """Every (arm, seed) run in the order they are run (seed by seed; the order ``-num_parts`` splits)."""
+    return [(name, seed) for seed in range(seeds) for name in arms]
+
+
+def estimate_seconds(preset: Preset, runs: list[tuple[str, int]], train_cases: int) -> float:
+    """A rough duration of ``runs``: training iterations plus synthesis."""
     iterations = (preset.epochs * preset.iterations) if preset.short else 1000 * 250
-    per_seed = 0.0
-    for name in arms:
+    total = 0.0
+    for name, _ in runs:
         arm = ARMS[name]
-        per_seed += iterations * preset.seconds_per_iteration + 60
+        total += iterations * preset.seconds_per_iteration + 60
         if arm.method:
-            per_seed += train_cases * preset.synthetic_per_case * preset.seconds_per_synthetic[arm.method]
-    return per_seed * seeds
+            total += train_cases * preset.synthetic_per_case * preset.seconds_per_synthetic[arm.method]
+    return total

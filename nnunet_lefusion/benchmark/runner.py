@@ -27,11 +27,11 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_lefusion.benchmark.metrics import Structure, case_figures
-from nnunet_lefusion.benchmark.plan import ARMS, Arm, Preset, draw_training_cases
+from nnunet_lefusion.benchmark.plan import ARMS, Arm, Preset, draw_training_cases, run_list
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.nnunet.cache import atomic_write_text
-from nnunet_lefusion.nnunet.context import DatasetContext, training_cases
+from nnunet_lefusion.nnunet.context import DatasetContext, part_of, training_cases
 from nnunet_lefusion.phantom import write_dataset
 from nnunet_lefusion.training.roi_data import read_volume
 
@@ -68,7 +68,10 @@ def _link_preprocessed(ctx: DatasetContext, target: Path) -> None:
     for entry in ctx.preprocessed_folder.iterdir():
         link = target / entry.name
         if entry.name not in _OWN_FILES and not link.exists():
-            link.symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+            try:
+                link.symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+            except FileExistsError:  # another part of this benchmark made it meanwhile
+                pass
 
 
 def _phantom_test_set(ctx: DatasetContext, out: Path, count: int) -> Path:
@@ -78,11 +81,16 @@ def _phantom_test_set(ctx: DatasetContext, out: Path, count: int) -> Path:
         raise LeFusionError(f"{ctx.dataset} is not a LeFusion phantom: give a test set with --test-dataset ID, or "
                             "use nnU-Net's cross-validation folds with --cv")
     folder = out / "test"
-    made = list(folder.glob("Dataset*/dataset.json"))
-    if made:
-        return made[0].parent
-    return write_dataset(int(ctx.dataset[7:10]), count, origin["seed"] + 1000, folder, name="HeldOutTest",
-                         fov=origin["fov"], normal_fraction=origin["normal_fraction"])
+    if not folder.is_dir():  # written aside and renamed, so neither a kill nor a second part sees half of it
+        scratch = out / f".test.{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        write_dataset(int(ctx.dataset[7:10]), count, origin["seed"] + 1000, scratch, name="HeldOutTest",
+                      fov=origin["fov"], normal_fraction=origin["normal_fraction"])
+        try:
+            scratch.rename(folder)
+        except OSError:  # another part of this benchmark was first (with the same cases: the same seed)
+            shutil.rmtree(scratch)
+    return next(folder.glob("Dataset*/dataset.json")).parent
 
 
 def _raw_pairs(raw: Path) -> dict[str, tuple[Path, Path]]:
@@ -260,11 +268,15 @@ class Run:
         return {k: [float(v) for v in logging.get(k, [])] for k in ("train_losses", "val_losses", "ema_fg_dice")}
 
 
-def execute_all(setup: Setup) -> list[dict]:
-    """Every run (finished ones skipped) with a progress bar; returns the metrics of all runs."""
-    runs = [Run(setup, ARMS[name], seed) for seed in range(setup.seeds) for name in setup.arms]
-    with tqdm(runs, desc="benchmark runs", unit="run", initial=0) as progress:
+def execute_part(setup: Setup, num_parts: int = 1, part_id: int = 0) -> tuple[list[dict], int]:
+    """This part's runs (every run for one part; finished ones skipped) with a progress bar; returns the metrics of
+    every finished run, of all parts, and the number of runs of the other parts not finished yet."""
+    runs = [Run(setup, ARMS[name], seed) for name, seed in run_list(setup.arms, setup.seeds)]
+    mine = part_of(runs, num_parts, part_id)
+    with tqdm(mine, desc="benchmark runs" + (f" (part {part_id} of {num_parts})" if num_parts > 1 else ""),
+              unit="run") as progress:
         for run in progress:
             if not run.done:
                 run.execute(progress)
-    return [json.loads((run.folder / METRICS_FILE).read_text()) for run in runs]
+    finished = [run for run in runs if run.done]
+    return [json.loads((run.folder / METRICS_FILE).read_text()) for run in finished], len(runs) - len(finished)

@@ -5,6 +5,8 @@ those cases only, nnU-Net trained through the LeFusion trainer (the real-only ar
 the same code path at rate 0), nnU-Net's predictor on a test set no generator or model has seen (default: a
 held-out phantom made with another seed; --cv: each fold's validation cases), and per-case Dice, HD95 and
 lesion-wise detection. Re-running the command resumes: finished runs are skipped, an interrupted one restarts.
+``-num_parts N -part_id k`` splits the runs as nnUNetv2_predict splits its cases, for N processes side by side
+(one CPU core or GPU each) or machines sharing OUT; the last part to finish writes the summary.
 """
 from __future__ import annotations
 
@@ -16,15 +18,14 @@ import time
 from pathlib import Path
 
 from nnunet_lefusion.benchmark.metrics import structures
-from nnunet_lefusion.benchmark.plan import ARMS, PRESETS, estimate_seconds, parse_arms
+from nnunet_lefusion.benchmark.plan import ARMS, PRESETS, estimate_seconds, parse_arms, run_list
 from nnunet_lefusion.benchmark.report import run_times, write_outputs
-from nnunet_lefusion.benchmark.runner import Setup, execute_all, prepare
-from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main
+from nnunet_lefusion.benchmark.runner import Setup, execute_part, prepare
+from nnunet_lefusion.cli.common import add_device_argument, add_parts_arguments, check_device, cli_main
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
-from nnunet_lefusion.nnunet.context import DatasetContext, dataset_name, env_folder
+from nnunet_lefusion.nnunet.context import DatasetContext, check_parts, dataset_name, env_folder, part_of
 from nnunet_lefusion.pretrained import default_generator
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="lefusion_masks: wanted share of the rarest lesion label among synthetic lesion voxels "
                              "(default <innermost lesion label>=0.3)")
     add_device_argument(parser, nnunet=True)
+    add_parts_arguments(parser, "the runs", "every run, and the part that finishes last writes the summary")
     return parser
 
 
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     if seeds < 1 or (train_cases is not None and train_cases < 1) or not 0.0 < args.rate <= 1.0:
         raise LeFusionError("need --seeds >= 1, --train-cases >= 1 and 0 < --rate <= 1")
     device = check_device(args.device, nnunet=True)
+    check_parts(args.num_parts, args.part_id)
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env_folder(name)
     ctx = DatasetContext(args.dataset, args.configuration, 0, args.plans)
@@ -123,12 +126,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"benchmark {ctx.dataset} {ctx.configuration}, preset {preset.name} ({preset.describe}): arms "
           f"{', '.join(arms)} x {seeds} seed(s) = {len(arms) * seeds} runs, "
           f"{train_cases or 'all'} training cases per seed, rate {args.rate}, device {setup.device}")
-    estimate = estimate_seconds(preset, arms, seeds, train_cases or len(list(ctx.data_folder.glob('*.pkl'))))
-    print(f"estimated time: {estimate / 3600:.1f} h on the machine the preset is meant for; output {setup.out}")
+    runs = part_of(run_list(arms, seeds), args.num_parts, args.part_id)
+    part = f"part {args.part_id} of {args.num_parts} ({len(runs)} runs)" if args.num_parts > 1 else "all runs"
+    estimate = estimate_seconds(preset, runs, train_cases or len(list(ctx.data_folder.glob('*.pkl'))))
+    print(f"estimated time: {estimate / 3600:.1f} h for {part} on the machine the preset is meant for; "
+          f"output {setup.out}")
     start = time.time()
     setup.out.mkdir(parents=True, exist_ok=True)
     prepare(setup, test_raw)
-    results = execute_all(setup)
+    results, pending = execute_part(setup, args.num_parts, args.part_id)
+    if pending:
+        print(f"part {args.part_id} of {args.num_parts} is done; {pending} run(s) of the other parts are not: the "
+              "last part to finish writes the summary (or run any part's command again once they have)")
+        return
     info = {"command": "nnUNetv2_lefusion_benchmark " + shlex.join(sys.argv[1:] if argv is None else argv),
             "dataset": ctx.dataset, "configuration": ctx.configuration, "preset": preset.name, "epochs": preset.epochs,
             "iterations": preset.iterations, "arms": list(arms),

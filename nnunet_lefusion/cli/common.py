@@ -67,3 +67,12 @@ def check_device(name: str | None, nnunet: bool = False) -> str:
     elif parsed.type not in ("cpu", "cuda", "mps"):
         raise LeFusionError(f"unsupported device {device!r}: use cpu, cuda or cuda:i")
     return device
+
+
+def add_parts_arguments(parser, what: str, together: str) -> None:
+    """``-num_parts`` / ``-part_id`` as in ``nnUNetv2_predict``: ``what`` is split, the parts give ``together``."""
+    parser.add_argument("-num_parts", type=int, default=1,
+                        help=f"split {what} into parts, as nnUNetv2_predict does: run the same command once per "
+                             f"-part_id, at the same time (other processes or machines sharing the output folder); "
+                             f"together they give {together} (default 1)")
+    parser.add_argument("-part_id", type=int, default=0, help="which part this process runs, 0 .. -num_parts - 1")

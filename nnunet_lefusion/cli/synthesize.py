@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main
+from nnunet_lefusion.cli.common import add_device_argument, add_parts_arguments, check_device, cli_main
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import resolve_lesion_labels
 from nnunet_lefusion.nnunet.cache import Manifest, default_cache_folder
@@ -48,11 +48,7 @@ def main(argv: list[str] | None = None) -> None:
                              "adds more, continuing over the training cases where the last one stopped. The same "
                              "command again after an interruption finishes the interrupted run instead (default 0: "
                              "only --preview / --export-raw an existing cache)")
-    parser.add_argument("-num_parts", type=int, default=1,
-                        help="split this run into parts, as nnUNetv2_predict does: run the same command once per "
-                             "-part_id, at the same time (other processes or machines sharing the cache folder); "
-                             "together they give the cases one run gives (default 1)")
-    parser.add_argument("-part_id", type=int, default=0, help="which part this process makes, 0 .. -num_parts - 1")
+    add_parts_arguments(parser, "this run", "the cases one run gives")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=None, help="cache folder (default: <preprocessed dataset>/lefusion_cache/"
                                                       "<data_identifier>/fold_<f>)")

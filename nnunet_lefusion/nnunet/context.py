@@ -6,8 +6,11 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Sequence, TypeVar
 
 from nnunet_lefusion.errors import LeFusionError
+
+T = TypeVar("T")
 
 
 def env_folder(name: str) -> Path:
@@ -37,6 +40,19 @@ def parse_fold(fold: str | int) -> int | str:
         return int(fold)
     except ValueError:
         raise LeFusionError(f"fold must be an integer or 'all', got {fold!r}") from None
+
+
+def check_parts(num_parts: int, part_id: int) -> None:
+    """``LeFusionError`` unless ``part_id`` is one of ``num_parts`` parts (``-num_parts`` / ``-part_id``)."""
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise LeFusionError(f"need -num_parts >= 1 and 0 <= -part_id < -num_parts, got {num_parts} and {part_id}")
+
+
+def part_of(items: Sequence[T], num_parts: int, part_id: int) -> list[T]:
+    """Part ``part_id`` of ``num_parts`` of ``items`` as ``nnUNetv2_predict`` splits its cases: every
+    ``num_parts``-th item from ``part_id`` on."""
+    check_parts(num_parts, part_id)
+    return list(items[part_id::num_parts])
 
 
 @dataclass

@@ -26,7 +26,7 @@ from nnunet_lefusion.nnunet.cache import (MANIFEST, Manifest, default_cache_fold
                                           unlisted_cases, write_case)
 from nnunet_lefusion.nnunet.cache_lock import (LOCK, TMP_PREFIX, WRITER_PREFIX, Writer, alive, locked, other_writers,
                                                remove_dead_leftovers, token)
-from nnunet_lefusion.nnunet.context import DatasetContext
+from nnunet_lefusion.nnunet.context import DatasetContext, check_parts, part_of
 from nnunet_lefusion.nnunet.provenance import check_no_leak
 from nnunet_lefusion.nnunet.preprocess import load_raw_case, preprocess_case
 from nnunet_lefusion.synthesis.base import (Proposal, RawCase, Synthesizer, SynthesisSkipped,
@@ -304,8 +304,7 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
     > 1 only part ``part_id`` of them (the other parts, run anywhere at any time, make the rest)."""
     if num_cases < 1:
         raise LeFusionError(f"the number of synthetic cases must be >= 1, got {num_cases}")
-    if num_parts < 1 or not 0 <= part_id < num_parts:
-        raise LeFusionError(f"need -num_parts >= 1 and 0 <= -part_id < -num_parts, got {num_parts} and {part_id}")
+    check_parts(num_parts, part_id)
     ctx.check_single_stage()
     options = with_shipped_generators(method, options or SynthesizerOptions(), labels, plan)
     folder = Path(cache_folder) if cache_folder else default_cache_folder(ctx)
@@ -325,7 +324,7 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
         run, done = start_run(ctx, folder, overwrite, request, plan, part_id, generators, labels, cases)
         slots = run_slots(run, plan)[0]
         size = getattr(synthesizer, "batch_size", 1)
-        batches = [slots[b:b + size] for b in range(0, len(slots), size)][part_id::num_parts]
+        batches = part_of([slots[b:b + size] for b in range(0, len(slots), size)], num_parts, part_id)
         batches = [batch for batch in batches if any(s.index not in done for s in batch)]
         chosen = choose_proposals(synthesizer, pools, slots, plan, labels, run["totals"],
                                   {s.index for batch in batches for s in batch})
