@@ -17,7 +17,10 @@ from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.model.config import ModelConfig
 from nnunet_lefusion.phantom import write_dataset
+from nnunet_lefusion.pretrained import SHIPPED
 from nnunet_lefusion.model.checkpoint import META_KEY, OPTIMIZER_KEY, load_checkpoint
+from nnunet_lefusion.nnunet.provenance import check_no_leak, label_hash
+from nnunet_lefusion.nnunet.synthesize import SynthesizerOptions, generator_records
 from nnunet_lefusion.training.loop import FINAL, LATEST, LOG_NAME, TrainConfig, train
 from nnunet_lefusion.synthesis.lefusion import LesionSampler
 from nnunet_lefusion.roi import covering_rois
@@ -172,6 +175,29 @@ def test_bad_input_is_one_error_line(dataset, nnunet_dirs, tmp_path, capsys):
     assert "model config" in _error(capsys, ["-d", str(LESION_ID), "--config", str(wider), "--roi", *ROI, "--steps",
                                              "4", "--resume", "--quiet", "-o", str(tmp_path / "run")])
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before  # a refused resume writes nothing
+
+
+def test_init_starts_from_a_samplers_weights_and_its_cases_count_as_seen(dataset, tmp_path, capsys):
+    train_tiny(tmp_path / "base", 2)
+    base_file = str(tmp_path / "base" / FINAL)
+    base = load_checkpoint(base_file)
+    tune = ["-d", str(LESION_ID), "--init", base_file, "--roi", *ROI, "--steps", "1", "--batch-size", "1", "--quiet"]
+    train_main([*tune, "--lr", "1e-9", "-o", str(tmp_path / "tuned")])   # one step too small to move the weights
+    tuned = load_checkpoint(tmp_path / "tuned" / FINAL)
+    assert tuned.config == base.config == ModelConfig.from_yaml("tiny")   # the config comes from --init
+    assert all(torch.allclose(tuned.model_state[k], v, atol=1e-6) for k, v in base.ema_state.items())
+    assert not _states_equal(base.ema_state, base.model_state)   # so it started from the EMA weights, not these
+    start = tuned.meta.extras["initialised_from"]
+    assert start == {"file": FINAL, "step": 2, "training_data": base.meta.training_data}
+    records = generator_records("lefusion", SynthesizerOptions(str(tmp_path / "tuned" / FINAL)))
+    assert [r["role"] for r in records] == ["sampler", f"sampler (its initial weights, {FINAL})"]
+    case, _, label_file = training_cases(dataset, json.loads((dataset / "dataset.json").read_text()))[0]
+    with pytest.raises(LeFusionError, match="initial weights"):
+        check_no_leak(records[1:], {case: label_hash(label_file)}, 0, "refused")
+    assert "another --config" in _error(capsys, [*tune, "--config", "small", "-o", str(tmp_path / "x")])
+    assert "--histogram-scale (1.0)" in _error(capsys, [*tune, "--histogram-scale", "16", "-o", str(tmp_path / "y")])
+    masks = str(SHIPPED["mask generator"])
+    assert "not a LeFusion sampler" in _error(capsys, [*tune[:2], "--init", masks, *tune[4:], "-o", str(tmp_path / "z")])
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import yaml
 
 from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main
 from nnunet_lefusion.errors import LeFusionError
-from nnunet_lefusion.labels import resolve_lesion_labels
+from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
 from nnunet_lefusion.model.config import ModelConfig, available_configs
 from nnunet_lefusion.nnunet.cache import atomic_write_text
 from nnunet_lefusion.nnunet.context import dataset_name, env_folder, parse_fold
@@ -24,7 +24,8 @@ from nnunet_lefusion.nnunet.provenance import FOLD_HELP, raw_fold
 from nnunet_lefusion.roi import OFFICIAL_CARDIAC_SIZE
 from nnunet_lefusion.training.loop import TrainConfig
 from nnunet_lefusion.training.roi_data import load_roi_set
-from nnunet_lefusion.training.sampler import DEFAULT_CLUSTERS, LesionLoss, check_model_fits, train_sampler
+from nnunet_lefusion.training.sampler import (DEFAULT_CLUSTERS, LesionLoss, check_model_fits, initial_sampler,
+                                              train_sampler)
 
 
 def config_name(config: str) -> str:
@@ -36,8 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnUNetv2_lefusion_train_sampler", description=__doc__.split("\n\n")[0])
     parser.add_argument("-d", dest="dataset", required=True, help="dataset id or name, e.g. 990 or Dataset990_X")
     parser.add_argument("-f", dest="fold", default="all", help=FOLD_HELP)
-    parser.add_argument("--config", default="small",
-                        help=f"model config: {', '.join(available_configs())} or a YAML file (default small)")
+    parser.add_argument("--config", help=f"model config: {', '.join(available_configs())} or a YAML file "
+                                         "(default small; with --init, that checkpoint's)")
+    parser.add_argument("--init", help="start from this sampler checkpoint's EMA weights instead of random ones, "
+                                       "e.g. to fine-tune pretrained/lefusion_sampler_phantom.pt on your data (its "
+                                       "model config and histogram scale are used; its cases count as seen)")
     parser.add_argument("--steps", type=int, default=50000, help="optimisation steps in total (default 50000)")
     parser.add_argument("--batch-size", type=int, default=4, help="ROIs per micro-batch (default 4; official 20)")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1; official 2)")
@@ -57,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ROI size in voxels (default 10 72 72, official cardiac)")
     parser.add_argument("--clusters", type=int, default=DEFAULT_CLUSTERS,
                         help=f"histogram clusters stored for sampling (default {DEFAULT_CLUSTERS})")
-    parser.add_argument("--histogram-scale", type=float, default=1.0,
-                        help="multiply the histogram condition by this before the network (default 1, official; "
-                             "16 makes a flat histogram all ones, on the scale of the time embedding)")
+    parser.add_argument("--histogram-scale", type=float,
+                        help="multiply the histogram condition by this before the network (default 1, official, or "
+                             "the --init checkpoint's; 16 makes a flat histogram all ones, on the scale of the time "
+                             "embedding)")
     parser.add_argument("--cond-drop", type=float, default=0.0,
                         help="fraction of each batch trained with the null condition instead (default 0, official)")
     parser.add_argument("--mean-loss", type=float, default=0.0,
@@ -70,10 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def initial_settings(args: argparse.Namespace, labels: LesionLabels) -> tuple[ModelConfig, float]:
+    """The model config and histogram scale of the run: as given, else the --init checkpoint's, else small and 1;
+    given ones that differ from the --init checkpoint's are refused."""
+    given = ModelConfig.from_yaml(args.config) if args.config else None
+    if not args.init:
+        return given or ModelConfig.from_yaml("small"), 1.0 if args.histogram_scale is None else args.histogram_scale
+    start = initial_sampler(args.init, labels)
+    scale = float(start.meta.extras.get("histogram_scale", 1.0))
+    if (given is not None and given != start.config) or args.histogram_scale not in (None, scale):
+        raise LeFusionError(f"--init {args.init} holds a network of another --config or --histogram-scale ({scale}); "
+                            "leave them out to take its own.")
+    return start.config, scale
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    model_config = ModelConfig.from_yaml(args.config)
     name = dataset_name(args.dataset)
     fold = parse_fold(args.fold)
     raw_folder = env_folder("nnUNet_raw") / name
@@ -81,13 +99,14 @@ def main(argv: list[str] | None = None) -> None:
         raise LeFusionError(f"{raw_folder} has no dataset.json (is nnUNet_raw right?).")
     dataset_json = json.loads((raw_folder / "dataset.json").read_text())
     labels = resolve_lesion_labels(dataset_json, args.lesion_labels, args.organ_labels)
-    out = (Path(args.output) if args.output
-           else env_folder("nnUNet_results") / name / f"LeFusion__{config_name(args.config)}")
+    model_config, histogram_scale = initial_settings(args, labels)
+    run_name = config_name(args.config) if args.config else Path(args.init).stem if args.init else "small"
+    out = Path(args.output) if args.output else env_folder("nnUNet_results") / name / f"LeFusion__{run_name}"
     train_config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
                                checkpoint_every=args.checkpoint_every, keep_every=args.keep_every, seed=args.seed,
                                device=check_device(args.device), bf16=args.bf16, progress=not args.quiet)
     train_config.resolved()  # refuse bad settings before reading the data
-    LesionLoss(labels.lesions, histogram_scale=args.histogram_scale, cond_drop=args.cond_drop,
+    LesionLoss(labels.lesions, histogram_scale=histogram_scale, cond_drop=args.cond_drop,
                mean_weight=args.mean_loss)
     check_model_fits(model_config, len(labels.lesions), args.roi)
     files, record = raw_fold(name, raw_folder, fold)
@@ -101,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.resume:  # a resumed run is refused unless its checkpoint holds this config: the file stays valid
         atomic_write_text(out / "model_config.yaml", yaml.safe_dump(model_config.to_dict(), sort_keys=False))
     result = train_sampler(rois, model_config, labels, args.roi, out, train_config, args.clusters, args.resume,
-                           args.histogram_scale, args.cond_drop, record, args.mean_loss)
+                           histogram_scale, args.cond_drop, record, args.mean_loss, args.init)
     print(f"step {result.step}: {result.checkpoint}")
 
 

@@ -35,9 +35,9 @@ from nnunet_lefusion.nnunet.cache import ONLINE, Manifest
 from nnunet_lefusion.nnunet.cache_lock import Writer
 from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.provenance import check_no_leak
-from nnunet_lefusion.nnunet.synthesize import (Slot, check_generator_files, choose_proposals, generator_records,
-                                               prepare_folder, with_shipped_generators,
-                                               prepare_synthesis, reserve_index, start_online_run, store_case)
+from nnunet_lefusion.nnunet.synthesize import (Slot, check_generator_files, choose_proposals, generator_paths,
+                                               generator_records, prepare_folder, prepare_synthesis, reserve_index,
+                                               start_online_run, store_case, with_shipped_generators)
 
 
 class OnlineProducer:
@@ -79,7 +79,7 @@ class OnlineProducer:
         request = {"online": True, "method": self.settings.method, "seed": self.settings.seed, "rank": self.rank,
                    "mix": self.plan.mix, "target_share": {str(k): v for k, v in self.plan.target_share.items()},
                    "candidates": self.plan.candidates, "sampling": options.mode,
-                   "histogram_matching": options.histogram_matching, "generators": [g["path"] for g in generators]}
+                   "histogram_matching": options.histogram_matching, "generators": generator_paths(generators)}
         manifest, self.run = start_online_run(self.ctx, self.folder, self.labels, cases, request, generators,
                                               self.rank)
         self.totals = manifest.lesion_voxel_totals()

@@ -130,7 +130,16 @@ def generator_records(method: str, options: SynthesizerOptions) -> list[dict]:
             meta = read_meta(path)
             records.append({"role": role, "path": str(Path(path).resolve()),
                             "training_data": meta.training_data if meta is not None else None})
+            start = meta.extras.get("initialised_from") if meta is not None else None
+            if start:  # a fine-tuned generator has also seen what its initial weights saw
+                records.append({"role": f"{role} (its initial weights, {start['file']})",
+                                "path": str(Path(path).resolve()), "training_data": start["training_data"]})
     return records
+
+
+def generator_paths(generators: list[dict]) -> list[str]:
+    """The files of ``generator_records``, each once, in order (the request a cache run records)."""
+    return list(dict.fromkeys(g["path"] for g in generators))
 
 
 def _case_seed(seed: int, index: int) -> int:
@@ -317,7 +326,7 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
     request = json.loads(json.dumps({
         "method": method, "num_cases": num_cases, "seed": seed, "mix": plan.mix, "target_share": plan.target_share,
         "candidates": plan.candidates, "num_parts": num_parts, "sampling": options.mode,
-        "histogram_matching": options.histogram_matching, "generators": [g["path"] for g in generators]},
+        "histogram_matching": options.histogram_matching, "generators": generator_paths(generators)},
         sort_keys=True))
     prepare_folder(folder)
     with Writer(folder):

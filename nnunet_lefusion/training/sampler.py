@@ -11,7 +11,7 @@ from nnunet_lefusion.diffusion.loss import lesion_channel_masks, training_loss
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
-from nnunet_lefusion.model.checkpoint import CheckpointMeta
+from nnunet_lefusion.model.checkpoint import Checkpoint, CheckpointMeta, load_checkpoint
 from nnunet_lefusion.model.config import ModelConfig
 from nnunet_lefusion.training.loop import TrainConfig, TrainResult, train
 from nnunet_lefusion.training.roi_data import FLIP_AXIS, INTENSITY_PERCENTILES, RoiSet
@@ -105,13 +105,29 @@ class LesionLoss:
                              mean_weight=self.mean_weight)
 
 
+def initial_sampler(path: str | Path, labels: LesionLabels) -> Checkpoint:
+    """A sampler checkpoint to start a training from (fine-tuning), refused unless it is a LeFusion sampler for
+    as many lesion classes as ``labels`` has."""
+    checkpoint = load_checkpoint(path)
+    kind = checkpoint.meta.extras.get("kind") if checkpoint.meta is not None else None
+    if kind != SAMPLER_KIND:
+        raise LeFusionError(f"--init {path} is not a LeFusion sampler checkpoint (kind {kind!r}).")
+    if len(checkpoint.meta.lesion_labels) != len(labels.lesions):
+        raise LeFusionError(f"--init {path} has {len(checkpoint.meta.lesion_labels)} lesion class(es), the dataset "
+                            f"{len(labels.lesions)}.")
+    return checkpoint
+
+
 def train_sampler(rois: RoiSet, config: ModelConfig, labels: LesionLabels, roi_size: Sequence[int],
                   out_dir: str | Path, train_config: TrainConfig, num_clusters: int = DEFAULT_CLUSTERS,
                   resume: bool = False, histogram_scale: float = 1.0, cond_drop: float = 0.0,
-                  training_data: dict | None = None, mean_weight: float = 0.0) -> TrainResult:
+                  training_data: dict | None = None, mean_weight: float = 0.0,
+                  init: str | Path | None = None) -> TrainResult:
     """Train a fresh (or resumed) LeFusion denoiser of ``config`` on ``rois``; files go to ``out_dir``.
     ``histogram_scale``, ``cond_drop`` and ``mean_weight``: see ``LesionLoss`` (the scale is stored for sampling);
-    ``training_data``: the cases ``rois`` come from, recorded in the checkpoint (``nnunet.provenance``)."""
+    ``training_data``: the cases ``rois`` come from, recorded in the checkpoint (``nnunet.provenance``);
+    ``init``: a sampler checkpoint whose EMA weights the run starts from instead of random ones (fine-tuning; its
+    config and histogram scale must be ``config`` and ``histogram_scale``); its file, step and cases are recorded."""
     check_model_fits(config, len(labels.lesions), roi_size)
     loss = LesionLoss(labels.lesions, histogram_scale=histogram_scale, cond_drop=cond_drop, mean_weight=mean_weight)
     meta = sampler_meta(labels, roi_size, rois, num_clusters, seed=train_config.seed, histogram_scale=histogram_scale,
@@ -119,6 +135,13 @@ def train_sampler(rois: RoiSet, config: ModelConfig, labels: LesionLabels, roi_s
     meta.training_data = training_data
     torch.manual_seed(train_config.seed)
     model = config.build()
+    if init is not None:
+        start = initial_sampler(init, labels)
+        if start.config != config or histogram_scale != float(start.meta.extras.get("histogram_scale", 1.0)):
+            raise LeFusionError(f"--init {init} has another model config or histogram scale than this run.")
+        model.load_state_dict(start.ema_state if start.ema_state is not None else start.model_state)
+        meta.extras["initialised_from"] = {"file": Path(init).name, "step": start.step,
+                                           "training_data": start.meta.training_data}
     batch_size = train_config.batch_size
     return train(model, loss, lambda rng: rois.make_batch(rng, batch_size), out_dir, meta, train_config,
                  resume=resume, num_timesteps=NUM_TIMESTEPS)
