@@ -90,7 +90,10 @@ def _phantom_test_set(ctx: DatasetContext, out: Path, count: int) -> Path:
             scratch.rename(folder)
         except OSError:  # another part of this benchmark was first (with the same cases: the same seed)
             shutil.rmtree(scratch)
-    return next(folder.glob("Dataset*/dataset.json")).parent
+    made = sorted(folder.glob("Dataset*/dataset.json"))
+    if not made:
+        raise LeFusionError(f"{folder} holds no complete test set (left by an interrupted older version?): remove it")
+    return made[0].parent
 
 
 def _raw_pairs(raw: Path) -> dict[str, tuple[Path, Path]]:

@@ -5,8 +5,8 @@ those cases only, nnU-Net trained through the LeFusion trainer (the real-only ar
 the same code path at rate 0), nnU-Net's predictor on a test set no generator or model has seen (default: a
 held-out phantom made with another seed; --cv: each fold's validation cases), and per-case Dice, HD95 and
 lesion-wise detection. Re-running the command resumes: finished runs are skipped, an interrupted one restarts.
-``-num_parts N -part_id k`` splits the runs as nnUNetv2_predict splits its cases, for N processes side by side
-(one CPU core or GPU each) or machines sharing OUT; the last part to finish writes the summary.
+``-num_parts N -part_id k`` splits the runs as nnUNetv2_predict splits its cases, for N GPUs or machines sharing
+OUT (on a small CPU one process at a time is faster); the last part to finish writes the summary.
 """
 from __future__ import annotations
 
