@@ -108,14 +108,16 @@ def test_plan_puts_lesions_on_normal_cases_and_raises_the_rare_class(phantom_dat
     normal = {c.identifier for c in map(lambda i: load_raw_case(ctx, i), ctx.split[0])
               if not np.isin(c.seg, labels.lesions).any()}
     res = run_cli("nnUNetv2_lefusion_synthesize", "-d", "990", "-n", "8", "--mix", "newmask=0.5,normal=0.5",
-                  "--target-share", "4=0.2", "--cache", str(tmp_path / "plan"))
+                  "--target-share", "4=0.9", "--cache", str(tmp_path / "plan"))
     manifest = Manifest.load(tmp_path / "plan")
     kinds = [c["kind"] for c in manifest.cases.values()]
     assert kinds.count("normal") == 4 and kinds.count("newmask") == 4
     assert all((c["source"] in normal) == (c["kind"] == "normal") for c in manifest.cases.values())
     real, synthetic = manifest.real_lesion_voxels, manifest.lesion_voxel_totals()
     assert synthetic["4"] / sum(synthetic.values()) > real["4"] / sum(real.values())
-    assert "lesion voxels, synthetic" in res.stdout
+    # below its (here unreachable) target, label 4 is asked of every pasted lesion; the shortfall is said
+    assert all(c["lesion_voxels"].get("4", 0) > 0 for c in manifest.cases.values())
+    assert "lesion voxels, synthetic" in res.stdout and "short of its target share 90%" in res.stdout
 
 
 def test_preview_and_nifti_export_of_an_existing_cache(cache_3d, tmp_path):

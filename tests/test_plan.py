@@ -39,3 +39,12 @@ def test_choosing_among_proposals_reaches_the_target_share(target):
         tracker.add(chosen)
     assert abs(tracker.shares()[4] - target) <= 0.1 * target, tracker.shares()
     assert tracker.totals[3] > 0
+
+
+def test_the_tracker_asks_for_labels_below_their_target_share():
+    tracker = ShareTracker(LesionLabels.emidec(), {4: 0.2})
+    assert tracker.below_target() == (4,)
+    tracker.totals.update({3: 70, 4: 30})
+    assert tracker.below_target() is None
+    tracker.totals.update({3: 90, 4: 10})
+    assert tracker.below_target() == (4,)

@@ -150,6 +150,16 @@ def test_synthesizer_retextures_real_and_generated_lesions(dataset, checkpoint):
         assert _retextured_share(before, after.case, labels) > 0.97
 
 
+def test_new_lesions_hold_the_classes_a_target_share_asks_for(dataset, checkpoint):
+    normal = _raw_case(dataset, "Case_N001", slices=2)
+    generated = LeFusionSynthesizer(checkpoint, LesionLabels.emidec(), mask_generator=RuleBasedMaskGenerator(),
+                                    **QUICK_KW)
+    drawn = [generated.propose(normal, "normal", np.random.default_rng(i)).seg for i in range(6)]
+    asked = [generated.propose(normal, "normal", np.random.default_rng(i), (4,)).seg for i in range(6)]
+    assert not all((seg == 4).any() for seg in drawn), "the generator alone draws no-reflow only sometimes"
+    assert all((seg == 4).any() and (seg == 3).any() for seg in asked)
+
+
 def test_lesions_wider_than_the_window_are_covered_by_several_windows(dataset, checkpoint):
     """A lesion through more slices than the 2-slice window: windows one after the other re-texture all of it."""
     sick = _raw_case(dataset, "Case_P003")

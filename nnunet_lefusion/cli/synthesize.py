@@ -120,3 +120,9 @@ def main(argv: list[str] | None = None) -> None:
         total = sum(counts.values()) or 1
         print(f"lesion voxels, {name}: " + ", ".join(
             f"label {k}: {v} ({v / total:.1%})" for k, v in sorted(counts.items())))
+    for label, share in (plan.target_share.items() if plan is not None else ()):
+        reached = synthetic.get(str(label), 0) / (sum(synthetic.values()) or 1)
+        if reached < 0.9 * share:
+            print(f"note: label {label} is {reached:.1%} of the synthetic lesion voxels, short of its target share "
+                  f"{share:.0%}: the new lesions drawn hold too little of it (more --candidates, or a mask generator "
+                  f"that draws larger label-{label} parts, get closer)")

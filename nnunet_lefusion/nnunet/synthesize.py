@@ -181,12 +181,13 @@ def run_slots(run: dict, plan: SynthesisPlan) -> tuple[list[Slot], dict[str, int
     return slots, position
 
 
-def _propose(synthesizer: Synthesizer, pool: list[RawCase], slot: Slot, candidates: int) -> list[Proposal]:
+def _propose(synthesizer: Synthesizer, pool: list[RawCase], slot: Slot, candidates: int,
+             want_classes: tuple[int, ...] | None = None) -> list[Proposal]:
     """``candidates`` proposals on the first target from the slot's pool place on that can host a lesion."""
     for t in range(len(pool)):
         target = pool[(slot.start + t) % len(pool)]
         try:
-            return [synthesizer.propose(target, slot.kind, np.random.default_rng([slot.seed, t, c]))
+            return [synthesizer.propose(target, slot.kind, np.random.default_rng([slot.seed, t, c]), want_classes)
                     for c in range(candidates)]
         except SynthesisSkipped:
             continue
@@ -197,14 +198,17 @@ def choose_proposals(synthesizer: Synthesizer, pools: dict[str, list[RawCase]], 
                      plan: SynthesisPlan, labels: LesionLabels, totals: dict[str, int],
                      wanted: set[int]) -> dict[int, Proposal]:
     """The proposal of every slot in ``wanted``. With a target share the choice depends on the earlier slots'
-    choices (from the lesion totals at the run's start), so every slot's candidates are drawn, in order."""
+    choices (from the lesion totals at the run's start), so every slot's candidates are drawn, in order; while a
+    target label is below its share, new lesions are asked to hold it (the closest candidate is then chosen)."""
     if not plan.target_share:
         return {s.index: _propose(synthesizer, pools[s.kind], s, 1)[0] for s in slots if s.index in wanted}
     tracker = ShareTracker(labels, plan.target_share)
     tracker.totals.update({int(k): v for k, v in totals.items()})
     chosen = {}
     for slot in slots:
-        proposals = _propose(synthesizer, pools[slot.kind], slot, plan.candidates if slot.kind != "retexture" else 1)
+        new_lesions = slot.kind != "retexture"
+        proposals = _propose(synthesizer, pools[slot.kind], slot, plan.candidates if new_lesions else 1,
+                             tracker.below_target() if new_lesions else None)
         pick = proposals[tracker.pick([p.seg for p in proposals])]
         tracker.add(pick.seg)
         if slot.index in wanted:

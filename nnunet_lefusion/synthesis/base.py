@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -57,8 +57,10 @@ class Synthesizer(Protocol):
     labels: LesionLabels
     kinds: tuple[str, ...]
 
-    def propose(self, target: RawCase, kind: str, rng: np.random.Generator) -> Proposal:
-        """Plan the lesions of a new case; raise ``SynthesisSkipped`` if the target cannot host one."""
+    def propose(self, target: RawCase, kind: str, rng: np.random.Generator,
+                want_classes: Sequence[int] | None = None) -> Proposal:
+        """Plan the lesions of a new case; raise ``SynthesisSkipped`` if the target cannot host one.
+        ``want_classes``: lesion labels the new lesions should hold (a target share asks for its rare class)."""
         ...
 
     def render_many(self, proposals: list[Proposal], rng: np.random.Generator) -> list[Synthetic]:

@@ -8,6 +8,7 @@ matched by the robust intensity range of the two hearts/organs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -67,8 +68,10 @@ class CopyPasteSynthesizer:
                       np.array([s.start for s in box]) - centre, np.array(case.spacing[1:]),
                       _intensity_range(case.image, organ))
 
-    def propose(self, target: RawCase, kind: str, rng: np.random.Generator) -> Proposal:
-        """Paste a random donor's lesion (``kind`` only says whether the target is pathological or normal)."""
+    def propose(self, target: RawCase, kind: str, rng: np.random.Generator,
+                want_classes: Sequence[int] | None = None) -> Proposal:
+        """Paste a random donor's lesion (``kind`` only says whether the target is pathological or normal), one
+        holding every label of ``want_classes`` where a donor has them."""
         seg = target.seg[0]
         organ = _organ_region(seg, self.labels)
         host = np.isin(seg, self.labels.host)
@@ -77,6 +80,8 @@ class CopyPasteSynthesizer:
         centre = np.array(ndimage.center_of_mass(organ))
         target_range = _intensity_range(target.image, organ)
         candidates = [d for d in self.donors if d.identifier != target.identifier] or self.donors
+        if want_classes:
+            candidates = [d for d in candidates if np.isin(want_classes, d.seg).all()] or candidates
         for _ in range(self.attempts):
             donor = candidates[rng.integers(len(candidates))]
             angle = rng.uniform(-self.max_rotation, self.max_rotation)

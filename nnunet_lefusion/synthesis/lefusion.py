@@ -241,8 +241,10 @@ class LeFusionSynthesizer:
         self.batch_size = batch_size
         self.histogram_matching = histogram_matching
 
-    def propose(self, target: RawCase, kind: str, rng: np.random.Generator) -> Proposal:
-        """The label map of the new case: the target's own (``retexture``) or with generated lesions added."""
+    def propose(self, target: RawCase, kind: str, rng: np.random.Generator,
+                want_classes: Sequence[int] | None = None) -> Proposal:
+        """The label map of the new case: the target's own (``retexture``) or with generated lesions added (holding
+        ``want_classes``, see ``MaskGenerator.generate``)."""
         if kind not in self.kinds:
             raise LeFusionError(f"the LeFusion synthesizer makes {', '.join(self.kinds)} cases, not {kind!r}"
                                 + ("" if self.mask_generator else " (new lesions need a mask generator)"))
@@ -256,7 +258,7 @@ class LeFusionSynthesizer:
             raise SynthesisSkipped(f"{target.identifier} has no organ (labels {list(self.labels.organ)})")
         old = np.where(np.isin(seg, self.labels.lesions), seg, 0)
         try:
-            drawn = self.mask_generator.generate(seg, rng, spacing=target.spacing)
+            drawn = self.mask_generator.generate(seg, rng, want_classes, spacing=target.spacing)
             if not (drawn > 0).any():
                 raise SynthesisSkipped(f"the mask generator drew no lesion on {target.identifier}")
             placed = place_lesions(seg, np.where(drawn > 0, drawn, old), self.labels)

@@ -114,6 +114,12 @@ class ShareTracker:
             errors.append(self._error({lab: self.totals[lab] + c[lab] for lab in self.totals}))
         return int(np.argmin(errors))
 
+    def below_target(self) -> tuple[int, ...] | None:
+        """The target labels still below their share (new lesions should hold them), or None."""
+        shares = self.shares()
+        below = tuple(lab for lab, share in self.target.items() if shares[lab] < share)
+        return below or None
+
     def add(self, label_map: np.ndarray) -> None:
         for lab, n in self.counts(label_map).items():
             self.totals[lab] += n
