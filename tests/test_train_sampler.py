@@ -196,8 +196,8 @@ def test_init_starts_from_a_samplers_weights_and_its_cases_count_as_seen(dataset
         check_no_leak(records[1:], {case: label_hash(label_file)}, 0, "refused")
     assert "another --config" in _error(capsys, [*tune, "--config", "small", "-o", str(tmp_path / "x")])
     assert "--histogram-scale (1.0)" in _error(capsys, [*tune, "--histogram-scale", "16", "-o", str(tmp_path / "y")])
-    masks = str(SHIPPED["mask generator"])
-    assert "not a LeFusion sampler" in _error(capsys, [*tune[:2], "--init", masks, *tune[4:], "-o", str(tmp_path / "z")])
+    masks = [*tune[:2], "--init", str(SHIPPED["mask generator"]), *tune[4:], "-o", str(tmp_path / "z")]
+    assert "not a LeFusion sampler" in _error(capsys, masks)
 
 
 @pytest.mark.slow
