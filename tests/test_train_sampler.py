@@ -188,9 +188,12 @@ def test_init_starts_from_a_samplers_weights_and_its_cases_count_as_seen(dataset
     assert all(torch.allclose(tuned.model_state[k], v, atol=1e-6) for k, v in base.ema_state.items())
     assert not _states_equal(base.ema_state, base.model_state)   # so it started from the EMA weights, not these
     start = tuned.meta.extras["initialised_from"]
-    assert start == {"file": FINAL, "step": 2, "training_data": base.meta.training_data}
+    assert start == {"file": FINAL, "step": 2, "training_data": [base.meta.training_data]}
     records = generator_records("lefusion", SynthesizerOptions(str(tmp_path / "tuned" / FINAL)))
     assert [r["role"] for r in records] == ["sampler", f"sampler (its initial weights, {FINAL})"]
+    train_main([*tune[:3], str(tmp_path / "tuned" / FINAL), *tune[4:], "-o", str(tmp_path / "again")])
+    again = load_checkpoint(tmp_path / "again" / FINAL).meta.extras["initialised_from"]["training_data"]
+    assert again == [tuned.meta.training_data, base.meta.training_data]   # what every ancestor saw
     case, _, label_file = training_cases(dataset, json.loads((dataset / "dataset.json").read_text()))[0]
     with pytest.raises(LeFusionError, match="initial weights"):
         check_no_leak(records[1:], {case: label_hash(label_file)}, 0, "refused")

@@ -130,10 +130,10 @@ def generator_records(method: str, options: SynthesizerOptions) -> list[dict]:
             meta = read_meta(path)
             records.append({"role": role, "path": str(Path(path).resolve()),
                             "training_data": meta.training_data if meta is not None else None})
-            start = meta.extras.get("initialised_from") if meta is not None else None
-            if start:  # a fine-tuned generator has also seen what its initial weights saw
+            start = meta.extras.get("initialised_from", {}) if meta is not None else {}
+            for seen in start.get("training_data", []):  # a fine-tuned generator also saw what it started from
                 records.append({"role": f"{role} (its initial weights, {start['file']})",
-                                "path": str(Path(path).resolve()), "training_data": start["training_data"]})
+                                "path": str(Path(path).resolve()), "training_data": seen})
     return records
 
 

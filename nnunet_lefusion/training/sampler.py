@@ -127,7 +127,8 @@ def train_sampler(rois: RoiSet, config: ModelConfig, labels: LesionLabels, roi_s
     ``histogram_scale``, ``cond_drop`` and ``mean_weight``: see ``LesionLoss`` (the scale is stored for sampling);
     ``training_data``: the cases ``rois`` come from, recorded in the checkpoint (``nnunet.provenance``);
     ``init``: a sampler checkpoint whose EMA weights the run starts from instead of random ones (fine-tuning; its
-    config and histogram scale must be ``config`` and ``histogram_scale``); its file, step and cases are recorded."""
+    config and histogram scale must be ``config`` and ``histogram_scale``); its file, step and the cases it and the
+    weights it started from saw are recorded."""
     check_model_fits(config, len(labels.lesions), roi_size)
     loss = LesionLoss(labels.lesions, histogram_scale=histogram_scale, cond_drop=cond_drop, mean_weight=mean_weight)
     meta = sampler_meta(labels, roi_size, rois, num_clusters, seed=train_config.seed, histogram_scale=histogram_scale,
@@ -140,8 +141,9 @@ def train_sampler(rois: RoiSet, config: ModelConfig, labels: LesionLabels, roi_s
         if start.config != config or histogram_scale != float(start.meta.extras.get("histogram_scale", 1.0)):
             raise LeFusionError(f"--init {init} has another model config or histogram scale than this run.")
         model.load_state_dict(start.ema_state if start.ema_state is not None else start.model_state)
+        earlier = start.meta.extras.get("initialised_from", {}).get("training_data", [])
         meta.extras["initialised_from"] = {"file": Path(init).name, "step": start.step,
-                                           "training_data": start.meta.training_data}
+                                           "training_data": [start.meta.training_data, *earlier]}
     batch_size = train_config.batch_size
     return train(model, loss, lambda rng: rois.make_batch(rng, batch_size), out_dir, meta, train_config,
                  resume=resume, num_timesteps=NUM_TIMESTEPS)
