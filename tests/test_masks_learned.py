@@ -137,6 +137,13 @@ def test_assembly_keeps_lesions_nested_connected_and_inside_the_organ():
     _assert_valid(ring.label_map, matched, want_mvo=True)
     assert (matched > 0).sum() == round(0.2 * host.sum()) and (matched == MVO).sum() == round(0.05 * host.sum())
 
+    # an inner lesion's scores scattered inside the outer one (as a network's are) still give its whole size
+    # (the largest piece of its best-scoring voxels kept 3 to 8 of 26 here)
+    scattered = np.stack([near, rng.normal(size=host.shape)])
+    grown = assemble_lesion_map(scattered, host, EMIDEC, (0.3, 0.02), match_size=True)
+    _assert_valid(ring.label_map, grown, want_mvo=True)
+    assert (grown == MVO).sum() == round(0.02 * host.sum()) and (grown > 0).sum() == round(0.3 * host.sum())
+
     plain = transmurality(place_lesions(ring.label_map, matched, EMIDEC), EMIDEC)
     coords = myocardial_coordinates(ring.label_map, EMIDEC)
     for target in (0.6, 0.7):  # a blob through the whole wall, made less transmural at the same volumes

@@ -18,6 +18,7 @@ accepts.
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -36,7 +37,7 @@ from nnunet_lefusion.masks.geometry import MyocardialCoordinates, Spacing, myoca
 from nnunet_lefusion.masks.mask_data import (CONDITION_CHANNELS, ControlScale, LesionControl, MaskGrid, MaskPairs,
                                              OrganFrame, condition_maps, generation_region, organ_window)
 from nnunet_lefusion.masks.metrics import region_transmurality
-from nnunet_lefusion.masks.rule_based import largest_component
+from nnunet_lefusion.masks.rule_based import CONNECTIVITY, largest_component
 from nnunet_lefusion.model import Checkpoint, CheckpointMeta, ModelConfig, Unet3D, load_checkpoint
 from nnunet_lefusion.training.loop import TrainConfig, TrainResult, train
 
@@ -138,6 +139,28 @@ def _best(score: np.ndarray, within: np.ndarray, count: int) -> np.ndarray:
     return largest_component(best)
 
 
+def _grow(score: np.ndarray, within: np.ndarray, count: int) -> np.ndarray:
+    """``count`` connected voxels of ``within`` (fewer only if its piece is smaller): grown from the best-scoring
+    voxel, always by the best-scoring neighbour (``CONNECTIVITY``). Unlike ``_best`` it keeps the size when the
+    scores are scattered, as an inner lesion's are inside a small outer one."""
+    offsets = [o for o in np.argwhere(CONNECTIVITY) - 1 if o.any()]
+    start = np.unravel_index(int(np.argmax(np.where(within, score, -np.inf))), within.shape)
+    grown = np.zeros(within.shape, dtype=bool)
+    queued = grown.copy()
+    queued[start] = True
+    heap = [(-float(score[start]), start)]
+    while heap and count > 0:
+        voxel = heapq.heappop(heap)[1]
+        grown[voxel] = True
+        count -= 1
+        for offset in offsets:
+            near = tuple(int(v) for v in np.add(voxel, offset))
+            if all(0 <= v < n for v, n in zip(near, within.shape)) and within[near] and not queued[near]:
+                queued[near] = True
+                heapq.heappush(heap, (-float(score[near]), near))
+    return grown
+
+
 @dataclass(frozen=True)
 class DepthTarget:
     """The transmurality an outer lesion must take (``metrics.transmurality``), on the host's coordinates."""
@@ -169,14 +192,15 @@ class DepthTarget:
 def _piece(score: np.ndarray, within: np.ndarray, target: float, proper: bool, match_size: bool,
            depth: DepthTarget | None = None) -> np.ndarray:
     """One connected piece of ``within``: the largest where ``score`` > 0, or with ``match_size`` (or when that
-    is empty) the best-scoring ``target`` voxels, calibrated to ``depth`` when given. ``proper``: leave at least
-    one voxel of ``within`` out."""
+    is empty) the best-scoring ``target`` voxels, calibrated to ``depth`` when given. ``proper`` (an inner lesion):
+    leave at least one voxel of ``within`` out, and with ``match_size`` grow the piece to its size (``_grow``)."""
     size = int(within.sum())
     if size - proper < 1:
         raise LeFusionError("the generated lesion is too small to hold an inner lesion.")
     count = int(np.clip(round(target), 1, size - proper))
     if match_size:
-        piece = depth.piece(score, within, count) if depth is not None else _best(score, within, count)
+        piece = (depth.piece(score, within, count) if depth is not None
+                 else _grow(score, within, count) if proper else _best(score, within, count))
     else:
         piece = largest_component((score > 0) & within)
     if not piece.any():
