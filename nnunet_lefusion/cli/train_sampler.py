@@ -25,7 +25,7 @@ from nnunet_lefusion.roi import OFFICIAL_CARDIAC_SIZE
 from nnunet_lefusion.training.loop import TrainConfig
 from nnunet_lefusion.training.roi_data import load_roi_set
 from nnunet_lefusion.training.sampler import (DEFAULT_CLUSTERS, LesionLoss, check_model_fits, initial_sampler,
-                                              train_sampler)
+                                              stored_histogram_scale, train_sampler)
 
 
 def config_name(config: str) -> str:
@@ -77,16 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def initial_settings(args: argparse.Namespace, labels: LesionLabels) -> tuple[ModelConfig, float]:
     """The model config and histogram scale of the run: as given, else the --init checkpoint's, else small and 1;
-    given ones that differ from the --init checkpoint's are refused."""
+    given ones that differ from the --init checkpoint's are refused (``initial_sampler``)."""
     given = ModelConfig.from_yaml(args.config) if args.config else None
     if not args.init:
         return given or ModelConfig.from_yaml("small"), 1.0 if args.histogram_scale is None else args.histogram_scale
-    start = initial_sampler(args.init, labels)
-    scale = float(start.meta.extras.get("histogram_scale", 1.0))
-    if (given is not None and given != start.config) or args.histogram_scale not in (None, scale):
-        raise LeFusionError(f"--init {args.init} holds a network of another --config or --histogram-scale ({scale}); "
-                            "leave them out to take its own.")
-    return start.config, scale
+    start = initial_sampler(args.init, labels, given, args.histogram_scale)
+    return start.config, stored_histogram_scale(start.meta)
 
 
 @cli_main

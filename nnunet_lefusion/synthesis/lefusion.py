@@ -28,7 +28,7 @@ from nnunet_lefusion.synthesis.base import Proposal, RawCase, Synthetic, Synthes
 from nnunet_lefusion.synthesis.plan import KINDS
 from nnunet_lefusion.training.loop import resolve_device
 from nnunet_lefusion.training.roi_data import INTENSITY_PERCENTILES, LesionRoi
-from nnunet_lefusion.training.sampler import SAMPLER_KIND, histogram_scale, sampler_clusters
+from nnunet_lefusion.training.sampler import SAMPLER_KIND, sampler_clusters, stored_histogram_scale
 
 MODES = ("fast", "official")
 # "random": a training-histogram cluster drawn by its size (perturbed +-10 %); an int: that cluster (perturbed);
@@ -99,7 +99,7 @@ class LesionSampler:
         if meta is None:
             return cls(model, LesionLabels.emidec(), roi.OFFICIAL_CARDIAC_SIZE, None, schedule, str(checkpoint), True)
         return cls(model, LesionLabels.from_dict(meta.extras["labels"]), tuple(meta.roi_size),
-                   sampler_clusters(meta), schedule, str(checkpoint), histogram_scale=histogram_scale(meta),
+                   sampler_clusters(meta), schedule, str(checkpoint), histogram_scale=stored_histogram_scale(meta),
                    guidance=float(meta.extras.get("guidance", 1.0)))
 
     def condition(self, item: LesionRoi, lesion_labels: Sequence[int], histogram: Histogram,

@@ -66,7 +66,7 @@ def sampler_clusters(meta: CheckpointMeta) -> HistogramClusters:
                                         "num_bins": meta.extras["histogram_bins"]})
 
 
-def histogram_scale(meta: CheckpointMeta | None) -> float:
+def stored_histogram_scale(meta: CheckpointMeta | None) -> float:
     """The factor a sampler's network sees its histogram condition multiplied by (1 for official checkpoints)."""
     return float(meta.extras.get("histogram_scale", 1.0)) if meta is not None else 1.0
 
@@ -105,9 +105,10 @@ class LesionLoss:
                              mean_weight=self.mean_weight)
 
 
-def initial_sampler(path: str | Path, labels: LesionLabels) -> Checkpoint:
+def initial_sampler(path: str | Path, labels: LesionLabels, config: ModelConfig | None = None,
+                    scale: float | None = None) -> Checkpoint:
     """A sampler checkpoint to start a training from (fine-tuning), refused unless it is a LeFusion sampler for
-    as many lesion classes as ``labels`` has."""
+    as many lesion classes as ``labels`` has, with the model ``config`` and histogram ``scale`` where given."""
     checkpoint = load_checkpoint(path)
     kind = checkpoint.meta.extras.get("kind") if checkpoint.meta is not None else None
     if kind != SAMPLER_KIND:
@@ -115,6 +116,10 @@ def initial_sampler(path: str | Path, labels: LesionLabels) -> Checkpoint:
     if len(checkpoint.meta.lesion_labels) != len(labels.lesions):
         raise LeFusionError(f"--init {path} has {len(checkpoint.meta.lesion_labels)} lesion class(es), the dataset "
                             f"{len(labels.lesions)}.")
+    stored = stored_histogram_scale(checkpoint.meta)
+    if (config is not None and config != checkpoint.config) or scale not in (None, stored):
+        raise LeFusionError(f"--init {path} holds a network of another --config or --histogram-scale ({stored}); "
+                            "leave them out to take its own.")
     return checkpoint
 
 
@@ -137,9 +142,7 @@ def train_sampler(rois: RoiSet, config: ModelConfig, labels: LesionLabels, roi_s
     torch.manual_seed(train_config.seed)
     model = config.build()
     if init is not None:
-        start = initial_sampler(init, labels)
-        if start.config != config or histogram_scale != float(start.meta.extras.get("histogram_scale", 1.0)):
-            raise LeFusionError(f"--init {init} has another model config or histogram scale than this run.")
+        start = initial_sampler(init, labels, config, histogram_scale)
         model.load_state_dict(start.ema_state if start.ema_state is not None else start.model_state)
         earlier = start.meta.extras.get("initialised_from", {}).get("training_data", [])
         meta.extras["initialised_from"] = {"file": Path(init).name, "step": start.step,
