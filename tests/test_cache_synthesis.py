@@ -9,10 +9,11 @@ import SimpleITK as sitk
 import numpy as np
 import pytest
 
-from nnunet_lefusion.labels import resolve_lesion_labels
+from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
 from nnunet_lefusion.nnunet.cache import Manifest, default_cache_folder
 from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.preprocess import load_raw_case
+from nnunet_lefusion.synthesis.base import RawCase
 from nnunet_lefusion.synthesis.copypaste import CopyPasteSynthesizer
 from tests.nnunet_helpers import error_lines, run_cli
 
@@ -64,6 +65,30 @@ def test_copypaste_changes_only_lesion_voxels_inside_the_organ(phantom_dataset):
         assert new_lesion.any()
         assert np.all(new_lesion[changed]), "only voxels that became lesion may change"
         assert np.all(np.isin(target.seg[changed], labels.host)), "lesions may only land in the host organ"
+
+
+
+def _square_heart(size: int, spacing: float, lesion: int = 0) -> RawCase:
+    """One slice of a square organ (label 2) filling the middle half of the grid, at ``spacing`` mm in-plane,
+    with a ``lesion`` x ``lesion`` infarct (label 3) at its centre."""
+    seg = np.zeros((1, 1, size, size), np.float32)
+    seg[0, 0, size // 4:3 * size // 4, size // 4:3 * size // 4] = 2
+    lo = size // 2 - lesion // 2
+    seg[0, 0, lo:lo + lesion, lo:lo + lesion] = 3
+    image = np.where(seg == 3, 300.0, np.where(seg > 0, 100.0, 0.0)).astype(np.float32)
+    return RawCase(f"Case_{size}_{lesion}", image, seg, {"spacing": [10.0, spacing, spacing]})
+
+
+def test_copypaste_keeps_the_lesion_size_in_mm_across_spacings():
+    """A 8 x 8 mm lesion of a 1 mm donor pasted into the same heart sampled at 2 mm covers 4 x 4 voxels and is
+    counted as kept whole (the kept fraction converts target voxels to donor voxels)."""
+    labels = LesionLabels((3, 4), (2,), None)
+    synthesizer = CopyPasteSynthesizer([_square_heart(40, 1.0, lesion=8)], labels, max_rotation_deg=0)
+    target = _square_heart(20, 2.0)
+    proposal = synthesizer.propose(target, "normal", np.random.default_rng(0))
+    out = synthesizer.render_many([proposal], np.random.default_rng(0))[0]
+    assert np.count_nonzero(out.case.seg == 3) == 16
+    assert out.provenance["kept_fraction"] == pytest.approx(1.0)
 
 
 def test_synthesize_appends_and_refuses_other_fold_cache(cache_3d, tmp_path):

@@ -121,7 +121,7 @@ class CopyPasteSynthesizer:
             inside = (labels > 0) & host[z]
             if not inside.any():
                 continue
-            kept += int(inside.sum() * scale.prod())
+            kept += inside.sum() / scale.prod()  # target voxels -> donor voxels
             new_seg[z][inside] = labels[inside]
             for c in range(image.shape[0]):
                 values = ndimage.map_coordinates(donor.image[c, dz], [src_y, src_x], order=1, mode="nearest")
