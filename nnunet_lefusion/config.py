@@ -60,6 +60,8 @@ class TrainerSettings:
             raise LeFusionError(f"online_time_share must be in [0, 1), got {self.online_time_share}")
         if self.mode == "online" and self.online_cases_per_epoch == 0 and self.online_time_share == 0:
             raise LeFusionError("online_cases_per_epoch and online_time_share are both 0: set at least one budget")
+        if self.seed < 0:
+            raise LeFusionError(f"seed must be >= 0, got {self.seed}")
         if self.pool_max < 1:
             raise LeFusionError(f"pool_max must be >= 1, got {self.pool_max}")
         if self.method not in METHODS:
@@ -135,7 +137,7 @@ def load_settings(default_file: str | os.PathLike | None = None) -> TrainerSetti
     if path:
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise LeFusionError(f"cannot read LeFusion config {path}: {exc}") from None
         if not isinstance(loaded, dict):
             raise LeFusionError(f"LeFusion config {path} must be a mapping, got {type(loaded).__name__}")

@@ -20,7 +20,8 @@ from tests.nnunet_helpers import error_lines, run_cli
 
 SHIPPED_MASKS = Path(__file__).resolve().parents[1] / "pretrained" / "lesion_masks_phantom.pt"
 LEFUSION_VARS = ("LEFUSION_CONFIG", "LEFUSION_RATE", "LEFUSION_MODE", "LEFUSION_CACHE", "LEFUSION_EPOCHS",
-                 "LEFUSION_ITERS", "LEFUSION_VAL_ITERS")
+                 "LEFUSION_ITERS", "LEFUSION_VAL_ITERS", "LEFUSION_METHOD", "LEFUSION_CHECKPOINT",
+                 "LEFUSION_TARGET_SHARE", "LEFUSION_DEVICE")
 SYNTH = ["nnUNetv2_lefusion_synthesize", "-d", "990", "-c", "3d_fullres", "-f", "0", "-n", "1",
          "--cache", "{base}/new_cache"]
 LEF = ["--method", "lefusion", "--checkpoint", "{masks}"]  # the checks below fire before the file is read
@@ -33,6 +34,7 @@ BENCH = ["nnUNetv2_lefusion_benchmark", "-d", "990", "-o", "{base}/bench", "--pr
 DEMO = ["nnUNetv2_lefusion_demo", "--work-dir", "{base}/demo", "-device", "cpu"]
 SMALL = {"nnUNet_raw": "{base}/small_raw", "nnUNet_preprocessed": "{base}/small_pre"}  # 3 cases, raw only
 RATE = {"LEFUSION_RATE": "0.5"}
+ONLINE = {**RATE, "LEFUSION_MODE": "online", "LEFUSION_CACHE": "{base}/online_cache"}  # checked before training
 
 # (id, command, environment, unset variables, a fragment the error line must hold)
 CASES = [
@@ -46,6 +48,12 @@ CASES = [
     ("register-ext-dir-is-file", ["nnUNetv2_lefusion_register", "--ext-dir", "{notes}"], {}, [], "cannot write"),
     ("unregister-ext-dir-is-file", ["nnUNetv2_lefusion_register", "--remove", "--ext-dir", "{notes}"], {}, [],
      "cannot remove"),
+    ("synth-negative-fold", SYNTH[:6] + ["-1"] + SYNTH[7:], {}, [], "fold must be an integer >= 0"),
+    ("synth-negative-seed", SYNTH + ["--seed", "-1"], {}, [], "--seed: must be an integer >= 0"),
+    ("synth-mix-not-a-number", SYNTH + ["--mix", "normal=nan"], {}, [], "--mix takes"),
+    ("synth-cache-is-a-file", SYNTH[:-1] + ["{notes}"], {}, [], "not a LeFusion cache"),
+    ("synth-preview-cases-zero", SYNTH[:7] + ["--cache", "{c3d}", "--preview", "{base}/pv", "--preview-cases", "0"],
+     {}, [], "--preview-cases"),
     ("synth-checkpoint-copypaste", SYNTH + ["--checkpoint", "{masks}"], {}, [], "--checkpoint only apply"),
     ("synth-sampling-copypaste", SYNTH + ["--sampling", "official"], {}, [], "--sampling only apply"),
     ("synth-device-copypaste", SYNTH + ["-device", "cpu"], {}, [], "-device only apply"),
@@ -76,6 +84,9 @@ CASES = [
     ("train_sampler-bad-fold", SAMPLER + ["-f", "x"], {}, [], "fold"),
     ("train_sampler-negative-mean-loss", SAMPLER + ["--mean-loss", "-1"], {}, [], "mean_weight >= 0"),
     ("train_sampler-no-nnUNet_raw", SAMPLER, {}, ["nnUNet_raw"], "nnUNet_raw"),
+    ("train_sampler-config-not-text", SAMPLER + ["--config", "{masks}"], {}, [], "not a text"),
+    ("train_sampler-dataset-json-broken", SAMPLER[:2] + ["997"] + SAMPLER[3:], {"nnUNet_raw": "{base}/broken_raw"},
+     [], "not valid JSON"),
     ("train_sampler-too-few-cases", ["nnUNetv2_lefusion_train_sampler", "-d", "995", "-f", "0", "-o",
                                      "{base}/sampler"], SMALL, [], "5-fold"),
     ("train_masks-zero-batch", MASKS + ["--batch-size", "0"], {}, [], "batch_size"),
@@ -131,6 +142,17 @@ CASES = [
     ("train-unknown-mode", TRAIN, {"LEFUSION_MODE": "bogus"}, [], "mode"),
     ("train-rate-not-a-number", TRAIN, {"LEFUSION_RATE": "half"}, [], "LEFUSION_RATE"),
     ("train-rate-above-one", TRAIN, {"LEFUSION_RATE": "1.5"}, [], "rate"),
+    ("train-online-missing-checkpoint", TRAIN,
+     {**ONLINE, "LEFUSION_METHOD": "lefusion", "LEFUSION_CHECKPOINT": "{base}/none.pt"}, [], "does not exist"),
+    ("train-online-mask-generator-as-sampler", TRAIN,
+     {**ONLINE, "LEFUSION_METHOD": "lefusion", "LEFUSION_CHECKPOINT": "{masks}"}, [], "not a LeFusion sampler"),
+    ("train-online-cache-of-another-fold", TRAIN[:3] + ["1"] + TRAIN[4:], {**ONLINE, "LEFUSION_CACHE": "{c3d}"},
+     [], "fold 0, not fold 1"),
+    ("train-online-target-share-not-a-lesion", TRAIN, {**ONLINE, "LEFUSION_TARGET_SHARE": "2=0.2"}, [],
+     "not lesion labels"),
+    ("train-online-device-missing", TRAIN, {**ONLINE, "LEFUSION_DEVICE": "cuda:7"}, [], "cuda:7"),
+    ("train-short-epochs-not-a-number", TRAIN[:5] + ["nnUNetTrainerLeFusion_short"] + TRAIN[6:],
+     {"LEFUSION_EPOCHS": "two"}, [], "LEFUSION_EPOCHS"),
     ("train-no-nnUNet_results", TRAIN, RATE, ["nnUNet_results"], "nnUNet_results"),
     ("train-no-nnUNet_raw", TRAIN, {**RATE, "LEFUSION_CACHE": "{c3d}"}, ["nnUNet_raw"], "nnUNet_raw"),
 ]
@@ -154,6 +176,8 @@ def world(phantom_dataset, nnunet_dirs, tmp_path_factory) -> dict:
     other_plans.write_text(json.dumps(plans))
     run_cli("nnUNetv2_lefusion_phantom", "-d", "995", "-n", "3", "--fov", "heart", "-o", str(base / "small_raw"))
     (base / "small_pre").mkdir()
+    (base / "broken_raw" / "Dataset997_Broken").mkdir(parents=True)
+    (base / "broken_raw" / "Dataset997_Broken" / "dataset.json").write_text('{"labels": {')
     (base / "notes.txt").write_text("not a checkpoint\n")
     (base / "broken.yaml").write_text("rate: [0.5\n")
     (base / "unknown.yaml").write_text("rate: 0.5\nstrength: 2\n")

@@ -163,3 +163,15 @@ def test_preview_and_nifti_export_of_an_existing_cache(cache_3d, tmp_path):
     assert sitk.ReadImage(str(tmp_path / "nii" / f"{some}_0000.nii.gz")).GetSpacing() == pytest.approx(
         ctx.configuration_manager.spacing[::-1], rel=1e-6)
     assert sorted(p.stat().st_mtime_ns for p in folder.iterdir()) == before, "looking must not change the cache"
+
+
+def test_nifti_export_of_a_2d_cache_keeps_each_case_slice_spacing(phantom_dataset, nnunet_dirs, tmp_path):
+    """A 2d configuration's spacing is in-plane only: the exported volume takes its slice spacing from its case."""
+    cache, out = tmp_path / "cache_2d", tmp_path / "nii_2d"
+    run_cli("nnUNetv2_lefusion_synthesize", "-d", "990", "-c", "2d", "-f", "0", "-n", "1", "--cache", str(cache),
+            "--export-raw", str(out))
+    (identifier, info), = Manifest.load(cache).cases.items()
+    raw = Path(nnunet_dirs["nnUNet_raw"]) / phantom_dataset / "labelsTr" / f"{info['source']}.nii.gz"
+    in_plane = DatasetContext(phantom_dataset, "2d", 0).configuration_manager.spacing
+    exported = sitk.ReadImage(str(out / f"{identifier}_0000.nii.gz")).GetSpacing()
+    assert exported == pytest.approx((*in_plane[::-1], sitk.ReadImage(str(raw)).GetSpacing()[2]), rel=1e-6)

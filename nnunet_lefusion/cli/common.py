@@ -1,6 +1,7 @@
 """Shared helpers for the command-line entry points."""
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -26,6 +27,17 @@ def cli_main(func: Callable[[list[str] | None], None]) -> Callable[[list[str] | 
         return 0
 
     return wrapper
+
+
+def seed_value(text: str) -> int:
+    """argparse type of ``--seed``: an integer >= 0 (numpy's generators take no negative seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
 
 
 def default_device() -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from nnunet_lefusion.cli.common import cli_main
+from nnunet_lefusion.cli.common import cli_main, seed_value
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.phantom import DEFAULT_NAME, FOVS, write_dataset
 
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nnUNetv2_lefusion_phantom", description=__doc__.split("\n\n")[0])
     parser.add_argument("-d", dest="dataset_id", type=int, required=True, help="dataset id, e.g. 990")
     parser.add_argument("-n", dest="num_cases", type=int, default=100, help="number of cases (default 100)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="random seed (default 0)")
     parser.add_argument("--name", default=DEFAULT_NAME, help=f"dataset name (default {DEFAULT_NAME})")
     parser.add_argument("--fov", choices=FOVS, default="thorax",
                         help="thorax: Emidec-like field of view (140-260 voxels); heart: a 64-80 voxel crop "

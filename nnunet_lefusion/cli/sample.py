@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main
+from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main, seed_value
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.model.checkpoint import WEIGHTS
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="lesion labels of LABEL, one per sampler channel (default: the checkpoint's)")
     parser.add_argument("--organ-labels", type=int, nargs="+",
                         help="labels of the host organ (default: the checkpoint's)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="random seed (default 0)")
     add_device_argument(parser)
     return parser
 

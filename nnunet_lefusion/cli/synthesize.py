@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nnunet_lefusion.cli.common import add_device_argument, add_parts_arguments, check_device, cli_main
+from nnunet_lefusion.cli.common import (add_device_argument, add_parts_arguments, check_device, cli_main,
+                                        seed_value)
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import resolve_lesion_labels
 from nnunet_lefusion.nnunet.cache import Manifest, default_cache_folder
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
                              "command again after an interruption finishes the interrupted run instead (default 0: "
                              "only --preview / --export-raw an existing cache)")
     add_parts_arguments(parser, "this run", "the cases one run gives")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_value, default=0)
     parser.add_argument("--cache", default=None, help="cache folder (default: <preprocessed dataset>/lefusion_cache/"
                                                       "<data_identifier>/fold_<f>)")
     parser.add_argument("--overwrite", action="store_true",
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
 
     plan = (SynthesisPlan.parse(args.mix, args.target_share, 8 if args.candidates is None else args.candidates)
             if args.mix or args.target_share else None)
+    if args.preview_cases is not None and args.preview_cases < 1:
+        raise LeFusionError(f"--preview-cases must be >= 1, got {args.preview_cases}")
     if args.num_cases == 0:
         if not (args.preview or args.export_raw):
             raise LeFusionError("nothing to do: give -n N to synthesize, or --preview/--export-raw to look at a cache")

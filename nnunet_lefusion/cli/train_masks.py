@@ -8,15 +8,14 @@ to the output folder; ``--resume`` continues an interrupted run exactly.
 from __future__ import annotations
 
 import argparse
-import json
 
-from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main
+from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main, seed_value
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import resolve_lesion_labels
 from nnunet_lefusion.model import ModelConfig
 from nnunet_lefusion.masks.learned import mask_model_config, train_mask_model
 from nnunet_lefusion.masks.mask_data import MaskGrid, load_mask_pairs
-from nnunet_lefusion.nnunet.context import dataset_name, env_folder, parse_fold
+from nnunet_lefusion.nnunet.context import dataset_name, env_folder, parse_fold, read_json
 from nnunet_lefusion.nnunet.provenance import FOLD_HELP, raw_fold
 from nnunet_lefusion.training.loop import TrainConfig
 
@@ -41,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool", type=int, default=MaskGrid.pool,
                         help="in-plane pooling from the window onto the network grid (default %(default)s)")
     add_device_argument(parser)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_value, default=0)
     parser.add_argument("--resume", action="store_true", help="continue the run in the output folder")
     parser.add_argument("--lesion-labels", type=int, nargs="+", default=None,
                         help="lesion labels, outer to inner (default: from dataset.json label names)")
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     raw = env_folder("nnUNet_raw") / name
     if not (raw / "dataset.json").is_file():
         raise LeFusionError(f"{raw} has no dataset.json; is {name} a raw nnU-Net dataset?")
-    dataset_json = json.loads((raw / "dataset.json").read_text())
+    dataset_json = read_json(raw / "dataset.json")
     labels = resolve_lesion_labels(dataset_json, args.lesion_labels, args.organ_labels, args.cavity_label)
     grid = MaskGrid(tuple(args.window), args.pool)
     config = mask_model_config(len(labels.lesions), ModelConfig.from_yaml(args.config) if args.config else None)

@@ -9,17 +9,16 @@ checkpoint_final.pt, training_log.txt and model_config.yaml. Official recipe (GP
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import yaml
 
-from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main
+from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main, seed_value
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
 from nnunet_lefusion.model.config import ModelConfig, available_configs
 from nnunet_lefusion.nnunet.cache import atomic_write_text
-from nnunet_lefusion.nnunet.context import dataset_name, env_folder, parse_fold
+from nnunet_lefusion.nnunet.context import dataset_name, env_folder, parse_fold, read_json
 from nnunet_lefusion.nnunet.provenance import FOLD_HELP, raw_fold
 from nnunet_lefusion.roi import OFFICIAL_CARDIAC_SIZE
 from nnunet_lefusion.training.loop import TrainConfig
@@ -53,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_argument(parser)
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast (CUDA, or a CPU with bf16 support such as AMX: about 1.6x faster there)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="random seed (default 0)")
     parser.add_argument("--lesion-labels", type=int, nargs="+", help="lesion labels, outer to inner "
                         "(default: guessed from dataset.json label names)")
     parser.add_argument("--organ-labels", type=int, nargs="+", help="labels of the organ hosting the lesions")
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     raw_folder = env_folder("nnUNet_raw") / name
     if not (raw_folder / "dataset.json").is_file():
         raise LeFusionError(f"{raw_folder} has no dataset.json (is nnUNet_raw right?).")
-    dataset_json = json.loads((raw_folder / "dataset.json").read_text())
+    dataset_json = read_json(raw_folder / "dataset.json")
     labels = resolve_lesion_labels(dataset_json, args.lesion_labels, args.organ_labels)
     model_config, histogram_scale = initial_settings(args, labels)
     run_name = config_name(args.config) if args.config else Path(args.init).stem if args.init else "small"

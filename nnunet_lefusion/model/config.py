@@ -115,6 +115,8 @@ class ModelConfig:
             values = yaml.safe_load(path.read_text())
         except OSError as exc:
             raise LeFusionError(f"Cannot read model config {path}: {exc.strerror or exc}.") from None
+        except UnicodeDecodeError:
+            raise LeFusionError(f"Model config {path} is not a text (YAML) file.") from None
         except yaml.YAMLError as exc:
             raise LeFusionError(f"Model config {path} is not valid YAML ({exc.__class__.__name__}).") from None
         return cls.from_dict(values)

@@ -13,6 +13,16 @@ from nnunet_lefusion.errors import LeFusionError
 T = TypeVar("T")
 
 
+def read_json(path: Path) -> dict:
+    """A JSON file (dataset.json, plans); ``LeFusionError`` if it is missing, unreadable or not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise LeFusionError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # invalid JSON, or not text
+        raise LeFusionError(f"{path} is not valid JSON ({exc})") from None
+
+
 def env_folder(name: str) -> Path:
     """The folder in environment variable ``name`` (nnUNet_raw / nnUNet_preprocessed / nnUNet_results)."""
     value = os.environ.get(name)
@@ -33,13 +43,16 @@ def dataset_name(dataset: str | int) -> str:
 
 
 def parse_fold(fold: str | int) -> int | str:
-    """nnU-Net's fold argument: an integer or ``"all"``."""
+    """nnU-Net's fold argument: an integer >= 0 or ``"all"``."""
     if str(fold) == "all":
         return "all"
     try:
-        return int(fold)
+        number = int(fold)
     except ValueError:
-        raise LeFusionError(f"fold must be an integer or 'all', got {fold!r}") from None
+        number = -1
+    if number < 0:
+        raise LeFusionError(f"fold must be an integer >= 0 or 'all', got {fold!r}")
+    return number
 
 
 def check_parts(num_parts: int, part_id: int) -> None:
@@ -91,11 +104,11 @@ class DatasetContext:
 
     @cached_property
     def dataset_json(self) -> dict:
-        return json.loads((self.preprocessed_folder / "dataset.json").read_text())
+        return read_json(self.preprocessed_folder / "dataset.json")
 
     @cached_property
     def plans(self) -> dict:
-        return json.loads(self.plans_file.read_text())
+        return read_json(self.plans_file)
 
     @cached_property
     def plans_manager(self):
@@ -162,7 +175,7 @@ class DatasetContext:
         """identifier -> {'images': [...], 'label': ...} of the raw training files."""
         if not self.raw_folder.is_dir():
             raise LeFusionError(f"raw dataset folder {self.raw_folder} is missing (nnUNet_raw)")
-        return raw_training_files(self.raw_folder, json.loads((self.raw_folder / "dataset.json").read_text()))
+        return raw_training_files(self.raw_folder, read_json(self.raw_folder / "dataset.json"))
 
 
 def raw_training_files(raw_folder: Path, dataset_json: dict) -> dict[str, dict]:

@@ -30,14 +30,45 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_lefusion.config import TrainerSettings
-from nnunet_lefusion.labels import LesionLabels
-from nnunet_lefusion.nnunet.cache import ONLINE, Manifest
+from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
+from nnunet_lefusion.nnunet.cache import MANIFEST, ONLINE, Manifest
 from nnunet_lefusion.nnunet.cache_lock import Writer
 from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.provenance import check_no_leak
-from nnunet_lefusion.nnunet.synthesize import (Slot, check_generator_files, choose_proposals, generator_paths,
-                                               generator_records, prepare_folder, prepare_synthesis, reserve_index,
-                                               start_online_run, store_case, with_shipped_generators)
+from nnunet_lefusion.nnunet.synthesize import (Slot, SynthesizerOptions, check_generator_files, choose_proposals,
+                                               generator_paths, generator_records, prepare_folder, prepare_synthesis,
+                                               reserve_index, start_online_run, store_case, with_shipped_generators)
+
+
+def online_labels(ctx: DatasetContext, folder: Path) -> LesionLabels:
+    """The lesion labels online synthesis uses: those of the cache in ``folder`` (checked against this fold) if it
+    exists, else those named in dataset.json; ``LeFusionError`` if neither gives them."""
+    if (Path(folder) / MANIFEST).is_file():
+        manifest = Manifest.load(folder)
+        manifest.check_matches(ctx, ctx.split[0], folder)
+        if manifest.lesion_labels:
+            return LesionLabels.from_dict(manifest.lesion_labels)
+    try:
+        return resolve_lesion_labels(ctx.dataset_json)
+    except LeFusionError as exc:
+        raise LeFusionError(f"online mode needs the lesion labels ({exc}): name them in dataset.json, or create the "
+                            f"cache first with nnUNetv2_lefusion_synthesize --lesion-labels") from None
+
+
+def online_generators(ctx: DatasetContext, labels: LesionLabels, settings: TrainerSettings,
+                      device: str) -> tuple[SynthesizerOptions, list[dict]]:
+    """The synthesizer options of ``settings`` (shipped weights where none are given) and the generators' records;
+    ``LeFusionError`` for a missing or wrong generator file, a generator that saw this fold's validation cases, or a
+    target share on labels that are not lesions. Reads metadata only: cheap enough to run before training starts."""
+    plan = settings.synthesis_plan()
+    if plan is not None:
+        plan.validate(labels)
+    options = with_shipped_generators(settings.method, settings.synthesizer_options(device), labels, plan)
+    check_generator_files(settings.method, options)
+    generators = generator_records(settings.method, options)
+    check_no_leak(generators, ctx.held_out_hashes(), ctx.fold, "online synthesis refused")
+    return options, generators
 
 
 class OnlineProducer:
@@ -59,11 +90,7 @@ class OnlineProducer:
 
     def start(self) -> Manifest:
         """Set up the synthesizer on the fold's training cases and open (or create) the cache; its manifest."""
-        options = with_shipped_generators(self.settings.method, self.settings.synthesizer_options(self.device),
-                                          self.labels, self.settings.synthesis_plan())
-        check_generator_files(self.settings.method, options)
-        generators = generator_records(self.settings.method, options)
-        check_no_leak(generators, self.ctx.held_out_hashes(), self.ctx.fold, "online synthesis refused")
+        options, generators = online_generators(self.ctx, self.labels, self.settings, self.device)
         prepare_folder(self.folder)
         self.writer = Writer(self.folder).__enter__()
         try:

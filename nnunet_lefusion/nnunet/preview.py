@@ -69,15 +69,19 @@ def export_nifti(ctx: DatasetContext, folder: Path, out: Path) -> int:
 
     manifest = Manifest.load(folder)
     _, synthetic_cases = _datasets(ctx, folder, manifest)
-    spacing = [float(s) for s in ctx.configuration_manager.spacing][::-1]
+    grid = [float(s) for s in ctx.configuration_manager.spacing]
+    first_axis = ctx.plans_manager.transpose_forward[0]
     out.mkdir(parents=True, exist_ok=True)
     for identifier in tqdm(sorted(manifest.cases), desc="export", unit="case"):
-        data, seg = synthetic_cases.load_case(identifier)[:2]
+        data, seg, _, properties = synthetic_cases.load_case(identifier)
+        # a 2d configuration resamples in-plane only: the slices keep the case's own spacing
+        spacing = grid if len(grid) == 3 else [float(properties["spacing"][first_axis]), *grid]
+        spacing = spacing[::-1]  # SimpleITK's (x, y, z)
         arrays = {f"{identifier}_{c:04d}.nii.gz": np.asarray(data[c], dtype=np.float32) for c in range(len(data))}
         arrays[f"{identifier}.nii.gz"] = np.asarray(seg[0]).astype(np.int16)
         for name, array in arrays.items():
             image = sitk.GetImageFromArray(array)
-            image.SetSpacing(spacing[-array.ndim:])
+            image.SetSpacing(spacing)
             tmp = out / f".tmp.{name}"
             sitk.WriteImage(image, str(tmp), True)
             os.replace(tmp, out / name)

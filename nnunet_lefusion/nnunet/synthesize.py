@@ -216,12 +216,17 @@ def choose_proposals(synthesizer: Synthesizer, pools: dict[str, list[RawCase]], 
     return chosen
 
 
-def prepare_folder(folder: Path) -> None:
-    """Create the cache folder; refuse a folder that holds something other than a cache."""
+def check_folder(folder: Path) -> None:
+    """Refuse a cache path that is a file, or a folder that holds something other than a cache."""
     control = (LOCK, WRITER_PREFIX, TMP_PREFIX)
-    if folder.exists() and not (folder / MANIFEST).exists() and any(
-            not p.name.startswith(control) for p in folder.iterdir()):
+    if folder.exists() and (not folder.is_dir() or not (folder / MANIFEST).exists() and any(
+            not p.name.startswith(control) for p in folder.iterdir())):
         raise LeFusionError(f"{folder} exists and is not a LeFusion cache; choose an empty or new folder")
+
+
+def prepare_folder(folder: Path) -> None:
+    """Create the cache folder (see :func:`check_folder`)."""
+    check_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
 
@@ -321,6 +326,7 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
     ctx.check_single_stage()
     options = with_shipped_generators(method, options or SynthesizerOptions(), labels, plan)
     folder = Path(cache_folder) if cache_folder else default_cache_folder(ctx)
+    check_folder(folder)
     check_generator_files(method, options)
     generators = generator_records(method, options)
     check_no_leak(generators, ctx.held_out_hashes(), ctx.fold, "refused")

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_lefusion.cli.common import check_device
 from nnunet_lefusion.config import TrainerSettings, load_settings
 from nnunet_lefusion.errors import LeFusionError, LeFusionExit
 from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
-from nnunet_lefusion.nnunet.cache import MANIFEST, Manifest, atomic_write_text, default_cache_folder
+from nnunet_lefusion.nnunet.cache import Manifest, atomic_write_text, default_cache_folder
 from nnunet_lefusion.nnunet.context import DatasetContext, env_folder
 from nnunet_lefusion.nnunet.dataset import LoadCounters, SyntheticMixDataset
-from nnunet_lefusion.nnunet.synthesize import with_shipped_generators
+from nnunet_lefusion.nnunet.online import OnlineProducer, online_generators, online_labels
 
 STATS_FILE = "lefusion_stats.json"
 
@@ -59,12 +60,13 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
             if settings.rate > 0:
                 ctx = DatasetContext(plans["dataset_name"], configuration, fold, plans["plans_name"])
                 ctx.check_single_stage()
+                folder = Path(settings.cache) if settings.cache else default_cache_folder(ctx)
                 if settings.mode == "cache":
-                    folder = Path(settings.cache) if settings.cache else default_cache_folder(ctx)
                     Manifest.load(folder).check_matches(ctx, ctx.split[0], folder)
-                else:  # what is not given must be shipped and fit the labels
-                    with_shipped_generators(settings.method, settings.synthesizer_options("cpu"),
-                                            resolve_lesion_labels(ctx.dataset_json), settings.synthesis_plan())
+                else:  # the cache (if any) fits, the generators exist, fit the labels and saw no validation case
+                    if settings.device:
+                        check_device(settings.device)
+                    online_generators(ctx, online_labels(ctx, folder), settings, settings.device or "cpu")
         except LeFusionError as exc:
             raise LeFusionExit(str(exc)) from None
         return settings
@@ -109,6 +111,12 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
 
     def get_tr_and_val_datasets(self):
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        try:
+            return self._with_synthetic_cases(dataset_tr), dataset_val
+        except LeFusionError as exc:  # a cache or generator that changed since the check at construction
+            raise LeFusionExit(str(exc)) from None
+
+    def _with_synthetic_cases(self, dataset_tr) -> SyntheticMixDataset:
         folder, variants, manifest, online = None, {}, None, self.lefusion.mode == "online"
         if self.lefusion.rate > 0:
             ctx = DatasetContext(self.plans_manager.dataset_name, self.configuration_name, self.fold,
@@ -116,13 +124,7 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
             ctx.check_single_stage()
             folder = Path(self.lefusion.cache) if self.lefusion.cache else default_cache_folder(ctx)
             if online:
-                manifest = Manifest.load(folder) if (folder / MANIFEST).is_file() else None
-                labels = self._lesion_labels(manifest)
-                if labels is None:
-                    raise LeFusionError("online mode needs the lesion labels: name them in dataset.json, or create "
-                                        "the cache first with nnUNetv2_lefusion_synthesize --lesion-labels")
-                from nnunet_lefusion.nnunet.online import OnlineProducer
-
+                labels = online_labels(ctx, folder)
                 rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if self.is_ddp \
                     else (0, 1)
                 self.lefusion_online = OnlineProducer(ctx, folder, labels, self.lefusion, str(self.device), rank,
@@ -141,7 +143,7 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
         labels = self._lesion_labels(manifest)
         self.lefusion_counters = LoadCounters(labels.lesions if labels is not None else ())
         return SyntheticMixDataset(dataset_tr, folder, variants, self.lefusion.rate, self.lefusion_counters, labels,
-                                   watch=self.lefusion_online is not None), dataset_val
+                                   watch=self.lefusion_online is not None)
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
@@ -154,8 +156,11 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
         result = super().train_step(batch)
         self._lefusion_step += 1
         if self.lefusion_online is not None:
-            self.lefusion_online.after_step(time.perf_counter() - start, self._lefusion_step,
-                                            self.num_iterations_per_epoch, self.current_epoch)
+            try:
+                self.lefusion_online.after_step(time.perf_counter() - start, self._lefusion_step,
+                                                self.num_iterations_per_epoch, self.current_epoch)
+            except LeFusionError as exc:
+                raise LeFusionExit(f"online synthesis failed in epoch {self.current_epoch}: {exc}") from None
         self._lefusion_read_ids()
         return result
 
@@ -248,6 +253,18 @@ class nnUNetTrainerLeFusion_r100(nnUNetTrainerLeFusion):
     fixed_rate = 1.0
 
 
+def _env_count(name: str, default: int) -> int:
+    """A positive integer from environment variable ``name``; :class:`LeFusionExit` for anything else."""
+    text = os.environ.get(name, str(default))
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise LeFusionExit(f"{name} must be a positive integer, got {text!r}")
+    return value
+
+
 class _ShortRun:
     """Mixin for CPU tests, demos and the benchmark: epochs/iterations from LEFUSION_EPOCHS/_ITERS/_VAL_ITERS
     (default 1/10/2), no test-time mirroring (validation and prediction 4-8x faster on CPU), and
@@ -257,10 +274,10 @@ class _ShortRun:
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        counts = [_env_count(name, default) for name, default in
+                  (("LEFUSION_EPOCHS", 1), ("LEFUSION_ITERS", 10), ("LEFUSION_VAL_ITERS", 2))]
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = int(os.environ.get("LEFUSION_EPOCHS", 1))
-        self.num_iterations_per_epoch = int(os.environ.get("LEFUSION_ITERS", 10))
-        self.num_val_iterations_per_epoch = int(os.environ.get("LEFUSION_VAL_ITERS", 2))
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = counts
         self.save_every = self.save_every_epochs
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):

@@ -7,6 +7,7 @@ the synthetic lesion-voxel shares closest to the target.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,7 +60,8 @@ class SynthesisPlan:
 
     def validate(self, labels: LesionLabels | None = None) -> "SynthesisPlan":
         unknown = set(self.mix) - set(KINDS)
-        if unknown or not self.mix or any(v < 0 for v in self.mix.values()) or sum(self.mix.values()) <= 0:
+        shares = self.mix.values()
+        if unknown or not self.mix or any(not 0 <= v < math.inf for v in shares) or sum(shares) <= 0:  # NaN too
             raise LeFusionError(f"--mix takes non-negative shares of {', '.join(KINDS)}, got {self.mix}")
         if any(not 0 < v < 1 for v in self.target_share.values()) or sum(self.target_share.values()) >= 1 + 1e-9:
             raise LeFusionError(f"--target-share values must lie in (0, 1) and sum to <= 1, got {self.target_share}")

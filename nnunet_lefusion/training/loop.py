@@ -96,8 +96,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise LeFusionError(f"training setting '{name}' must be a positive integer, got {value!r}.")
-        if self.keep_every < 0:
-            raise LeFusionError(f"training setting 'keep_every' must be >= 0, got {self.keep_every}.")
+        if self.keep_every < 0 or self.seed < 0:
+            raise LeFusionError(f"training settings 'keep_every' and 'seed' must be >= 0, got {self.keep_every} and "
+                                f"{self.seed}.")
         if not self.lr > 0 or not 0.0 <= self.ema_decay < 1.0:
             raise LeFusionError(f"need lr > 0 and 0 <= ema_decay < 1, got lr {self.lr}, ema_decay {self.ema_decay}.")
         long_run = self.steps >= OFFICIAL_EMA_EVERY * OFFICIAL_EMA_START
