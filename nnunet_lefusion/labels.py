@@ -52,7 +52,11 @@ def resolve_lesion_labels(dataset_json: dict, lesions: list[int] | None = None,
     Raises ``LeFusionError`` if the dataset has no lesion label or a given label does not exist.
     """
     labels = _int_labels(dataset_json)
-    known = set(labels.values())
+    values = dataset_json.get("labels", {}).values()
+    known = {int(v) for value in values for v in (value if isinstance(value, (list, tuple)) else [value])} - {0}
+    if any(isinstance(value, (list, tuple)) for value in values) and (lesions is None or organ is None):
+        raise LeFusionError("dataset.json defines regions (lists of labels): name the lesion and organ values of "
+                            f"the label files with --lesion-labels and --organ-labels (values: {sorted(known)})")
     if lesions is None:
         lesions = [v for n, v in sorted(labels.items(), key=lambda kv: kv[1]) if _LESION_NAME.search(n)]
         if not lesions:
@@ -65,6 +69,9 @@ def resolve_lesion_labels(dataset_json: dict, lesions: list[int] | None = None,
         organ = [v for v in sorted(known) if v not in lesions and v != cavity]
         if not organ:
             organ = [v for v in sorted(known) if v not in lesions]
+    if not organ:
+        raise LeFusionError(f"no label is left for the organ that hosts the lesions (labels: {labels}); lesions are "
+                            "synthesized inside an organ: name it with --organ-labels")
     for lab in [*lesions, *organ, *([cavity] if cavity is not None else [])]:
         if lab not in known:
             raise LeFusionError(f"label {lab} is not defined in dataset.json (labels: {labels})")

@@ -19,6 +19,7 @@ from nnunet_lefusion.nnunet.register import STUB_NAME, STUB_SOURCE
 from tests.nnunet_helpers import error_lines, run_cli
 
 SHIPPED_MASKS = Path(__file__).resolve().parents[1] / "pretrained" / "lesion_masks_phantom.pt"
+SHIPPED_SAMPLER = SHIPPED_MASKS.with_name("lefusion_sampler_phantom.pt")
 LEFUSION_VARS = ("LEFUSION_CONFIG", "LEFUSION_RATE", "LEFUSION_MODE", "LEFUSION_CACHE", "LEFUSION_EPOCHS",
                  "LEFUSION_ITERS", "LEFUSION_VAL_ITERS", "LEFUSION_METHOD", "LEFUSION_CHECKPOINT",
                  "LEFUSION_TARGET_SHARE", "LEFUSION_DEVICE")
@@ -65,6 +66,10 @@ CASES = [
     ("synth-lefusion-missing-checkpoint", SYNTH + ["--method", "lefusion", "--checkpoint", "{base}/none.pt"], {},
      [], "does not exist"),
     ("synth-lefusion-mask-generator-as-sampler", SYNTH + LEF, {}, [], "not a LeFusion sampler"),
+    ("synth-mask-generator-of-other-labels", SYNTH + ["--method", "lefusion", "--checkpoint", "{sampler}",
+                                                       "--mask-generator", "{masks}", "--mix", "normal=1",
+                                                       "--lesion-labels", "4", "3"], {}, [],
+     "draws lesion labels [3, 4] (outer to inner) in organ [2], not [4, 3] in [2]"),
     ("synth-lefusion-unreadable-checkpoint", SYNTH + ["--method", "lefusion", "--checkpoint", "{notes}"], {}, [],
      "not a readable PyTorch checkpoint"),
     ("synth-mask-generator-without-new-masks", SYNTH + LEF + ["--mask-generator", "rule"], {}, [],
@@ -183,7 +188,7 @@ def world(phantom_dataset, nnunet_dirs, tmp_path_factory) -> dict:
     (base / "unknown.yaml").write_text("rate: 0.5\nstrength: 2\n")
     (base / "list.yaml").write_text("- 0.5\n")
     raw = Path(nnunet_dirs["nnUNet_raw"]) / phantom_dataset
-    yield {"base": str(base), "c3d": str(base / "3d_fullres"), "c2d": str(base / "2d"), "masks": str(SHIPPED_MASKS),
+    yield {"base": str(base), "c3d": str(base / "3d_fullres"), "c2d": str(base / "2d"), "masks": str(SHIPPED_MASKS), "sampler": str(SHIPPED_SAMPLER),
            "notes": str(base / "notes.txt"), "image": str(next((raw / "imagesTr").glob("*.nii.gz"))),
            "label": str(next((raw / "labelsTr").glob("*.nii.gz"))),
            "roots": [*nnunet_dirs.values(), str(base)]}

@@ -14,16 +14,24 @@ def test_emidec_roles_are_found_from_names():
     assert resolve_lesion_labels(EMIDEC) == LesionLabels.emidec()
 
 
+BRATS = {"labels": {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": 3},
+         "regions_class_order": [1, 2, 3]}
+
+
 def test_other_label_sets_work():
     liver = {"labels": {"background": 0, "liver": 1, "tumor": 2}}
     assert resolve_lesion_labels(liver) == LesionLabels((2,), (1,), None)
     assert resolve_lesion_labels(liver, lesions=[2], organ=[1]).host == (1, 2)
+    # region-based datasets: the values inside the label lists are the ones that can be named
+    assert resolve_lesion_labels(BRATS, lesions=[2, 3], organ=[1]) == LesionLabels((2, 3), (1,), None)
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"dataset_json": {"labels": {"background": 0, "cavity": 1, "myocardium": 2}}}, "no lesion label"),
     ({"dataset_json": EMIDEC, "lesions": [9]}, "label 9"),
     ({"dataset_json": EMIDEC, "lesions": [3], "organ": [3]}, "overlap"),
+    ({"dataset_json": {"labels": {"background": 0, "lesion": 1}}}, "no label is left for the organ"),
+    ({"dataset_json": BRATS}, "defines regions"),
 ])
 def test_bad_labels_raise(kwargs, message):
     with pytest.raises(LeFusionError, match=message):

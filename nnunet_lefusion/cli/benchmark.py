@@ -76,14 +76,14 @@ def generator_args(args: argparse.Namespace, arms: tuple[str, ...], roles: Lesio
         sampler = args.sampler or default_generator("sampler", roles, "--sampler")
         if not Path(sampler).is_file():
             raise LeFusionError(f"arm {name} needs a sampler checkpoint: --sampler {sampler} not found")
-        check_generator_files("lefusion", SynthesizerOptions(sampler))
+        check_generator_files("lefusion", SynthesizerOptions(sampler), roles)
         flags[name] = ["--checkpoint", sampler, "--mix", arm.mix, "-device", device]
         if arm.new_masks:
             try:
                 masks = args.mask_generator or default_generator("mask generator", roles)
             except LeFusionError:  # labels the shipped generator does not know: rule-based masks
                 masks = "rule"
-            check_generator_files("lefusion", SynthesizerOptions(sampler, mask_generator=masks))
+            check_generator_files("lefusion", SynthesizerOptions(sampler, mask_generator=masks), roles)
             share = args.target_share or f"{roles.lesions[-1]}=0.3"
             flags[name] += ["--mask-generator", masks, "--target-share", share]
     return flags

@@ -157,10 +157,17 @@ class Manifest:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    """Write ``text`` to ``path`` through a temporary file in the same folder, flushed to disk, and a rename (a
+    crash leaves the old file or the new one, never a part); the temporary file is removed if writing fails."""
     tmp = path.with_name(tmp_name(path.name))
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def case_files(folder: Path, identifier: str) -> list[Path]:

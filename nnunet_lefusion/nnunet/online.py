@@ -65,7 +65,7 @@ def online_generators(ctx: DatasetContext, labels: LesionLabels, settings: Train
     if plan is not None:
         plan.validate(labels)
     options = with_shipped_generators(settings.method, settings.synthesizer_options(device), labels, plan)
-    check_generator_files(settings.method, options)
+    check_generator_files(settings.method, options, labels)
     generators = generator_records(settings.method, options)
     check_no_leak(generators, ctx.held_out_hashes(), ctx.fold, "online synthesis refused")
     return options, generators

@@ -98,9 +98,11 @@ def make_synthesizer(method: str, cases: list[RawCase], labels: LesionLabels,
     raise LeFusionError(f"unknown synthesis method {method!r} (available: {', '.join(METHODS)})")
 
 
-def check_generator_files(method: str, options: SynthesizerOptions) -> None:
-    """Refuse, before any case is read, a LeFusion run without a readable sampler checkpoint, or whose checkpoint
-    or mask generator is another kind of file (metadata only; the networks are checked when they are built)."""
+def check_generator_files(method: str, options: SynthesizerOptions, labels: LesionLabels) -> None:
+    """Refuse, before any case is read, a LeFusion run without a readable sampler checkpoint, whose checkpoint or
+    mask generator is another kind of file, or whose learned mask generator draws other lesion or organ labels than
+    ``labels`` (it draws its own: they would land as the wrong classes; metadata only, the networks are checked when
+    they are built)."""
     if method != "lefusion":
         return
     from nnunet_lefusion.masks.learned import MASK_KIND
@@ -119,6 +121,11 @@ def check_generator_files(method: str, options: SynthesizerOptions) -> None:
             raise LeFusionError(f"--mask-generator {options.mask_generator} is not a lesion-mask generator "
                                 f"checkpoint (kind {kind!r}); give 'rule' or a checkpoint of "
                                 f"nnUNetv2_lefusion_train_masks")
+        drawn = LesionLabels.from_dict(meta.extras["labels"])
+        if (drawn.lesions, drawn.organ) != (labels.lesions, labels.organ):
+            raise LeFusionError(f"--mask-generator {options.mask_generator} draws lesion labels {list(drawn.lesions)} "
+                                f"(outer to inner) in organ {list(drawn.organ)}, not {list(labels.lesions)} in "
+                                f"{list(labels.organ)}: train one on this dataset with nnUNetv2_lefusion_train_masks")
 
 
 def generator_records(method: str, options: SynthesizerOptions) -> list[dict]:
@@ -327,7 +334,7 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
     options = with_shipped_generators(method, options or SynthesizerOptions(), labels, plan)
     folder = Path(cache_folder) if cache_folder else default_cache_folder(ctx)
     check_folder(folder)
-    check_generator_files(method, options)
+    check_generator_files(method, options, labels)
     generators = generator_records(method, options)
     check_no_leak(generators, ctx.held_out_hashes(), ctx.fold, "refused")
     if not overwrite and (folder / MANIFEST).exists():
