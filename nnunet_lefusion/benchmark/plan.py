@@ -42,7 +42,7 @@ class Preset:
     iterations: int | None
     val_iterations: int | None
     seconds_per_iteration: float  # for the time estimate (3d_fullres on the machine the preset is meant for)
-    seconds_per_synthetic: dict[str, float]
+    seconds_per_synthetic: dict[str, float]  # per arm that synthesizes (new masks cost the mask generator too)
     describe: str
 
     @property
@@ -52,11 +52,14 @@ class Preset:
 
 
 PRESETS = {p.name: p for p in (
-    Preset("cpu", tuple(ARMS), 3, 40, 40, 0.5, 40, 30, 2, 1.3, {"copypaste": 1.0, "lefusion": 20.0},
+    Preset("cpu", tuple(ARMS), 3, 40, 40, 0.5, 40, 30, 2, 1.3, {"copypaste": 1.0, "lefusion": 24.0,
+                                                                 "lefusion_masks": 70.0},
            "2-core CPU: 1,200 iterations per run on 40 training cases"),
-    Preset("full", tuple(ARMS), 3, None, 40, 2.0, None, None, None, 0.15, {"copypaste": 0.5, "lefusion": 2.0},
+    Preset("full", tuple(ARMS), 3, None, 40, 2.0, None, None, None, 0.15, {"copypaste": 0.5, "lefusion": 2.0,
+                                                                           "lefusion_masks": 6.0},
            "nnU-Net's own schedule (1000 epochs x 250 iterations; GPU)"),
-    Preset("tiny", ("real", "copypaste"), 1, 6, 3, 1.0, 1, 4, 1, 1.1, {"copypaste": 1.0, "lefusion": 20.0},
+    Preset("tiny", ("real", "copypaste"), 1, 6, 3, 1.0, 1, 4, 1, 1.1, {"copypaste": 1.0, "lefusion": 24.0,
+                                                                        "lefusion_masks": 70.0},
            "smoke test: a few iterations"),
 )}
 
@@ -91,5 +94,5 @@ def estimate_seconds(preset: Preset, runs: list[tuple[str, int]], train_cases: i
         arm = ARMS[name]
         total += iterations * preset.seconds_per_iteration + 60
         if arm.method:
-            total += train_cases * preset.synthetic_per_case * preset.seconds_per_synthetic[arm.method]
+            total += train_cases * preset.synthetic_per_case * preset.seconds_per_synthetic[name]
     return total
