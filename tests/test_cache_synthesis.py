@@ -67,7 +67,6 @@ def test_copypaste_changes_only_lesion_voxels_inside_the_organ(phantom_dataset):
         assert np.all(np.isin(target.seg[changed], labels.host)), "lesions may only land in the host organ"
 
 
-
 def _square_heart(size: int, spacing: float, lesion: int = 0) -> RawCase:
     """One slice of a square organ (label 2) filling the middle half of the grid, at ``spacing`` mm in-plane,
     with a ``lesion`` x ``lesion`` infarct (label 3) at its centre."""
