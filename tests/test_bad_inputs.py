@@ -190,7 +190,8 @@ def world(phantom_dataset, nnunet_dirs, tmp_path_factory) -> dict:
     raw = Path(nnunet_dirs["nnUNet_raw"]) / phantom_dataset
     yield {"base": str(base), "c3d": str(base / "3d_fullres"), "c2d": str(base / "2d"), "masks": str(SHIPPED_MASKS),
            "sampler": str(SHIPPED_SAMPLER), "notes": str(base / "notes.txt"),
-           "image": str(next((raw / "imagesTr").glob("*.nii.gz"))), "label": str(next((raw / "labelsTr").glob("*.nii.gz"))),
+           "image": str(next((raw / "imagesTr").glob("*.nii.gz"))),
+           "label": str(next((raw / "labelsTr").glob("*.nii.gz"))),
            "roots": [*nnunet_dirs.values(), str(base)]}
     other_plans.unlink()
 
