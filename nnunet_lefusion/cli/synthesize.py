@@ -118,13 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.export_raw:
         print(f"{export_nifti(ctx, folder, Path(args.export_raw))} synthetic cases as NIfTI in {args.export_raw}")
     print(f"{len(manifest.cases)} synthetic cases in {folder}")
-    synthetic = manifest.lesion_voxel_totals()
-    for name, counts in (("real (training cases)", manifest.real_lesion_voxels), ("synthetic", synthetic)):
-        total = sum(counts.values()) or 1
+    voxels = {"real (training cases)": manifest.real_lesion_voxels, "synthetic": manifest.lesion_voxel_totals()}
+    shares = {name: {k: v / (sum(counts.values()) or 1) for k, v in counts.items()} for name, counts in voxels.items()}
+    for name, counts in voxels.items():
         print(f"lesion voxels, {name}: " + ", ".join(
-            f"label {k}: {v} ({v / total:.1%})" for k, v in sorted(counts.items())))
+            f"label {k}: {v} ({shares[name][k]:.1%})" for k, v in sorted(counts.items())))
     for label, share in (plan.target_share.items() if plan is not None else ()):
-        reached = synthetic.get(str(label), 0) / (sum(synthetic.values()) or 1)
+        reached = shares["synthetic"].get(str(label), 0.0)
         if reached < 0.9 * share:
             print(f"note: label {label} is {reached:.1%} of the synthetic lesion voxels, short of its target share "
                   f"{share:.0%}: the new lesions drawn hold too little of it (more --candidates, or a mask generator "

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
 from nnunet_lefusion.nnunet.cache_lock import tmp_name
 from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.provenance import check_no_leak
@@ -154,6 +155,14 @@ class Manifest:
         for syn_id, info in sorted(self.cases.items()):
             out.setdefault(info["source"], []).append(syn_id)
         return out
+
+
+def recorded_labels(manifest: Manifest | None, dataset_json: dict) -> LesionLabels:
+    """The lesion labels a cache was made with, else those named in ``dataset_json`` (``LeFusionError`` if
+    neither gives them)."""
+    if manifest is not None and manifest.lesion_labels:
+        return LesionLabels.from_dict(manifest.lesion_labels)
+    return resolve_lesion_labels(dataset_json)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

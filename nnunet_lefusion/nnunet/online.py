@@ -31,8 +31,8 @@ import numpy as np
 
 from nnunet_lefusion.config import TrainerSettings
 from nnunet_lefusion.errors import LeFusionError
-from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
-from nnunet_lefusion.nnunet.cache import MANIFEST, ONLINE, Manifest
+from nnunet_lefusion.labels import LesionLabels
+from nnunet_lefusion.nnunet.cache import MANIFEST, ONLINE, Manifest, recorded_labels
 from nnunet_lefusion.nnunet.cache_lock import Writer
 from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.provenance import check_no_leak
@@ -44,13 +44,11 @@ from nnunet_lefusion.nnunet.synthesize import (Slot, SynthesizerOptions, check_g
 def online_labels(ctx: DatasetContext, folder: Path) -> LesionLabels:
     """The lesion labels online synthesis uses: those of the cache in ``folder`` (checked against this fold) if it
     exists, else those named in dataset.json; ``LeFusionError`` if neither gives them."""
-    if (Path(folder) / MANIFEST).is_file():
-        manifest = Manifest.load(folder)
+    manifest = Manifest.load(folder) if (Path(folder) / MANIFEST).is_file() else None
+    if manifest is not None:
         manifest.check_matches(ctx, ctx.split[0], folder)
-        if manifest.lesion_labels:
-            return LesionLabels.from_dict(manifest.lesion_labels)
     try:
-        return resolve_lesion_labels(ctx.dataset_json)
+        return recorded_labels(manifest, ctx.dataset_json)
     except LeFusionError as exc:
         raise LeFusionError(f"online mode needs the lesion labels ({exc}): name them in dataset.json, or create the "
                             f"cache first with nnUNetv2_lefusion_synthesize --lesion-labels") from None

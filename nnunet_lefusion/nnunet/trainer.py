@@ -18,8 +18,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_lefusion.cli.common import check_device
 from nnunet_lefusion.config import TrainerSettings, load_settings
 from nnunet_lefusion.errors import LeFusionError, LeFusionExit
-from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
-from nnunet_lefusion.nnunet.cache import Manifest, atomic_write_text, default_cache_folder
+from nnunet_lefusion.labels import LesionLabels
+from nnunet_lefusion.nnunet.cache import Manifest, atomic_write_text, default_cache_folder, recorded_labels
 from nnunet_lefusion.nnunet.context import DatasetContext, env_folder
 from nnunet_lefusion.nnunet.dataset import LoadCounters, SyntheticMixDataset
 from nnunet_lefusion.nnunet.online import OnlineProducer, online_generators, online_labels
@@ -101,10 +101,8 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
 
     def _lesion_labels(self, manifest: Manifest | None) -> LesionLabels | None:
         """The cache's lesion labels, else those named in dataset.json; None if there are none (no voxel counts)."""
-        if manifest is not None and manifest.lesion_labels:
-            return LesionLabels.from_dict(manifest.lesion_labels)
         try:
-            return resolve_lesion_labels(self.dataset_json)
+            return recorded_labels(manifest, self.dataset_json)
         except LeFusionError as exc:
             self.print_to_log_file(f"LeFusion: no lesion voxel counts ({exc})")
             return None
