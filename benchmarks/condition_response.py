@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from nnunet_lefusion.diffusion.histograms import NUM_BINS, lesion_histograms
+from nnunet_lefusion.diffusion.lesion_maps import lesion_denoiser
 from nnunet_lefusion.diffusion.loss import lesion_channel_masks
 from nnunet_lefusion.labels import resolve_lesion_labels
 from nnunet_lefusion.synthesis.lefusion import LesionSampler
@@ -77,7 +78,7 @@ def main() -> None:
             means = {}
             for name, cond in conditions.items():
                 cond = None if cond is None else cond * sampler.histogram_scale
-                eps = sampler.model(xt, steps, cond)
+                eps = lesion_denoiser(sampler.model, masks, cond, sampler.lesion_aware)(xt, steps, cond)
                 means[name] = lesion_means(sampler.schedule.predict_x0_from_eps(xt, steps, eps).clamp(-1, 1))
             print(f"{t:5d} {float((means['own'] - truth).abs().mean()):12.3f} "
                   f"{float((means['null'] - truth).abs().mean()):13.3f} "

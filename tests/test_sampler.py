@@ -7,6 +7,7 @@ import torch
 from nnunet_lefusion.diffusion.histograms import class_histogram
 from nnunet_lefusion.diffusion.jump import (
     count_evaluations, expected_evaluations, jump_schedule, strided_jump_schedule, strided_timesteps)
+from nnunet_lefusion.diffusion.lesion_maps import histogram_levels
 from nnunet_lefusion.diffusion.sampler import RePaintSampler, SamplerConfig
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
@@ -181,3 +182,32 @@ def test_guidance_extrapolates_from_the_null_condition(net, case):
     assert guided.evaluations == plain.evaluations and not torch.equal(guided.image, plain.image)
     with pytest.raises(LeFusionError):
         SamplerConfig(guidance=-1.0).validate()
+
+
+def test_histogram_levels_are_the_block_means():
+    cond = torch.zeros(2, 32)
+    cond[0, 15], cond[0, 16 + 0] = 1.0, 16.0          # class 1: top bin; class 2: bottom bin, any scale
+    cond[1, 4:6] = 0.5                                   # class 1: two bins, class 2: empty
+    torch.testing.assert_close(histogram_levels(cond, 2), torch.tensor([[0.9375, -0.9375], [-0.375, 0.0]]))
+
+
+def test_a_lesion_aware_sampler_gives_the_network_the_masks_and_levels(case):
+    """An exact denoiser that predicts x0 = the level maps of its input: lesion class k ends on its histogram's mean,
+    so the sampler hands each class its own mask and level, in the network's channel order."""
+    image, label, spec = case
+
+    def level_denoiser(x_in, t, cond):
+        x, masks, levels = x_in[:, :2], x_in[:, 2:4], x_in[:, 4:]
+        assert set(masks.unique().tolist()) <= {0.0, 1.0} and torch.equal(levels, levels * masks)
+        ab = SHORT.buffers["alphas_cumprod"][t][:, None, None, None, None]
+        return (x - ab.sqrt() * levels) / (1 - ab).sqrt()
+
+    cond = torch.zeros(32)
+    cond[12], cond[16 + 3] = 1.0, 1.0                    # infarct level 0.5625, no-reflow -0.5625
+    roi = torch.from_numpy(crop_image(image, spec))[None]
+    roi_label = torch.from_numpy(crop(label, spec).astype(np.int64))[None]
+    result = RePaintSampler(level_denoiser, SHORT, SHORT_CONFIG, lesion_aware=True).sample(
+        roi, roi_label, [3, 4], cond * 16, torch.Generator().manual_seed(0))
+    for value, level in ((3, 0.5625), (4, -0.5625)):
+        torch.testing.assert_close(result.image[roi_label == value], torch.full(((roi_label == value).sum(),), level))
+    assert torch.equal(result.image[roi_label < 3], roi[roi_label < 3])

@@ -257,3 +257,32 @@ def test_histogram_scale_and_condition_dropout(dataset, tmp_path):
     windows = covering_rois(image, label, labels.host, labels.lesions, sampler.roi_size)
     own = lesion_histograms(windows[0].intensity.to_unit(image), label, labels.lesions)   # the whole lesion's
     assert len(conds) == 2 * len(windows) and all(torch.allclose(c[0], torch.from_numpy(own) * 16.0) for c in conds)
+
+
+def test_lesion_maps_fine_tune_starts_as_its_init_and_learns_from_the_maps(dataset, tmp_path):
+    train_tiny(tmp_path / "base", 2)
+    base = load_checkpoint(tmp_path / "base" / FINAL)
+    train_main(["-d", str(LESION_ID), "--init", str(tmp_path / "base" / FINAL), "--lesion-maps", "--roi", *ROI,
+                "--steps", "1", "--batch-size", "1", "--lr", "1e-9", "--quiet", "-o", str(tmp_path / "aware")])
+    aware = LesionSampler.load(tmp_path / "aware" / FINAL)
+    assert aware.lesion_aware and aware.model.config.channels == 6 and aware.model.config.out_channels == 2
+    weight = aware.model.state_dict()["init_conv.weight"]
+    assert weight[:, 2:].abs().max() < 1e-6   # the map inputs start at zero ...
+    x, t, cond = torch.randn(1, 2, 2, 32, 32), torch.tensor([50]), torch.rand(1, 32)
+    with torch.no_grad():   # ... so the widened network starts out as the one it came from
+        torch.testing.assert_close(aware.model(torch.cat((x, torch.rand(1, 4, 2, 32, 32)), dim=1), t, cond),
+                                   base.build()(x, t, cond), atol=1e-4, rtol=1e-4)
+    labels = LesionLabels.emidec()
+    rois = load_roi_set(training_cases(dataset, json.loads((dataset / "dataset.json").read_text())), labels,
+                        (2, 32, 32), progress=False)
+    aware.model.zero_grad()
+    batch = rois.make_batch(np.random.default_rng(0), 4)
+    LesionLoss(labels.lesions, cond_drop=0.5, lesion_aware=True)(aware.model, batch).backward()
+    assert aware.model.init_conv.weight.grad[:, 2:].abs().sum() > 0   # the loss reaches the map weights
+    _, image_file, label_file = next(c for c in training_cases(dataset, json.loads(
+        (dataset / "dataset.json").read_text())) if "P" in c[0])
+    image, label = read_volume(image_file)[0], read_volume(label_file)[0]
+    [(sampled, matched)] = aware.resynthesize_pairs([image], [label], np.random.default_rng(0),
+                                                    SamplerConfig(1, 1, strided_steps=2))
+    lesion = np.isin(label, labels.lesions)
+    assert np.array_equal(sampled[~lesion], image[~lesion]) and np.array_equal(matched[~lesion], image[~lesion])

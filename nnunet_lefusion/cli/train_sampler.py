@@ -24,7 +24,7 @@ from nnunet_lefusion.roi import OFFICIAL_CARDIAC_SIZE
 from nnunet_lefusion.training.loop import TrainConfig
 from nnunet_lefusion.training.roi_data import load_roi_set
 from nnunet_lefusion.training.sampler import (DEFAULT_CLUSTERS, LesionLoss, check_model_fits, initial_sampler,
-                                              stored_histogram_scale, train_sampler)
+                                              stored_histogram_scale, train_sampler, with_lesion_maps)
 
 
 def config_name(config: str) -> str:
@@ -69,19 +69,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mean-loss", type=float, default=0.0,
                         help="weight of the lesion-mean term added to the lesion-focused L1 (default 0, official; "
                              "it makes the network take the lesion's level from its histogram condition)")
+    parser.add_argument("--lesion-maps", action="store_true",
+                        help="a lesion-aware network: it also sees each lesion class's mask and its histogram's mean "
+                             "level, so it follows the condition without histogram matching (with --init: that "
+                             "checkpoint's network gets the extra inputs, starting from zero weights)")
     parser.add_argument("-o", "--output", help="output folder (default $nnUNet_results/<dataset>/LeFusion__<config>)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def initial_settings(args: argparse.Namespace, labels: LesionLabels) -> tuple[ModelConfig, float]:
-    """The model config and histogram scale of the run: as given, else the --init checkpoint's, else small and 1;
-    given ones that differ from the --init checkpoint's are refused (``initial_sampler``)."""
+    """The model config and histogram scale of the run: as given, else the --init checkpoint's, else small and 1,
+    with the lesion-map inputs if asked; given ones that differ from the --init checkpoint's are refused
+    (``initial_sampler``)."""
     given = ModelConfig.from_yaml(args.config) if args.config else None
     if not args.init:
-        return given or ModelConfig.from_yaml("small"), 1.0 if args.histogram_scale is None else args.histogram_scale
-    start = initial_sampler(args.init, labels, given, args.histogram_scale)
-    return start.config, stored_histogram_scale(start.meta)
+        config = given or ModelConfig.from_yaml("small")
+        scale = 1.0 if args.histogram_scale is None else args.histogram_scale
+    else:
+        start = initial_sampler(args.init, labels, given, args.histogram_scale)
+        config, scale = start.config, stored_histogram_scale(start.meta)
+    return with_lesion_maps(config) if args.lesion_maps else config, scale
 
 
 @cli_main

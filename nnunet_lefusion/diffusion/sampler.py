@@ -16,6 +16,7 @@ import torch
 
 from nnunet_lefusion.diffusion.histograms import match_histogram
 from nnunet_lefusion.diffusion.jump import count_evaluations, jump_schedule, strided_jump_schedule
+from nnunet_lefusion.diffusion.lesion_maps import lesion_denoiser
 from nnunet_lefusion.diffusion.loss import lesion_channel_masks
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
@@ -117,19 +118,27 @@ class SampleResult:
 
 
 class RePaintSampler:
-    """Samples lesion textures inside given lesion masks, keeping the rest of each ROI."""
+    """Samples lesion textures inside given lesion masks, keeping the rest of each ROI.
 
-    def __init__(self, denoiser: Denoiser, schedule: CosineSchedule, config: SamplerConfig | None = None):
+    ``lesion_aware``: the denoiser also takes the lesion maps of ``diffusion.lesion_maps`` (made here from the
+    masks and the condition; the null condition of guidance gets maps without levels).
+    """
+
+    def __init__(self, denoiser: Denoiser, schedule: CosineSchedule, config: SamplerConfig | None = None,
+                 lesion_aware: bool = False):
         self.config = (config or SamplerConfig.official()).validate()
         self.schedule = schedule
         self.denoiser = torch.compile(denoiser) if self.config.compile else denoiser
+        self.lesion_aware = lesion_aware
 
-    def _eps(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    def _eps(self, denoisers: tuple[Denoiser, Denoiser], x: torch.Tensor, t: torch.Tensor,
+             cond: torch.Tensor | None) -> torch.Tensor:
         dtype = PRECISIONS[self.config.precision or "fp32"]
+        conditional, null = denoisers
         with torch.autocast(device_type=x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            eps = self.denoiser(x, t, cond)
+            eps = conditional(x, t, cond)
             if cond is not None and self.config.guidance not in (None, 1.0):
-                unconditional = self.denoiser(x, t, None)
+                unconditional = null(x, t, None)
                 eps = unconditional + self.config.guidance * (eps - unconditional)
         return eps.float()
 
@@ -177,6 +186,8 @@ class RePaintSampler:
         if cond is not None:
             cond = cond.to(image.device, torch.float32).expand(b, -1) if cond.dim() == 1 else cond.to(image.device)
 
+        denoisers = tuple(lesion_denoiser(self.denoiser, masks, c, self.lesion_aware) for c in (cond, None))
+
         def randn() -> torch.Tensor:
             return torch.randn(gt.shape, generator=generator, device=gt.device, dtype=torch.float32)
 
@@ -190,7 +201,7 @@ class RePaintSampler:
                     continue
                 tt = torch.full((b,), t, device=x.device, dtype=torch.long)
                 x = torch.where(known, sched.q_sample(gt, tt, randn()), x)
-                x0 = sched.predict_x0_from_eps(x, tt, self._eps(x, tt, cond)).clamp(-1.0, 1.0)
+                x0 = sched.predict_x0_from_eps(x, tt, self._eps(denoisers, x, tt, cond)).clamp(-1.0, 1.0)
                 x = self._step_down(x, x0, t, s, randn)
                 evaluations += 1
             out = image.clone()

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_lefusion import roi
-from nnunet_lefusion.diffusion.loss import Denoiser, training_loss
+from nnunet_lefusion.diffusion.lesion_maps import with_maps
+from nnunet_lefusion.diffusion.loss import training_loss
 from nnunet_lefusion.diffusion.sampler import RePaintSampler, SamplerConfig
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
@@ -57,11 +58,6 @@ def mask_model_config(num_lesions: int, architecture: ModelConfig | dict | None 
     values.update(channels=num_lesions + len(CONDITION_CHANNELS), out_channels=num_lesions,
                   cond_dim=num_lesions + 1)
     return ModelConfig.from_dict(values)
-
-
-def with_maps(model: torch.nn.Module, maps: torch.Tensor) -> Denoiser:
-    """The denoiser of the mask channels alone: ``model`` sees them concatenated with the condition maps."""
-    return lambda x, t, cond: model(torch.cat((x, maps.to(x)), dim=1), t, cond)
 
 
 class MaskLoss:

@@ -17,6 +17,7 @@ import torch
 
 from nnunet_lefusion import roi
 from nnunet_lefusion.diffusion.histograms import NUM_BINS, HistogramClusters, choose_condition, lesion_histograms
+from nnunet_lefusion.diffusion.lesion_maps import is_lesion_aware
 from nnunet_lefusion.diffusion.sampler import RePaintSampler, SamplerConfig, fast_precision
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
@@ -77,6 +78,11 @@ class LesionSampler:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def lesion_aware(self) -> bool:
+        """Whether the network also sees the lesion masks and levels (``diffusion.lesion_maps``)."""
+        return is_lesion_aware(self.model.config.channels, self.model.config.out_channels)
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "cpu", weights: str = "ema") -> "LesionSampler":
@@ -141,8 +147,8 @@ class LesionSampler:
         same textures with each lesion class histogram-matched to its condition (see ``RePaintSampler``).
         """
         labels = labels or self.labels
-        if len(labels.lesions) != self.model.config.channels:
-            raise LeFusionError(f"the sampler has {self.model.config.channels} lesion channel(s) but the data has "
+        if len(labels.lesions) != self.model.config.out_channels:
+            raise LeFusionError(f"the sampler has {self.model.config.out_channels} lesion channel(s) but the data has "
                                 f"{len(labels.lesions)} lesion label(s) {list(labels.lesions)}.")
         if batch_size < 1:
             raise LeFusionError(f"the sampling batch size must be >= 1, got {batch_size}.")
@@ -159,7 +165,7 @@ class LesionSampler:
             conds.append(self.condition(whole, labels.lesions, histogram, rng))
         config = replace(config, guidance=self.guidance if config.guidance is None else config.guidance,
                          precision=config.precision or fast_precision(self.device))
-        sampler = RePaintSampler(self.model, self.schedule, config)
+        sampler = RePaintSampler(self.model, self.schedule, config, self.lesion_aware)
         generator = torch.Generator(self.device).manual_seed(int(rng.integers(2 ** 63)))
         sampled = [np.array(image, copy=True) for image in images]
         matched = [np.array(image, copy=True) for image in images]

@@ -1,12 +1,15 @@
 """Training the LeFusion texture denoiser on lesion ROIs: metadata, the lesion-focused loss, the run itself."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from nnunet_lefusion.diffusion.histograms import NUM_BINS, HistogramClusters, cluster_histograms
+from nnunet_lefusion.diffusion.lesion_maps import (MAPS_PER_CLASS, histogram_levels, is_lesion_aware, lesion_maps,
+                                                   with_maps)
 from nnunet_lefusion.diffusion.loss import lesion_channel_masks, training_loss
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
@@ -22,11 +25,13 @@ DEFAULT_CLUSTERS = 3
 
 
 def check_model_fits(config: ModelConfig, num_classes: int, roi_size: Sequence[int]) -> None:
-    """``LeFusionError`` unless the network has one channel and 16 histogram values per lesion class and the
-    ROI's height and width suit its downsampling."""
-    if config.channels != num_classes or config.out_channels != num_classes:
+    """``LeFusionError`` unless the network has one output channel (and one input channel, or three with the
+    lesion maps) and 16 histogram values per lesion class and the ROI's height and width suit its downsampling."""
+    if config.out_channels != num_classes or config.channels not in (num_classes, (1 + MAPS_PER_CLASS) * num_classes):
         raise LeFusionError(f"the model config has {config.channels} input / {config.out_channels} output channels "
-                            f"but the dataset has {num_classes} lesion class(es); set channels to {num_classes}.")
+                            f"but the dataset has {num_classes} lesion class(es); set channels to {num_classes} "
+                            f"(or {(1 + MAPS_PER_CLASS) * num_classes} with the lesion maps) and out_channels to "
+                            f"{num_classes}.")
     if config.cond_dim != NUM_BINS * num_classes:
         raise LeFusionError(f"the model config has cond_dim {config.cond_dim} but {num_classes} lesion class(es) "
                             f"need {NUM_BINS * num_classes} ({NUM_BINS} histogram bins per class).")
@@ -78,12 +83,13 @@ class LesionLoss:
     time embedding); ``cond_drop`` replaces it by the network's learned null condition for that fraction of the
     batch (official: 0), which teaches the network the unconditional model as well (the reference of
     ``benchmarks/condition_response.py``); ``mean_weight`` adds the lesion-mean term of
-    :func:`~nnunet_lefusion.diffusion.loss.lesion_mean_loss` (official: 0).
+    :func:`~nnunet_lefusion.diffusion.loss.lesion_mean_loss` (official: 0). A ``lesion_aware`` network also sees the
+    lesion maps of its batch (``diffusion.lesion_maps``), without levels where the condition is dropped.
     """
 
     def __init__(self, lesion_labels: Sequence[int], num_timesteps: int = NUM_TIMESTEPS,
                  normalisation: str = "volume", histogram_scale: float = 1.0, cond_drop: float = 0.0,
-                 mean_weight: float = 0.0) -> None:
+                 mean_weight: float = 0.0, lesion_aware: bool = False) -> None:
         if not 0.0 <= cond_drop < 1.0 or histogram_scale <= 0 or mean_weight < 0:
             raise LeFusionError(f"need 0 <= cond_drop < 1, histogram_scale > 0 and mean_weight >= 0, got {cond_drop}, "
                                 f"{histogram_scale} and {mean_weight}.")
@@ -93,6 +99,7 @@ class LesionLoss:
         self.histogram_scale = float(histogram_scale)
         self.cond_drop = float(cond_drop)
         self.mean_weight = float(mean_weight)
+        self.lesion_aware = lesion_aware
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x0, cond = batch["x0"], batch["cond"] * self.histogram_scale
@@ -101,14 +108,35 @@ class LesionLoss:
             dropped = torch.rand(cond.shape[0], device=cond.device) < self.cond_drop
             cond = torch.where(dropped[:, None], model.null_cond_emb.to(cond).expand_as(cond), cond)
         masks = lesion_channel_masks(batch["label"], self.lesion_labels)
-        return training_loss(model, self.schedule, x0, masks, cond, normalisation=self.normalisation,
+        denoiser = model
+        if self.lesion_aware:
+            levels = histogram_levels(batch["cond"], masks.shape[1])
+            denoiser = with_maps(model, lesion_maps(masks, levels * ~dropped[:, None] if self.cond_drop else levels))
+        return training_loss(denoiser, self.schedule, x0, masks, cond, normalisation=self.normalisation,
                              mean_weight=self.mean_weight)
+
+
+def with_lesion_maps(config: ModelConfig) -> ModelConfig:
+    """``config`` with the input channels of the lesion maps (``diffusion.lesion_maps``) added, if it lacks them."""
+    return replace(config, channels=(1 + MAPS_PER_CLASS) * config.out_channels)
+
+
+def widened_state(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The weights ``state`` of a network without the lesion maps, for the lesion-aware network of ``config``: the
+    first convolution gets zero weights on the map channels, so the new network starts out as the old one."""
+    weight = state["init_conv.weight"]
+    extra = config.channels - weight.shape[1]
+    if extra <= 0:
+        return state
+    zeros = weight.new_zeros((weight.shape[0], extra, *weight.shape[2:]))
+    return {**state, "init_conv.weight": torch.cat((weight, zeros), dim=1)}
 
 
 def initial_sampler(path: str | Path, labels: LesionLabels, config: ModelConfig | None = None,
                     scale: float | None = None) -> Checkpoint:
     """A sampler checkpoint to start a training from (fine-tuning), refused unless it is a LeFusion sampler for
-    as many lesion classes as ``labels`` has, with the model ``config`` and histogram ``scale`` where given."""
+    as many lesion classes as ``labels`` has, with the model ``config`` (but for the lesion-map inputs, which
+    a fine-tuning may add) and histogram ``scale`` where given."""
     checkpoint = load_checkpoint(path)
     kind = checkpoint.meta.extras.get("kind") if checkpoint.meta is not None else None
     if kind != SAMPLER_KIND:
@@ -117,7 +145,8 @@ def initial_sampler(path: str | Path, labels: LesionLabels, config: ModelConfig 
         raise LeFusionError(f"--init {path} has {len(checkpoint.meta.lesion_labels)} lesion class(es), the dataset "
                             f"{len(labels.lesions)}.")
     stored = stored_histogram_scale(checkpoint.meta)
-    if (config is not None and config != checkpoint.config) or scale not in (None, stored):
+    if (config is not None and with_lesion_maps(config) != with_lesion_maps(checkpoint.config)) \
+            or scale not in (None, stored):
         raise LeFusionError(f"--init {path} holds a network of another --config or --histogram-scale ({stored}); "
                             "leave them out to take its own.")
     return checkpoint
@@ -132,10 +161,12 @@ def train_sampler(rois: RoiSet, config: ModelConfig, labels: LesionLabels, roi_s
     ``histogram_scale``, ``cond_drop`` and ``mean_weight``: see ``LesionLoss`` (the scale is stored for sampling);
     ``training_data``: the cases ``rois`` come from, recorded in the checkpoint (``nnunet.provenance``);
     ``init``: a sampler checkpoint whose EMA weights the run starts from instead of random ones (fine-tuning; its
-    config and histogram scale must be ``config`` and ``histogram_scale``); its file, step and the cases it and the
-    weights it started from saw are recorded."""
+    config and histogram scale must be ``config`` and ``histogram_scale``, except that ``config`` may add the
+    lesion maps: see ``widened_state``); its file, step and the cases it and the weights it started from saw are
+    recorded."""
     check_model_fits(config, len(labels.lesions), roi_size)
-    loss = LesionLoss(labels.lesions, histogram_scale=histogram_scale, cond_drop=cond_drop, mean_weight=mean_weight)
+    loss = LesionLoss(labels.lesions, histogram_scale=histogram_scale, cond_drop=cond_drop, mean_weight=mean_weight,
+                      lesion_aware=is_lesion_aware(config.channels, config.out_channels))
     meta = sampler_meta(labels, roi_size, rois, num_clusters, seed=train_config.seed, histogram_scale=histogram_scale,
                         mean_weight=mean_weight)
     meta.training_data = training_data
@@ -143,7 +174,8 @@ def train_sampler(rois: RoiSet, config: ModelConfig, labels: LesionLabels, roi_s
     model = config.build()
     if init is not None:
         start = initial_sampler(init, labels, config, histogram_scale)
-        model.load_state_dict(start.ema_state if start.ema_state is not None else start.model_state)
+        model.load_state_dict(widened_state(start.ema_state if start.ema_state is not None else start.model_state,
+                                            config))
         earlier = start.meta.extras.get("initialised_from", {}).get("training_data", [])
         meta.extras["initialised_from"] = {"file": Path(init).name, "step": start.step,
                                            "training_data": [start.meta.training_data, *earlier]}
