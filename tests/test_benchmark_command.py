@@ -105,3 +105,7 @@ def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes
     assert times["timed_runs"] == 2 and all(v > 0 for v in times["per_run"].values())
     assert abs(times["timed_seconds"] - sum(times["per_run"].values())) < 0.2
     assert "run time: " in done.stdout
+    assert "for the 1 of 1 run(s) of part 1 of 2 not done yet" in done.stdout
+    again = run_cli("nnUNetv2_lefusion_benchmark", *cmd[1:], "-part_id", "0", env=env)   # all done: nothing to run
+    assert "estimated time: 0.0 h for the 0 of 1 run(s) of part 0 of 2" in again.stdout
+    assert real_done.stat().st_mtime_ns == finished

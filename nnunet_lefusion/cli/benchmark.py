@@ -20,7 +20,7 @@ from pathlib import Path
 from nnunet_lefusion.benchmark.metrics import structures
 from nnunet_lefusion.benchmark.plan import ARMS, PRESETS, estimate_seconds, parse_arms, run_list
 from nnunet_lefusion.benchmark.report import run_times, write_outputs
-from nnunet_lefusion.benchmark.runner import Setup, execute_part, prepare
+from nnunet_lefusion.benchmark.runner import Run, Setup, execute_part, prepare
 from nnunet_lefusion.cli.common import add_device_argument, add_parts_arguments, check_device, cli_main
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
@@ -127,10 +127,11 @@ def main(argv: list[str] | None = None) -> None:
           f"{', '.join(arms)} x {seeds} seed(s) = {len(arms) * seeds} runs, "
           f"{train_cases or 'all'} training cases per seed, rate {args.rate}, device {setup.device}")
     runs = part_of(run_list(arms, seeds), args.num_parts, args.part_id)
-    part = f"part {args.part_id} of {args.num_parts} ({len(runs)} runs)" if args.num_parts > 1 else "all runs"
-    estimate = estimate_seconds(preset, runs, train_cases or len(list(ctx.data_folder.glob('*.pkl'))))
-    print(f"estimated time: {estimate / 3600:.1f} h for {part} on the machine the preset is meant for; "
-          f"output {setup.out}")
+    left = [(name, seed) for name, seed in runs if not Run(setup, ARMS[name], seed).done]
+    part = f"part {args.part_id} of {args.num_parts}" if args.num_parts > 1 else "the benchmark"
+    estimate = estimate_seconds(preset, left, train_cases or len(list(ctx.data_folder.glob('*.pkl'))))
+    print(f"estimated time: {estimate / 3600:.1f} h for the {len(left)} of {len(runs)} run(s) of {part} not done "
+          f"yet, on the machine the preset is meant for; output {setup.out}")
     start = time.time()
     setup.out.mkdir(parents=True, exist_ok=True)
     prepare(setup, test_raw)

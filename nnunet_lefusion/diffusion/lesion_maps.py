@@ -30,9 +30,10 @@ def is_lesion_aware(channels: int, out_channels: int) -> bool:
 
 
 def histogram_levels(cond: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Mean intensity in [-1, 1] of each class's histogram block of ``cond`` (B, K x bins), read at the bin
-    centres; any positive scale of a block gives the same level, an empty block gives 0. Returns (B, K)."""
-    blocks = cond.float().reshape(cond.shape[0], num_classes, -1).clamp_min(0.0)
+    """Mean intensity in [-1, 1] of each class's histogram block of ``cond`` (B, K x bins), or of one (K x bins)
+    row for a whole batch, read at the bin centres; any positive scale of a block gives the same level, an empty
+    block gives 0. Returns (B, K), or (1, K) for one row."""
+    blocks = cond.float().reshape(-1, num_classes, cond.shape[-1] // num_classes).clamp_min(0.0)
     bins = blocks.shape[-1]
     centres = -1.0 + (torch.arange(bins, device=cond.device, dtype=torch.float32) + 0.5) * (2.0 / bins)
     total = blocks.sum(dim=-1)
