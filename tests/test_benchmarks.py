@@ -44,9 +44,17 @@ def test_lesion_quality_prints_both_outputs_and_an_untouched_background(dataset,
     assert matched < 0.2 < raw
 
 
-def test_condition_response_prints_every_timestep(dataset, checkpoint):
-    out = _run("condition_response.py", "--checkpoint", str(checkpoint), "--raw", str(dataset), "--cases", "2",
-               "--timesteps", "299", "100")
+@pytest.fixture(scope="module")
+def aware_checkpoint(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("aware_sampler")
+    train_tiny(out, 2, "--cond-drop", "0.5", "--lesion-maps")
+    return out / FINAL
+
+
+@pytest.mark.parametrize("network", ["checkpoint", "aware_checkpoint"])
+def test_condition_response_prints_every_timestep(dataset, network, request):
+    out = _run("condition_response.py", "--checkpoint", str(request.getfixturevalue(network)), "--raw", str(dataset),
+               "--cases", "2", "--timesteps", "299", "100")
     rows = [line.split() for line in out.splitlines()[2:]]
     assert [row[0] for row in rows] == ["299", "100"]
     assert all(len(row) == 4 and all(abs(float(v)) <= 2 for v in row[1:]) for row in rows)
