@@ -17,11 +17,10 @@ import torch
 from nnunet_lefusion.diffusion.histograms import match_histogram
 from nnunet_lefusion.diffusion.jump import count_evaluations, jump_schedule, strided_jump_schedule
 from nnunet_lefusion.diffusion.lesion_maps import lesion_denoiser
-from nnunet_lefusion.diffusion.loss import lesion_channel_masks
+from nnunet_lefusion.diffusion.loss import Denoiser, lesion_channel_masks
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
