@@ -1,10 +1,15 @@
-"""Shared set-up for benchmarks: a phantom dataset planned and preprocessed by nnU-Net in a work folder."""
+"""Shared set-up for benchmarks: a phantom dataset planned and preprocessed by nnU-Net in a work folder, and
+trainers timed side by side."""
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 BIN = Path(sys.executable).parent
 
@@ -29,3 +34,41 @@ def prepare_phantom(work: Path, dataset_id: int, num_cases: int, configurations:
     if missing:
         run("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *missing, "-np", "2", "-npfp", "2")
     return next((work / "nnUNet_raw").glob(f"Dataset{dataset_id:03d}_*")).name
+
+
+def time_trainers(dataset: str, configuration: str, variants: dict[str, tuple[str, dict[str, str]]],
+                  iterations: int, blocks: int, device: torch.device) -> dict[str, tuple[object, list[float]]]:
+    """Build one real trainer per variant (name -> trainer class name and the environment it is built under),
+    then time training iterations in alternating blocks (A B, B A, ...) so that machine drift hits every variant.
+    Returns name -> (trainer, seconds per iteration); the trainers are left started (call ``on_train_end``)."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    from nnunet_lefusion.nnunet.register import register
+
+    register()
+    timed = {}
+    for name, (trainer_name, env) in variants.items():
+        os.environ.update(env)
+        torch.manual_seed(0)
+        trainer = get_trainer_from_args(dataset, configuration, 0, trainer_name, device=device)
+        trainer.disable_checkpointing = True
+        trainer.on_train_start()
+        trainer.on_train_epoch_start()
+        for _ in range(3):  # warm-up
+            trainer.train_step(next(trainer.dataloader_train))
+        timed[name] = (trainer, [])
+    runs = list(timed.values())
+    for block in range(blocks):
+        for trainer, times in (runs if block % 2 == 0 else runs[::-1]):
+            for _ in range(iterations):
+                start = time.perf_counter()
+                trainer.train_step(next(trainer.dataloader_train))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+    return timed
+
+
+def median_seconds(timed: dict[str, tuple[object, list[float]]]) -> dict[str, float]:
+    """Median seconds per iteration of each timed variant."""
+    return {name: statistics.median(times) for name, (_, times) in timed.items()}

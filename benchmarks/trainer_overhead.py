@@ -10,12 +10,13 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import prepare_phantom, run
+from benchmarks.common import median_seconds, prepare_phantom, run, time_trainers
+
+LEFUSION, CONTROL = "nnUNetTrainerLeFusion", "nnUNetTrainerLeFusion_r000"
 
 
 def main() -> None:
@@ -33,39 +34,16 @@ def main() -> None:
     for var in ("LEFUSION_CONFIG", "LEFUSION_CACHE"):
         os.environ.pop(var, None)
 
-    from nnunetv2.run.run_training import get_trainer_from_args
-
-    from nnunet_lefusion.nnunet.register import register
-    from nnunet_lefusion.nnunet.trainer import nnUNetTrainerLeFusion, nnUNetTrainerLeFusion_r000
-
-    register()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    trainers = {}
-    for cls in (nnUNetTrainerLeFusion, nnUNetTrainerLeFusion_r000):
-        torch.manual_seed(0)
-        trainer = get_trainer_from_args(dataset, args.configuration, 0, cls.__name__, device=device)
-        trainer.disable_checkpointing = True
-        trainer.on_train_start()
-        trainer.on_train_epoch_start()
-        for _ in range(3):  # warm-up
-            trainer.train_step(next(trainer.dataloader_train))
-        trainers[cls.__name__] = (trainer, [])
-    runs = list(trainers.values())
-    for block in range(args.blocks):
-        for trainer, times in (runs if block % 2 == 0 else runs[::-1]):
-            for _ in range(args.iterations):
-                start = time.perf_counter()
-                trainer.train_step(next(trainer.dataloader_train))
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-    medians = {name: statistics.median(times) for name, (_, times) in trainers.items()}
+    trainers = time_trainers(dataset, args.configuration, {name: (name, {}) for name in (LEFUSION, CONTROL)},
+                             args.iterations, args.blocks, device)
+    medians = median_seconds(trainers)
     for name, (trainer, times) in trainers.items():
         loads, synthetic = trainer.lefusion_counters.snapshot()
         print(f"{name:32s} median {medians[name]:.4f} s/iter (mean {statistics.mean(times):.4f}, "
               f"n={len(times)}), synthetic loads {synthetic}/{loads}")
         trainer.on_train_end()
-    ratio = medians["nnUNetTrainerLeFusion"] / medians["nnUNetTrainerLeFusion_r000"]
+    ratio = medians[LEFUSION] / medians[CONTROL]
     print(f"device {device}, configuration {args.configuration}, DA workers {os.environ['nnUNet_n_proc_DA']}")
     print(f"ratio LeFusion(rate 0.5, cache) / r000 = {ratio:.3f}  (target <= 1.03)")
 

@@ -24,6 +24,8 @@ class TrainerSettings:
     the training time, into a pool of at most ``pool_max`` cases). The synthesis keys mirror
     ``nnUNetv2_lefusion_synthesize`` (``--method``, ``--checkpoint``, ``--sampling``, ``--mask-generator``,
     ``--mix``, ``--target-share``, ``--candidates``, ``--device``, ``--seed``).
+    ``cpu_bf16``: on a CPU device, train and validate under bf16 autocast, as nnU-Net autocasts on CUDA (it runs
+    in fp32 on a CPU); about 1.9x faster per iteration on CPUs with AMX.
     """
 
     rate: float = 0.5
@@ -44,6 +46,7 @@ class TrainerSettings:
     candidates: int = 8
     device: str | None = None  # None: the trainer's device
     seed: int = 0
+    cpu_bf16: bool = False
 
     def validate(self) -> "TrainerSettings":
         if not 0.0 <= self.rate <= 1.0:
@@ -108,7 +111,7 @@ _ENV = {"rate": ("LEFUSION_RATE", float), "mode": ("LEFUSION_MODE", str), "cache
         "sampling": ("LEFUSION_SAMPLING", str), "mask_generator": ("LEFUSION_MASK_GENERATOR", str),
         "histogram_matching": ("LEFUSION_HISTOGRAM_MATCHING", _bool), "mix": ("LEFUSION_MIX", str),
         "target_share": ("LEFUSION_TARGET_SHARE", str), "candidates": ("LEFUSION_CANDIDATES", int),
-        "device": ("LEFUSION_DEVICE", str), "seed": ("LEFUSION_SEED", int)}
+        "device": ("LEFUSION_DEVICE", str), "seed": ("LEFUSION_SEED", int), "cpu_bf16": ("LEFUSION_CPU_BF16", _bool)}
 ENV_VARIABLES = tuple(env for env, _ in _ENV.values()) + (CONFIG_ENV,)
 
 

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from nnunetv2.run.run_training import get_trainer_from_args
@@ -76,3 +77,23 @@ def test_cache_of_another_fold_or_other_plans_is_refused(phantom_dataset, cache_
     clean_env.setenv("LEFUSION_CACHE", str(other))
     with pytest.raises(LeFusionError, match="other plans"):
         make_trainer(nnUNetTrainerLeFusion, phantom_dataset).get_tr_and_val_datasets()
+
+
+def test_cpu_bf16_runs_the_steps_of_the_real_network_in_bf16(phantom_dataset, clean_env):
+    """``LEFUSION_CPU_BF16=1``: on a CPU device the train and validation steps run the network under bf16 autocast
+    (nnU-Net autocasts on CUDA only) and still return finite losses; without it the network runs in fp32."""
+    clean_env.setenv("nnUNet_n_proc_DA", "0")
+    for flag, dtype in (("0", torch.float32), ("1", torch.bfloat16)):
+        clean_env.setenv("LEFUSION_CPU_BF16", flag)
+        trainer = make_trainer(nnUNetTrainerLeFusion_r000, phantom_dataset)
+        trainer.initialize()
+        loader_tr, loader_val = trainer.get_dataloaders()
+        outputs = []
+        trainer.network.register_forward_hook(lambda module, args, out: outputs.append(out[0].dtype))
+        trainer.network.train()
+        loss = trainer.train_step(next(loader_tr))["loss"]
+        trainer.network.eval()
+        validation = trainer.validation_step(next(loader_val))
+        assert outputs == [dtype, dtype]
+        assert np.isfinite(loss) and np.isfinite(validation["loss"])
+        assert validation["tp_hard"].sum() + validation["fn_hard"].sum() > 0

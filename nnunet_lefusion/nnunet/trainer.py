@@ -7,6 +7,7 @@ Mode ``online`` also synthesizes cases during training (:mod:`nnunet_lefusion.nn
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -143,6 +144,19 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
         return SyntheticMixDataset(dataset_tr, folder, variants, self.lefusion.rate, self.lefusion_counters, labels,
                                    watch=self.lefusion_online is not None)
 
+    @property
+    def _cpu_bf16(self) -> bool:
+        """Whether steps run under bf16 autocast: a CPU device and ``cpu_bf16`` set (on CUDA, nnU-Net's own)."""
+        return self.lefusion.cpu_bf16 and self.device.type == "cpu"
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast("cpu", dtype=torch.bfloat16) if self._cpu_bf16 else contextlib.nullcontext()
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self._cpu_bf16:
+            self.print_to_log_file("LeFusion: bf16 autocast on the CPU (cpu_bf16)")
+
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
         self._lefusion_step = 0
@@ -151,7 +165,8 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
 
     def train_step(self, batch: dict) -> dict:
         start = time.perf_counter()
-        result = super().train_step(batch)
+        with self._autocast():
+            result = super().train_step(batch)
         self._lefusion_step += 1
         if self.lefusion_online is not None:
             try:
@@ -161,6 +176,10 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
                 raise LeFusionExit(f"online synthesis failed in epoch {self.current_epoch}: {exc}") from None
         self._lefusion_read_ids()
         return result
+
+    def validation_step(self, batch: dict) -> dict:
+        with self._autocast():
+            return super().validation_step(batch)
 
     def _lefusion_read_ids(self) -> None:
         ids, lost = self.lefusion_counters.new_ids()
