@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 BIN = Path(sys.executable).parent
+LEFUSION, CONTROL = "nnUNetTrainerLeFusion", "nnUNetTrainerLeFusion_r000"
 
 
 def run(*cmd: str) -> None:
@@ -37,10 +38,13 @@ def prepare_phantom(work: Path, dataset_id: int, num_cases: int, configurations:
 
 
 def time_trainers(dataset: str, configuration: str, variants: dict[str, tuple[str, dict[str, str]]],
-                  iterations: int, blocks: int, device: torch.device) -> dict[str, tuple[object, list[float]]]:
+                  iterations: int, blocks: int, device: torch.device, warm_up: int = 3
+                  ) -> dict[str, tuple[object, list[float]]]:
     """Build one real trainer per variant (name -> trainer class name and the environment it is built under),
-    then time training iterations in alternating blocks (A B, B A, ...) so that machine drift hits every variant.
-    Returns name -> (trainer, seconds per iteration); the trainers are left started (call ``on_train_end``)."""
+    run ``warm_up`` untimed iterations each, then time training iterations in alternating blocks (A B, B A, ...) so
+    that machine drift hits every variant. The epoch holds every iteration (online mode spreads its budget over the
+    epoch's steps). Returns name -> (trainer, seconds per iteration); the trainers are left started (call
+    ``on_train_end``)."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
     from nnunet_lefusion.nnunet.register import register
@@ -51,10 +55,11 @@ def time_trainers(dataset: str, configuration: str, variants: dict[str, tuple[st
         os.environ.update(env)
         torch.manual_seed(0)
         trainer = get_trainer_from_args(dataset, configuration, 0, trainer_name, device=device)
+        trainer.num_iterations_per_epoch = warm_up + iterations * blocks
         trainer.disable_checkpointing = True
         trainer.on_train_start()
         trainer.on_train_epoch_start()
-        for _ in range(3):  # warm-up
+        for _ in range(warm_up):
             trainer.train_step(next(trainer.dataloader_train))
         timed[name] = (trainer, [])
     runs = list(timed.values())

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import prepare_phantom
+from benchmarks.common import CONTROL, LEFUSION, prepare_phantom, time_trainers
 from nnunet_lefusion.cli.common import check_device
 from nnunet_lefusion.phantom import generate_case
 from nnunet_lefusion.pretrained import SHIPPED
@@ -55,37 +55,16 @@ def online_ratio(checkpoint: str, device: torch.device, time_share: float, itera
                       LEFUSION_CHECKPOINT=checkpoint, LEFUSION_TIME_SHARE=str(time_share),
                       LEFUSION_CASES_PER_EPOCH="0", LEFUSION_CACHE=str(work / "online_cache"))
     os.environ.pop("LEFUSION_CONFIG", None)
-    from nnunetv2.run.run_training import get_trainer_from_args
-
-    from nnunet_lefusion.nnunet.register import register
-    from nnunet_lefusion.nnunet.trainer import nnUNetTrainerLeFusion, nnUNetTrainerLeFusion_r000
-
-    register()
-    runs = []
-    for cls in (nnUNetTrainerLeFusion, nnUNetTrainerLeFusion_r000):
-        torch.manual_seed(0)
-        trainer = get_trainer_from_args(dataset, "3d_fullres", 0, cls.__name__, device=device)
-        trainer.num_iterations_per_epoch = iterations * blocks
-        trainer.disable_checkpointing = True
-        trainer.on_train_start()
-        trainer.on_train_epoch_start()
-        runs.append((cls.__name__, trainer, []))
-    for block in range(blocks):
-        for name, trainer, times in (runs if block % 2 == 0 else runs[::-1]):
-            for _ in range(iterations):
-                start = time.perf_counter()
-                trainer.train_step(next(trainer.dataloader_train))
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
+    runs = time_trainers(dataset, "3d_fullres", {name: (name, {}) for name in (LEFUSION, CONTROL)},
+                         iterations, blocks, device, warm_up=0)  # online synthesis would start untimed
     means = {}
-    for name, trainer, times in runs:
+    for name, (trainer, times) in runs.items():
         means[name] = statistics.mean(times)
         made = trainer.lefusion_online.made_epoch if trainer.lefusion_online else 0
         print(f"{name:32s} mean {means[name]:.3f} s/iter (median {statistics.median(times):.3f}, n={len(times)})"
               + (f", {made} LeFusion case(s) made online" if trainer.lefusion_online else ""))
         trainer.on_train_end()
-    return means["nnUNetTrainerLeFusion"] / means["nnUNetTrainerLeFusion_r000"]
+    return means[LEFUSION] / means[CONTROL]
 
 
 def main() -> None:

@@ -14,9 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import median_seconds, prepare_phantom, run, time_trainers
-
-LEFUSION, CONTROL = "nnUNetTrainerLeFusion", "nnUNetTrainerLeFusion_r000"
+from benchmarks.common import CONTROL, LEFUSION, median_seconds, prepare_phantom, run, time_trainers
 
 
 def main() -> None:

@@ -14,9 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import median_seconds, prepare_phantom, time_trainers
-
-CONTROL = "nnUNetTrainerLeFusion_r000"
+from benchmarks.common import CONTROL, median_seconds, prepare_phantom, time_trainers
 
 
 def main() -> None:
