@@ -78,6 +78,7 @@ def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes
     assert first.returncode == 0 and "1 run(s) of the other parts are not" in first_output, first_output[-2000:]
     real_done = out / "runs" / "real" / "seed_0" / "metrics.json"
     assert real_done.is_file() and not (out / "runs" / "copypaste" / "seed_0" / "metrics.json").exists()
+    assert "LeFusion: bf16 autocast on the CPU" in (real_done.parent / "log.txt").read_text()   # the preset's cpu_bf16
     assert not (out / "summary.json").exists() and len(list(out.glob("test/Dataset*/labelsTr/*"))) == 3
     finished = real_done.stat().st_mtime_ns
 
@@ -85,7 +86,7 @@ def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes
     assert real_done.stat().st_mtime_ns == finished, "a finished run was redone"
     assert done.stdout.strip().splitlines()[-1].startswith("headline: Dice ")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["arms"] == ["real", "copypaste"] and summary["seeds"] == 1
+    assert summary["arms"] == ["real", "copypaste"] and summary["seeds"] == 1 and summary["cpu_bf16"] is True
     assert len(summary["test_cases"]) == 3 and len(summary["splits"][0]["train"]) == 5
     rows = list(csv.DictReader((out / "per_case.csv").open()))
     assert len(rows) == 2 * 3 and {r["arm"] for r in rows} == {"real", "copypaste"}

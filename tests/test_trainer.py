@@ -44,10 +44,24 @@ def test_rate_one_serves_synthetic_training_cases_and_real_validation(phantom_da
     assert isinstance(tr, SyntheticMixDataset) and type(val) is nnUNetDatasetBlosc2
     for identifier in tr.identifiers:
         props = tr.load_case(identifier)[3]
-        assert props["lefusion"]["source"] == identifier
+        assert props["lefusion"]["source"] in tr.variants
     for identifier in val.identifiers:
         assert "lefusion" not in val.load_case(identifier)[3]
     assert trainer.lefusion_counters.snapshot() == (len(tr.identifiers), len(tr.identifiers))
+
+
+def test_rate_is_the_share_of_synthetic_loads_when_only_some_cases_have_variants(phantom_dataset, cache_folder,
+                                                                                clean_env):
+    clean_env.setenv("LEFUSION_RATE", "0.5")
+    trainer = make_trainer(nnUNetTrainerLeFusion, phantom_dataset)
+    tr, _ = trainer.get_tr_and_val_datasets()
+    tr.variants = dict(list(tr.variants.items())[:2])   # as if the cache held variants of two training cases only
+    assert len(tr.variants) == 2 < len(tr.identifiers)
+    np.random.seed(0)
+    sources = {tr.load_case(i)[3].get("lefusion", {}).get("source") for _ in range(40) for i in tr.identifiers}
+    loads, synthetic = trainer.lefusion_counters.snapshot()
+    assert loads == 40 * len(tr.identifiers) and abs(synthetic / loads - 0.5) < 0.075, (synthetic, loads)
+    assert sources - {None} == set(tr.variants), "every variant source is served"
 
 
 def test_control_uses_same_path_without_synthesis(phantom_dataset, cache_folder, clean_env):

@@ -163,7 +163,7 @@ class Run:
         env = {**os.environ, "nnUNet_preprocessed": str(self.setup.out / "nnUNet_preprocessed"),
                "nnUNet_results": str(self.folder / "nnUNet_results"), "LEFUSION_CACHE": str(self.folder / "cache"),
                "LEFUSION_RATE": "0" if self.arm.method is None else str(self.setup.rate),
-               "LEFUSION_MODE": "cache", "nnUNet_compile": "false"}
+               "LEFUSION_MODE": "cache", "LEFUSION_CPU_BF16": str(int(preset.cpu_bf16)), "nnUNet_compile": "false"}
         env.pop("LEFUSION_CONFIG", None)
         if preset.short:
             env.update(LEFUSION_EPOCHS=str(preset.epochs), LEFUSION_ITERS=str(preset.iterations),

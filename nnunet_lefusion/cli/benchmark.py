@@ -123,9 +123,11 @@ def main(argv: list[str] | None = None) -> None:
                   train_cases=train_cases, rate=args.rate, device=device, cv=args.cv,
                   roles=roles, scored=scored, detected=[s for s in scored if len(s.labels) == 1],
                   generator_args=generator_args(args, arms, roles, device))
+    bf16 = preset.cpu_bf16 and device == "cpu"   # the trainer autocasts on CUDA by itself
     print(f"benchmark {ctx.dataset} {ctx.configuration}, preset {preset.name} ({preset.describe}): arms "
           f"{', '.join(arms)} x {seeds} seed(s) = {len(arms) * seeds} runs, "
-          f"{train_cases or 'all'} training cases per seed, rate {args.rate}, device {setup.device}")
+          f"{train_cases or 'all'} training cases per seed, rate {args.rate}, device {setup.device}"
+          + (" (nnU-Net's steps in bf16)" if bf16 else ""))
     runs = part_of(run_list(arms, seeds), args.num_parts, args.part_id)
     left = [(name, seed) for name, seed in runs if not Run(setup, ARMS[name], seed).done]
     part = f"part {args.part_id} of {args.num_parts}" if args.num_parts > 1 else "the benchmark"
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     info = {"command": "nnUNetv2_lefusion_benchmark " + shlex.join(sys.argv[1:] if argv is None else argv),
             "dataset": ctx.dataset, "configuration": ctx.configuration, "preset": preset.name, "epochs": preset.epochs,
-            "iterations": preset.iterations, "arms": list(arms),
+            "iterations": preset.iterations,
+            "cpu_bf16": bf16, "arms": list(arms),
             "seeds": seeds, "train_cases": train_cases, "rate": args.rate, "cv": args.cv,
             "test_cases": sorted({c for s in setup.splits for c in s["test"]}),
             "splits": setup.splits, "seconds_this_call": round(time.time() - start, 1),

@@ -94,9 +94,10 @@ class LoadCounters:
 
 
 class SyntheticMixDataset(nnUNetBaseDataset):
-    """Training cases of ``real``; with probability ``rate`` a load returns one of the case's synthetic variants
-    (only cases that have variants: with none the load is real). ``watch``: follow the manifest of
-    ``cache_folder`` (online mode). ``labels``: count lesion voxels of the loaded segmentations."""
+    """Training cases of ``real``; with probability ``rate`` a load returns a synthetic case instead, drawn uniformly
+    from the variants of all training cases (so ``rate`` is the share of synthetic loads however few cases have
+    variants; with none every load is real). ``watch``: follow the manifest of ``cache_folder`` (online mode).
+    ``labels``: count lesion voxels of the loaded segmentations."""
 
     save_case = staticmethod(nnUNetDatasetBlosc2.save_case)
     get_identifiers = staticmethod(nnUNetDatasetBlosc2.get_identifiers)
@@ -108,8 +109,8 @@ class SyntheticMixDataset(nnUNetBaseDataset):
         self.rate = rate
         self.cache_folder = Path(cache_folder) if cache_folder is not None else None
         self.watch = watch and self.cache_folder is not None
-        self.variants = self._filter(variants)
-        self.synthetic = (nnUNetDatasetBlosc2(str(cache_folder), sorted(i for v in self.variants.values() for i in v))
+        self.variants = variants
+        self.synthetic = (nnUNetDatasetBlosc2(str(cache_folder), sorted(self._sources))
                           if cache_folder is not None and (self.variants or self.watch) else None)
         self.counters = counters
         self.labels = labels
@@ -119,9 +120,17 @@ class SyntheticMixDataset(nnUNetBaseDataset):
         if self.watch:
             self._refresh()
 
-    def _filter(self, variants: dict[str, list[str]]) -> dict[str, list[str]]:
+    @property
+    def variants(self) -> dict[str, list[str]]:
+        """source case -> its synthetic variants, for the training cases only."""
+        return self._variants
+
+    @variants.setter
+    def variants(self, variants: dict[str, list[str]]) -> None:
         training = set(self.identifiers)
-        return {k: list(v) for k, v in variants.items() if k in training and v}
+        self._variants = {k: list(v) for k, v in variants.items() if k in training and v}
+        self._sources = {syn_id: source for source, ids in self._variants.items() for syn_id in ids}
+        self._pool = sorted(self._sources)
 
     def _refresh(self) -> None:
         """Re-read the manifest if it changed (inode, mtime or size) or was last read ``RELOAD_S`` ago."""
@@ -137,9 +146,9 @@ class SyntheticMixDataset(nnUNetBaseDataset):
             variants = Manifest.load(self.cache_folder).variants_by_source()
         except (LeFusionError, OSError):
             return  # keep the variants known so far; try again on the next load
-        self.variants = self._filter(variants)
+        self.variants = variants
         self._manifest_key, self._manifest_read = key, now
-        known = set(self.identifiers).union(*self.variants.values())
+        known = set(self.identifiers).union(self._pool)
         self._voxels = {k: v for k, v in self._voxels.items() if k in known}
 
     def _lesion_voxels(self, identifier: str, seg) -> dict[str, int] | None:
@@ -152,9 +161,9 @@ class SyntheticMixDataset(nnUNetBaseDataset):
     def load_case(self, identifier: str):
         if self.watch:
             self._refresh()
-        options = self.variants.get(identifier)
-        if options and self.rate > 0 and np.random.uniform() < self.rate:
-            syn_id = options[np.random.randint(len(options))]
+        if self._pool and self.rate > 0 and np.random.uniform() < self.rate:
+            syn_id = self._pool[np.random.randint(len(self._pool))]
+            source = self._sources[syn_id]
             try:
                 data, seg, _, properties = self.synthetic.load_case(syn_id)
             except Exception:
@@ -163,7 +172,7 @@ class SyntheticMixDataset(nnUNetBaseDataset):
                 syn_id = None  # retired since the manifest was read: serve the real case
             if syn_id is not None:
                 self.counters.count(True, self._lesion_voxels(syn_id, seg), syn_id)
-                seg_prev = self.real.load_case(identifier)[2] if self.folder_with_segs_from_previous_stage else None
+                seg_prev = self.real.load_case(source)[2] if self.folder_with_segs_from_previous_stage else None
                 return data, seg, seg_prev, properties
         case = self.real.load_case(identifier)
         self.counters.count(False, self._lesion_voxels(identifier, case[1]))

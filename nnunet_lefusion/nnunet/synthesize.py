@@ -212,7 +212,8 @@ def choose_proposals(synthesizer: Synthesizer, pools: dict[str, list[RawCase]], 
     tracker = ShareTracker(labels, plan.target_share)
     tracker.totals.update({int(k): v for k, v in totals.items()})
     chosen = {}
-    for slot in slots:
+    for slot in tqdm(slots, desc=f"drawing lesion masks ({plan.candidates} candidates per new-lesion case)",
+                     unit="case"):
         new_lesions = slot.kind != "retexture"
         proposals = _propose(synthesizer, pools[slot.kind], slot, plan.candidates if new_lesions else 1,
                              tracker.below_target() if new_lesions else None)

@@ -29,7 +29,7 @@ STATS_FILE = "lefusion_stats.json"
 
 
 class nnUNetTrainerLeFusion(nnUNetTrainer):
-    """nnU-Net training where a loaded training case is replaced by a cached synthetic variant with prob. ``rate``
+    """nnU-Net training where a loaded training case is replaced by a cached synthetic case with prob. ``rate``
     (mode ``online``: the cache is also filled during training)."""
 
     fixed_rate: float | None = None  # set by the _rXXX variants: their name must tell the truth
