@@ -2,10 +2,12 @@
 trainers timed side by side."""
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +37,26 @@ def prepare_phantom(work: Path, dataset_id: int, num_cases: int, configurations:
     if missing:
         run("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *missing, "-np", "2", "-npfp", "2")
     return next((work / "nnUNet_raw").glob(f"Dataset{dataset_id:03d}_*")).name
+
+
+def trainer_timing_parser(doc: str, iterations: int, blocks: int) -> argparse.ArgumentParser:
+    """The arguments of a benchmark that times trainers side by side: -c, --iterations, --blocks, --work-dir."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("-c", dest="configuration", default="3d_fullres")
+    parser.add_argument("--iterations", type=int, default=iterations, help="iterations per block")
+    parser.add_argument("--blocks", type=int, default=blocks, help="blocks per trainer, alternating")
+    parser.add_argument("--work-dir", default=None, help="keep data here (default: a temporary folder)")
+    return parser
+
+
+def timing_phantom(args: argparse.Namespace) -> str:
+    """The 10-case phantom of a trainer-timing benchmark, in ``--work-dir`` (or a temporary folder); nnU-Net's
+    augmentation workers default to one per core (at most 12); the user's settings file and cache are set aside."""
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="lefusion_bench_"))
+    os.environ.setdefault("nnUNet_n_proc_DA", str(min(os.cpu_count() or 1, 12)))
+    for var in ("LEFUSION_CONFIG", "LEFUSION_CACHE"):
+        os.environ.pop(var, None)
+    return prepare_phantom(work, 992, 10, [args.configuration])
 
 
 def time_trainers(dataset: str, configuration: str, variants: dict[str, tuple[str, dict[str, str]]],

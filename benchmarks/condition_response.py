@@ -1,6 +1,6 @@
 """Does a sampler's network use its histogram condition? One-step x0 predictions inside real lesions, by noise level.
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/condition_response.py --checkpoint CKPT --raw RAW_DATASET_FOLDER
+Run: ``PYTHONPATH=. .venv/bin/python -m benchmarks.condition_response --checkpoint CKPT --raw RAW_DATASET_FOLDER
 [--cases 4] [--timesteps 299 250 200 150 100 50]``.
 
 For held-out lesion ROIs, the real image is forward-noised to step t and the network predicts x0 under four

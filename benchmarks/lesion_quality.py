@@ -1,6 +1,6 @@
 """How real do re-synthesized lesions look? Intensity distributions of real vs synthetic lesions, fast vs full schedule.
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/lesion_quality.py --checkpoint CKPT --raw RAW_DATASET_FOLDER
+Run: ``PYTHONPATH=. .venv/bin/python -m benchmarks.lesion_quality --checkpoint CKPT --raw RAW_DATASET_FOLDER
 [--cases 8] [--full-schedule 5/5] [--histogram case|random] [--batch 4] [--device cpu]``.
 
 The lesions of held-out cases (not seen in training) are re-textured on their real masks with the checkpoint's

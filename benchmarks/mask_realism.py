@@ -7,7 +7,7 @@ the held-out real masks of the lesion volume fraction of the organ, the transmur
 and the mean IoU of each mask to its nearest training mask (aligned on the LV centre; a copy scores 1).
 Target for the learned generator: every KS <= 0.2 and nearest IoU <= 0.7.
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/mask_realism.py [--checkpoint RUN/checkpoint_final.pt]
+Run: ``PYTHONPATH=. .venv/bin/python -m benchmarks.mask_realism [--checkpoint RUN/checkpoint_final.pt]
 --train-dataset RAW/Dataset995_X`` (the raw dataset the generator was trained on; for the shipped generator,
 ``nnUNetv2_lefusion_phantom -d 995 -n 60 --seed 1 --fov heart --normal-fraction 0`` makes it, see
 pretrained/README.md).

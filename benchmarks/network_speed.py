@@ -1,6 +1,6 @@
 """Time one evaluation of the LeFusion denoiser: plain (official math) vs optimised path, CPU or CUDA.
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/network_speed.py [--configs official small] [--batches 1 4]``.
+Run: ``PYTHONPATH=. .venv/bin/python -m benchmarks.network_speed [--configs official small] [--batches 1 4]``.
 ``time_forward`` and ``time_train_step`` are importable (e.g. by ``benchmarks/sampler_speed.py``).
 """
 from __future__ import annotations

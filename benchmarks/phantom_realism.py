@@ -5,7 +5,7 @@ against it, the infarct's heterogeneity and the width of its border (``nnunet_le
 each statistic over the cases with its Emidec target range and whether the range holds (every case, or the median
 for the texture measures). It writes a PNG montage: whole slice, heart zoom, zoom with label outlines.
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/phantom_realism.py [-n 50] [--seed 0] [--fov thorax]
+Run: ``PYTHONPATH=. .venv/bin/python -m benchmarks.phantom_realism [-n 50] [--seed 0] [--fov thorax]
 [--png benchmarks/results/phantom_realism.png]``; ``--raw $nnUNet_raw/DatasetXXX_Name`` measures that dataset
 instead (labels from its dataset.json), so the phantom can be set beside real data.
 """

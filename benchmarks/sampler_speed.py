@@ -1,6 +1,6 @@
 """Seconds per ROI of the official RePaint schedule (5/5) against the fast mode, and what the network costs.
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/sampler_speed.py [--config small] [--batch 1] [--device cpu]``.
+Run: ``PYTHONPATH=. .venv/bin/python -m benchmarks.sampler_speed [--config small] [--batch 1] [--device cpu]``.
 Sections:
 1. sampler on ``--config``: seconds per network evaluation, the official 5/5 schedule (1,480 evaluations;
    measured end to end with ``--measure-official``, the default on CUDA, else evaluations x per-evaluation

@@ -7,7 +7,7 @@ and runs them in alternating blocks of iterations; online mode synthesizes LeFus
 ``--time-share`` of the wall time. The figure is the ratio of mean seconds per iteration (synthesis included: the
 mean, not the median, is what a training pays).
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/synthesis_throughput.py [--checkpoint CKPT] [--cases 4]
+Run: ``PYTHONPATH=. .venv/bin/python -m benchmarks.synthesis_throughput [--checkpoint CKPT] [--cases 4]
 [--official-cases 1] [--time-share 0.1 --iterations 20 --blocks 6]``; on a GPU the same command gives the GPU
 figures (``-device cuda``).
 """

@@ -2,35 +2,24 @@
 
 Both trainers run side by side in one process on the same phantom dataset, in alternating blocks of iterations
 (A B, B A, A B, ...) so that machine drift hits both; the figure is the ratio of median seconds per iteration.
-Target: ratio <= 1.03.  Usage: python benchmarks/trainer_overhead.py [--iterations 15 --blocks 4 -c 3d_fullres]
+Target: ratio <= 1.03.  Usage: python -m benchmarks.trainer_overhead [--iterations 15 --blocks 4 -c 3d_fullres]
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import tempfile
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import CONTROL, LEFUSION, median_seconds, prepare_phantom, run, time_trainers
+from benchmarks.common import (CONTROL, LEFUSION, median_seconds, run, time_trainers, timing_phantom,
+                               trainer_timing_parser)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-c", dest="configuration", default="3d_fullres")
-    parser.add_argument("--iterations", type=int, default=15, help="iterations per block")
-    parser.add_argument("--blocks", type=int, default=4, help="blocks per trainer, alternating")
-    parser.add_argument("--work-dir", default=None, help="keep data here (default: a temporary folder)")
-    args = parser.parse_args()
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="lefusion_bench_"))
-    os.environ.setdefault("nnUNet_n_proc_DA", str(min(os.cpu_count() or 1, 12)))
-    dataset = prepare_phantom(work, 992, 10, [args.configuration])
+    args = trainer_timing_parser(__doc__, 15, 4).parse_args()
+    dataset = timing_phantom(args)
     run("nnUNetv2_lefusion_synthesize", "-d", "992", "-c", args.configuration, "-f", "0", "-n", "16", "--overwrite")
     os.environ["LEFUSION_RATE"] = "0.5"
-    for var in ("LEFUSION_CONFIG", "LEFUSION_CACHE"):
-        os.environ.pop(var, None)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     trainers = time_trainers(dataset, args.configuration, {name: (name, {}) for name in (LEFUSION, CONTROL)},
