@@ -158,6 +158,9 @@ def test_new_lesions_hold_the_classes_a_target_share_asks_for(dataset, checkpoin
     asked = [generated.propose(normal, "normal", np.random.default_rng(i), (4,)).seg for i in range(6)]
     assert not all((seg == 4).any() for seg in drawn), "the generator alone draws no-reflow only sometimes"
     assert all((seg == 4).any() and (seg == 3).any() for seg in asked)
+    candidates = generated.propose_many(normal, "normal", np.random.default_rng(0), 4, (4,))
+    assert len(candidates) == 4 and all((p.seg == 4).any() and (p.seg == 3).any() for p in candidates)
+    assert len({p.seg.tobytes() for p in candidates}) > 1, "candidates are different draws"
 
 
 def test_lesions_wider_than_the_window_are_covered_by_several_windows(dataset, checkpoint):

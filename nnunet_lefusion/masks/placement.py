@@ -20,6 +20,12 @@ class MaskGenerator(Protocol):
         """A lesion map: lesion labels where lesions go, 0 elsewhere; accepted by ``place_lesions``."""
         ...
 
+    def generate_many(self, label_maps: Sequence[np.ndarray], rng: np.random.Generator,
+                      want_classes: Sequence[int] | None = None,
+                      spacings: Sequence[Spacing] | None = None) -> list[np.ndarray]:
+        """``generate`` for several label maps (batched where the generator can batch)."""
+        ...
+
 
 def fold_lesions(label_map: np.ndarray, labels: LesionLabels) -> np.ndarray:
     """A copy of ``label_map`` with every lesion voxel given back to the (first) organ label."""

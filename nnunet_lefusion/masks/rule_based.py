@@ -105,6 +105,13 @@ class RuleBasedMaskGenerator:
             lesion_map[region] = label
         return lesion_map
 
+    def generate_many(self, label_maps: Sequence[np.ndarray], rng: np.random.Generator,
+                      want_classes: Sequence[int] | None = None,
+                      spacings: Sequence[Spacing] | None = None) -> list[np.ndarray]:
+        """``generate`` for each label map in turn."""
+        spacings = list(spacings) if spacings is not None else [(1.0, 1.0, 1.0)] * len(label_maps)
+        return [self.generate(m, rng, want_classes, s) for m, s in zip(label_maps, spacings, strict=True)]
+
     def _levels(self, want_classes: Sequence[int] | None, rng: np.random.Generator) -> int:
         lesions = self.labels.lesions
         if want_classes is None:

@@ -190,12 +190,12 @@ def run_slots(run: dict, plan: SynthesisPlan) -> tuple[list[Slot], dict[str, int
 
 def _propose(synthesizer: Synthesizer, pool: list[RawCase], slot: Slot, candidates: int,
              want_classes: tuple[int, ...] | None = None) -> list[Proposal]:
-    """``candidates`` proposals on the first target from the slot's pool place on that can host a lesion."""
+    """Up to ``candidates`` proposals on the first target from the slot's pool place on that can host a lesion."""
     for t in range(len(pool)):
         target = pool[(slot.start + t) % len(pool)]
         try:
-            return [synthesizer.propose(target, slot.kind, np.random.default_rng([slot.seed, t, c]), want_classes)
-                    for c in range(candidates)]
+            return synthesizer.propose_many(target, slot.kind, np.random.default_rng([slot.seed, t]), candidates,
+                                            want_classes)
         except SynthesisSkipped:
             continue
     raise LeFusionError(f"no {slot.kind!r} target could be synthesized by {synthesizer.name}")

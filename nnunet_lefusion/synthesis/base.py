@@ -63,6 +63,12 @@ class Synthesizer(Protocol):
         ``want_classes``: lesion labels the new lesions should hold (a target share asks for its rare class)."""
         ...
 
+    def propose_many(self, target: RawCase, kind: str, rng: np.random.Generator, count: int,
+                     want_classes: Sequence[int] | None = None) -> list[Proposal]:
+        """``count`` proposals on one target (the candidates a target share chooses from), in one batch where the
+        method can batch; raise ``SynthesisSkipped`` if the target cannot host any."""
+        ...
+
     def render_many(self, proposals: list[Proposal], rng: np.random.Generator) -> list[Synthetic]:
         """Produce the images for several proposals (in one batch where the method can batch)."""
         ...

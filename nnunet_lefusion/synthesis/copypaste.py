@@ -94,6 +94,10 @@ class CopyPasteSynthesizer:
                     rendered=target.with_arrays(image, new_seg[None]))
         raise SynthesisSkipped(f"no donor lesion fits into the organ of {target.identifier}")
 
+    def propose_many(self, target: RawCase, kind: str, rng: np.random.Generator, count: int,
+                     want_classes: Sequence[int] | None = None) -> list[Proposal]:
+        return [self.propose(target, kind, rng, want_classes) for _ in range(count)]
+
     def render_many(self, proposals: list[Proposal], rng: np.random.Generator) -> list[Synthetic]:
         """Copy-paste proposals are finished cases already."""
         return [Synthetic(p.rendered, {**p.provenance, "lesion_voxels": lesion_voxel_counts(p.seg, self.labels)})

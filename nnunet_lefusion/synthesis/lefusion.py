@@ -251,6 +251,12 @@ class LeFusionSynthesizer:
                 want_classes: Sequence[int] | None = None) -> Proposal:
         """The label map of the new case: the target's own (``retexture``) or with generated lesions added (holding
         ``want_classes``, see ``MaskGenerator.generate``)."""
+        return self.propose_many(target, kind, rng, 1, want_classes)[0]
+
+    def propose_many(self, target: RawCase, kind: str, rng: np.random.Generator, count: int,
+                     want_classes: Sequence[int] | None = None) -> list[Proposal]:
+        """``count`` proposals on ``target``, their new lesions drawn in one batched mask-generator call; candidates
+        whose lesions cannot be placed are left out (``SynthesisSkipped`` if none is left)."""
         if kind not in self.kinds:
             raise LeFusionError(f"the LeFusion synthesizer makes {', '.join(self.kinds)} cases, not {kind!r}"
                                 + ("" if self.mask_generator else " (new lesions need a mask generator)"))
@@ -259,18 +265,28 @@ class LeFusionSynthesizer:
         if kind == "retexture":
             if not has_lesions:
                 raise SynthesisSkipped(f"{target.identifier} has no lesion to re-texture")
-            return Proposal(target, target.seg, {"method": self.name, "kind": kind})
+            return [Proposal(target, target.seg, {"method": self.name, "kind": kind}) for _ in range(count)]
         if not np.isin(seg, self.labels.organ).any():
             raise SynthesisSkipped(f"{target.identifier} has no organ (labels {list(self.labels.organ)})")
         old = np.where(np.isin(seg, self.labels.lesions), seg, 0)
         try:
-            drawn = self.mask_generator.generate(seg, rng, want_classes, spacing=target.spacing)
-            if not (drawn > 0).any():
-                raise SynthesisSkipped(f"the mask generator drew no lesion on {target.identifier}")
-            placed = place_lesions(seg, np.where(drawn > 0, drawn, old), self.labels)
+            drawn = self.mask_generator.generate_many([seg] * count, rng, want_classes, [target.spacing] * count)
         except LeFusionError as exc:
-            raise SynthesisSkipped(f"no lesion could be placed on {target.identifier}: {exc}") from None
-        return Proposal(target, placed.astype(seg.dtype, copy=False)[None], {"method": self.name, "kind": kind})
+            raise SynthesisSkipped(f"no lesion could be drawn on {target.identifier}: {exc}") from None
+        proposals, why = [], "the mask generator drew no lesion"
+        for lesions in drawn:
+            if not (lesions > 0).any():
+                continue
+            try:
+                placed = place_lesions(seg, np.where(lesions > 0, lesions, old), self.labels)
+            except LeFusionError as exc:
+                why = str(exc)
+                continue
+            proposals.append(Proposal(target, placed.astype(seg.dtype, copy=False)[None],
+                                      {"method": self.name, "kind": kind}))
+        if not proposals:
+            raise SynthesisSkipped(f"no lesion could be placed on {target.identifier}: {why}")
+        return proposals
 
     def render(self, proposal: Proposal, rng: np.random.Generator) -> Synthetic:
         return self.render_many([proposal], rng)[0]
