@@ -25,7 +25,8 @@ class TrainerSettings:
     ``nnUNetv2_lefusion_synthesize`` (``--method``, ``--checkpoint``, ``--sampling``, ``--mask-generator``,
     ``--mix``, ``--target-share``, ``--candidates``, ``--device``, ``--seed``).
     ``cpu_bf16``: on a CPU device, train and validate under bf16 autocast, as nnU-Net autocasts on CUDA (it runs
-    in fp32 on a CPU); about 1.9x faster per iteration on CPUs with AMX.
+    in fp32 on a CPU); about 1.9x faster per iteration on CPUs with AMX, slower than fp32 on CPUs that only emulate
+    bf16 (no AVX512-BF16 or AMX).
     """
 
     rate: float = 0.5

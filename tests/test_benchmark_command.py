@@ -17,6 +17,7 @@ import pytest
 from nnunet_lefusion.benchmark.metrics import dice, detection, hd95
 from nnunet_lefusion.benchmark.report import run_times
 from nnunet_lefusion.benchmark.stats import bootstrap, paired
+from nnunet_lefusion.precision import CPU_BF16_LOG_LINE, cpu_has_native_bf16
 from tests.nnunet_helpers import BIN, run_cli
 
 
@@ -78,7 +79,8 @@ def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes
     assert first.returncode == 0 and "1 run(s) of the other parts are not" in first_output, first_output[-2000:]
     real_done = out / "runs" / "real" / "seed_0" / "metrics.json"
     assert real_done.is_file() and not (out / "runs" / "copypaste" / "seed_0" / "metrics.json").exists()
-    assert "LeFusion: bf16 autocast on the CPU" in (real_done.parent / "log.txt").read_text()   # the preset's cpu_bf16
+    native_bf16 = cpu_has_native_bf16()   # the preset's cpu_bf16 applies where the CPU has bf16 in hardware
+    assert (CPU_BF16_LOG_LINE in (real_done.parent / "log.txt").read_text()) is native_bf16
     assert not (out / "summary.json").exists() and len(list(out.glob("test/Dataset*/labelsTr/*"))) == 3
     finished = real_done.stat().st_mtime_ns
 
@@ -86,7 +88,8 @@ def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes
     assert real_done.stat().st_mtime_ns == finished, "a finished run was redone"
     assert done.stdout.strip().splitlines()[-1].startswith("headline: Dice ")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["arms"] == ["real", "copypaste"] and summary["seeds"] == 1 and summary["cpu_bf16"] is True
+    assert summary["arms"] == ["real", "copypaste"] and summary["seeds"] == 1 and summary["cpu_bf16"] is native_bf16
+    assert summary["cpu_bf16_per_run"] == {"real/seed_0": native_bf16, "copypaste/seed_0": native_bf16}
     assert len(summary["test_cases"]) == 3 and len(summary["splits"][0]["train"]) == 5
     rows = list(csv.DictReader((out / "per_case.csv").open()))
     assert len(rows) == 2 * 3 and {r["arm"] for r in rows} == {"real", "copypaste"}

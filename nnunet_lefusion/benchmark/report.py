@@ -125,6 +125,11 @@ def write_png(summary: dict, results: list[dict], arms: tuple[str, ...], scored:
     tmp.replace(path)
 
 
+def run_name(result: dict) -> str:
+    """``arm/seed_k`` of a run's metrics."""
+    return f"{result['arm']}/seed_{result['seed']}"
+
+
 def run_times(results: list[dict]) -> dict:
     """Seconds per run (synthesis and prediction wall time, training as nnU-Net's logged epoch times over all its
     sittings; None where a run finished before times were kept) and their sum over the runs that have one."""
@@ -133,7 +138,7 @@ def run_times(results: list[dict]) -> dict:
         stages = result.get("seconds") or {}
         known = [v for v in stages.values() if v is not None]
         complete = bool(stages) and stages.get("train") is not None
-        per_run[f"{result['arm']}/seed_{result['seed']}"] = round(sum(known), 1) if complete else None
+        per_run[run_name(result)] = round(sum(known), 1) if complete else None
     timed = [v for v in per_run.values() if v is not None]
     return {"per_run": per_run, "timed_runs": len(timed), "timed_seconds": round(sum(timed), 1)}
 

@@ -33,6 +33,7 @@ from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.nnunet.cache import atomic_write_text
 from nnunet_lefusion.nnunet.context import DatasetContext, part_of, read_json, training_cases
 from nnunet_lefusion.phantom import write_dataset
+from nnunet_lefusion.precision import CPU_BF16_LOG_LINE
 from nnunet_lefusion.training.roi_data import read_volume
 
 METRICS_FILE = "metrics.json"
@@ -53,6 +54,7 @@ class Setup:
     rate: float
     device: str
     cv: bool
+    cpu_bf16: bool               # nnU-Net's steps in bf16: the preset asks for it and the CPU has it natively
     roles: LesionLabels
     scored: list[Structure]
     detected: list[Structure]
@@ -163,7 +165,7 @@ class Run:
         env = {**os.environ, "nnUNet_preprocessed": str(self.setup.out / "nnUNet_preprocessed"),
                "nnUNet_results": str(self.folder / "nnUNet_results"), "LEFUSION_CACHE": str(self.folder / "cache"),
                "LEFUSION_RATE": "0" if self.arm.method is None else str(self.setup.rate),
-               "LEFUSION_MODE": "cache", "LEFUSION_CPU_BF16": str(int(preset.cpu_bf16)), "nnUNet_compile": "false"}
+               "LEFUSION_MODE": "cache", "LEFUSION_CPU_BF16": str(int(self.setup.cpu_bf16)), "nnUNet_compile": "false"}
         env.pop("LEFUSION_CONFIG", None)
         if preset.short:
             env.update(LEFUSION_EPOCHS=str(preset.epochs), LEFUSION_ITERS=str(preset.iterations),
@@ -202,6 +204,11 @@ class Run:
         logs = (self.folder / "nnUNet_results").rglob("training_log_*.txt")
         return sum(float(m) for log in logs for m in EPOCH_TIME.findall(log.read_text(errors="replace")))
 
+    def trained_in_bf16(self) -> bool:
+        """Whether nnU-Net's logs of this run say its steps ran under the trainer's CPU bf16 autocast."""
+        return any(CPU_BF16_LOG_LINE in log.read_text(errors="replace")
+                   for log in (self.folder / "nnUNet_results").rglob("training_log_*.txt"))
+
     def execute(self, progress: tqdm) -> None:
         """Every stage not yet done; a stage interrupted before its marker starts again from scratch (training
         continues from nnU-Net's latest checkpoint)."""
@@ -237,7 +244,7 @@ class Run:
         atomic_write_text(self.folder / METRICS_FILE, json.dumps({
             "arm": self.arm.name, "seed": self.seed, "trainer": self.trainer,
             "training_cases": self.setup.splits[self.seed]["train"], "cases": rows, "curves": self.curves(),
-            "seconds": stage_seconds}))
+            "seconds": stage_seconds, "cpu_bf16": self.trained_in_bf16()}))
 
     def _predict(self) -> Path:
         """nnU-Net's predictor on this seed's test cases, into a fresh folder renamed when complete."""
@@ -276,10 +283,10 @@ def execute_part(setup: Setup, num_parts: int = 1, part_id: int = 0) -> tuple[li
     every finished run, of all parts, and the number of runs of the other parts not finished yet."""
     runs = [Run(setup, ARMS[name], seed) for name, seed in run_list(setup.arms, setup.seeds)]
     mine = part_of(runs, num_parts, part_id)
-    with tqdm(mine, desc="benchmark runs" + (f" (part {part_id} of {num_parts})" if num_parts > 1 else ""),
-              unit="run") as progress:
+    pending = [run for run in mine if not run.done]
+    with tqdm(pending, desc="benchmark runs" + (f" (part {part_id} of {num_parts})" if num_parts > 1 else ""),
+              unit="run", total=len(mine), initial=len(mine) - len(pending)) as progress:
         for run in progress:
-            if not run.done:
-                run.execute(progress)
+            run.execute(progress)
     finished = [run for run in runs if run.done]
     return [json.loads((run.folder / METRICS_FILE).read_text()) for run in finished], len(runs) - len(finished)

@@ -19,12 +19,13 @@ from pathlib import Path
 
 from nnunet_lefusion.benchmark.metrics import structures
 from nnunet_lefusion.benchmark.plan import ARMS, PRESETS, estimate_seconds, parse_arms, run_list
-from nnunet_lefusion.benchmark.report import run_times, write_outputs
+from nnunet_lefusion.benchmark.report import run_name, run_times, write_outputs
 from nnunet_lefusion.benchmark.runner import Run, Setup, execute_part, prepare
 from nnunet_lefusion.cli.common import add_device_argument, add_parts_arguments, check_device, cli_main
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
 from nnunet_lefusion.nnunet.context import DatasetContext, check_parts, dataset_name, env_folder, part_of
+from nnunet_lefusion.precision import cpu_has_native_bf16
 from nnunet_lefusion.pretrained import default_generator
 
 
@@ -121,17 +122,18 @@ def main(argv: list[str] | None = None) -> None:
             raise LeFusionError("the test dataset must not be the training dataset (or use --cv)")
     setup = Setup(ctx=ctx, out=Path(args.output).resolve(), preset=preset, arms=arms, seeds=seeds,
                   train_cases=train_cases, rate=args.rate, device=device, cv=args.cv,
+                  cpu_bf16=preset.cpu_bf16 and device == "cpu" and cpu_has_native_bf16(),
                   roles=roles, scored=scored, detected=[s for s in scored if len(s.labels) == 1],
                   generator_args=generator_args(args, arms, roles, device))
-    bf16 = preset.cpu_bf16 and device == "cpu"   # the trainer autocasts on CUDA by itself
     print(f"benchmark {ctx.dataset} {ctx.configuration}, preset {preset.name} ({preset.describe}): arms "
           f"{', '.join(arms)} x {seeds} seed(s) = {len(arms) * seeds} runs, "
           f"{train_cases or 'all'} training cases per seed, rate {args.rate}, device {setup.device}"
-          + (" (nnU-Net's steps in bf16)" if bf16 else ""))
+          + (" (nnU-Net's steps in bf16)" if setup.cpu_bf16 else ""))
     runs = part_of(run_list(arms, seeds), args.num_parts, args.part_id)
     left = [(name, seed) for name, seed in runs if not Run(setup, ARMS[name], seed).done]
     part = f"part {args.part_id} of {args.num_parts}" if args.num_parts > 1 else "the benchmark"
-    estimate = estimate_seconds(preset, left, train_cases or len(list(ctx.data_folder.glob('*.pkl'))))
+    estimate = estimate_seconds(preset, left, train_cases or len(list(ctx.data_folder.glob('*.pkl'))),
+                                setup.cpu_bf16)
     print(f"estimated time: {estimate / 3600:.1f} h for the {len(left)} of {len(runs)} run(s) of {part} not done "
           f"yet, on the machine the preset is meant for; output {setup.out}")
     start = time.time()
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     info = {"command": "nnUNetv2_lefusion_benchmark " + shlex.join(sys.argv[1:] if argv is None else argv),
             "dataset": ctx.dataset, "configuration": ctx.configuration, "preset": preset.name, "epochs": preset.epochs,
             "iterations": preset.iterations,
-            "cpu_bf16": bf16, "arms": list(arms),
+            "cpu_bf16": setup.cpu_bf16, "cpu_bf16_per_run": {run_name(r): r.get("cpu_bf16") for r in results},
+            "arms": list(arms),
             "seeds": seeds, "train_cases": train_cases, "rate": args.rate, "cv": args.cv,
             "test_cases": sorted({c for s in setup.splits for c in s["test"]}),
             "splits": setup.splits, "seconds_this_call": round(time.time() - start, 1),

@@ -20,6 +20,7 @@ from nnunet_lefusion.diffusion.lesion_maps import lesion_denoiser
 from nnunet_lefusion.diffusion.loss import Denoiser, lesion_channel_masks
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.precision import cpu_has_native_bf16
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -28,10 +29,7 @@ def fast_precision(device: torch.device) -> str:
     """"bf16" on CPUs with AVX512-BF16 or AMX (about 1.5x the fp32 sampling speed on this project's CPU), else
     "fp32": also on CUDA, where the small windows leave the GPU bound by kernel launches and bf16 autocast measured
     slower (H200: 114 vs 146 fast-mode cases per minute, ``benchmarks/synthesis_throughput.py``)."""
-    if device.type == "cpu":
-        checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        return "bf16" if any(check() for check in checks if check is not None) else "fp32"
-    return "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from nnunet_lefusion.nnunet.cache import Manifest, atomic_write_text, default_ca
 from nnunet_lefusion.nnunet.context import DatasetContext, env_folder
 from nnunet_lefusion.nnunet.dataset import LoadCounters, SyntheticMixDataset
 from nnunet_lefusion.nnunet.online import OnlineProducer, online_generators, online_labels
+from nnunet_lefusion.precision import CPU_BF16_LOG_LINE, cpu_has_native_bf16
 
 STATS_FILE = "lefusion_stats.json"
 
@@ -155,7 +156,8 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
     def on_train_start(self):
         super().on_train_start()
         if self._cpu_bf16:
-            self.print_to_log_file("LeFusion: bf16 autocast on the CPU (cpu_bf16)")
+            self.print_to_log_file(CPU_BF16_LOG_LINE + ("" if cpu_has_native_bf16() else
+                                   "; this CPU has no native bf16 (AVX512-BF16 or AMX): expect it slower than fp32"))
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()

@@ -1,0 +1,12 @@
+"""What this machine's CPU runs natively."""
+import torch
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 autocast is emulated and runs
+    several times slower than fp32."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+CPU_BF16_LOG_LINE = "LeFusion: bf16 autocast on the CPU (cpu_bf16)"   # the trainer's log line when it applies
