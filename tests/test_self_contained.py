@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 from tests.reference import REFERENCE_DIR
@@ -13,11 +14,18 @@ OUTSIDE = re.compile(r"""["'\s(=](/(work|tmp|root|home|mnt|data|scratch|opt)/|(\
 
 
 def checked_files() -> list[Path]:
-    found = []
-    for name in CHECKED:
-        path = ROOT / name
-        found += ([f for f in path.rglob("*") if f.is_file() and "__pycache__" not in f.parts]
-                  if path.is_dir() else [path])
+    """The files under CHECKED that the repository holds or would hold: git-ignored outputs (a benchmark run's logs
+    name the machine's folders) are left out; outside a git checkout, every file."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", *CHECKED],
+                            cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode == 0:
+        found = [ROOT / name for name in listed.stdout.split("\0") if name and (ROOT / name).is_file()]
+    else:
+        found = []
+        for name in CHECKED:
+            path = ROOT / name
+            found += ([f for f in path.rglob("*") if f.is_file() and "__pycache__" not in f.parts]
+                      if path.is_dir() else [path])
     guard = Path(__file__).resolve()  # its examples below are what the guard must catch
     return [f for f in found if f.suffix in {".py", ".yaml", ".ini", ".txt", ""} and f != guard]
 
