@@ -52,12 +52,13 @@ class Preset:
         return self.epochs is not None
 
 
-CPU_BF16_SPEEDUP = 40 / 28   # the cpu preset's fp32 vs bf16 epoch seconds on this project's AMX CPU
+CPU_BF16_SPEEDUP = 40 / 28   # the cpu preset's fp32 vs bf16 epoch seconds on this project's AMX CPU (one DA worker)
 
 PRESETS = {p.name: p for p in (
-    Preset("cpu", tuple(ARMS), 3, 40, 40, 0.5, 40, 30, 2, 0.93, {"copypaste": 1.0, "lefusion": 24.0,
-                                                                  "lefusion_masks": 72.0},
-           "2-core CPU: 1,200 iterations per run on 40 training cases, bf16 where the CPU has it", cpu_bf16=True),
+    Preset("cpu", tuple(ARMS), 3, 40, 40, 0.5, 40, 30, 2, 0.52, {"copypaste": 1.0, "lefusion": 10.0,
+                                                                  "lefusion_masks": 17.0},
+           "2-core CPU: 1,200 iterations per run on 40 training cases, bf16 where the CPU has it "
+           "(timed with OMP_NUM_THREADS=2 nnUNet_n_proc_DA=0)", cpu_bf16=True),
     Preset("full", tuple(ARMS), 3, None, 40, 2.0, None, None, None, 0.15, {"copypaste": 0.5, "lefusion": 2.0,
                                                                            "lefusion_masks": 6.0},
            "nnU-Net's own schedule (1000 epochs x 250 iterations; GPU)"),
