@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from nnunet_lefusion.benchmark.metrics import dice, detection, hd95
+from nnunet_lefusion.benchmark.plan import PRESETS, estimate_seconds
 from nnunet_lefusion.benchmark.report import run_times
 from nnunet_lefusion.benchmark.stats import bootstrap, paired
+from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.precision import CPU_BF16_LOG_LINE, cpu_has_native_bf16
 from tests.nnunet_helpers import BIN, run_cli
 
@@ -57,6 +59,19 @@ def test_run_times_leave_out_runs_without_recorded_times():
 
 
 @pytest.mark.slow
+def test_epochs_and_iterations_override_a_presets_schedule_and_its_estimate():
+    cpu = PRESETS["cpu"]
+    longer = cpu.with_schedule(100, None)
+    assert (longer.epochs, longer.iterations, longer.arms, longer.seeds) == (100, cpu.iterations, cpu.arms, cpu.seeds)
+    assert longer.schedule == "100 epochs x 30 iterations = 3,000 per run" and cpu.with_schedule(None, None) is cpu
+    training = [estimate_seconds(p, [("real", 0)], 40, True) - 60 for p in (cpu, longer)]   # 60 s overhead a run
+    assert training[1] == pytest.approx(2.5 * training[0])
+    full = PRESETS["full"].with_schedule(None, 5)
+    assert (full.epochs, full.iterations, full.short) == (1000, 5, True) and "own schedule" in PRESETS["full"].schedule
+    with pytest.raises(LeFusionError):
+        cpu.with_schedule(0, None)
+
+
 def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes_the_summary(phantom_dataset,
                                                                                            tmp_path):
     out = tmp_path / "bench"

@@ -2,7 +2,7 @@
 seeded draw of training cases, with a time estimate."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -51,20 +51,38 @@ class Preset:
         """Whether the run uses the short trainer variants (own epoch/iteration counts, no test-time mirroring)."""
         return self.epochs is not None
 
+    @property
+    def schedule(self) -> str:
+        """How long each run trains, in words."""
+        if not self.short:
+            return "nnU-Net's own schedule (1000 epochs x 250 iterations)"
+        epochs = f"{self.epochs} epoch{'s' * (self.epochs != 1)}"
+        return f"{epochs} x {self.iterations} iterations = {self.epochs * self.iterations:,} per run"
+
+    def with_schedule(self, epochs: int | None, iterations: int | None) -> "Preset":
+        """This preset with ``--epochs/--iterations`` in place of its own (either may be None: kept; a preset on
+        nnU-Net's schedule keeps its 1000 x 250 for the one not given)."""
+        if epochs is None and iterations is None:
+            return self
+        if min(v for v in (epochs, iterations) if v is not None) < 1:
+            raise LeFusionError("need --epochs >= 1 and --iterations >= 1")
+        return replace(self, epochs=epochs or self.epochs or 1000, iterations=iterations or self.iterations or 250,
+                       val_iterations=self.val_iterations or 50)
+
 
 CPU_BF16_SPEEDUP = 40 / 28   # the cpu preset's fp32 vs bf16 epoch seconds on this project's AMX CPU (one DA worker)
 
 PRESETS = {p.name: p for p in (
     Preset("cpu", tuple(ARMS), 3, 40, 40, 0.5, 40, 30, 2, 0.52, {"copypaste": 1.0, "lefusion": 10.0,
                                                                   "lefusion_masks": 17.0},
-           "2-core CPU: 1,200 iterations per run on 40 training cases, bf16 where the CPU has it "
-           "(timed with OMP_NUM_THREADS=2 nnUNet_n_proc_DA=0)", cpu_bf16=True),
+           "2-core CPU, 40 training cases, bf16 where the CPU has it (timed with OMP_NUM_THREADS=2 "
+           "nnUNet_n_proc_DA=0)", cpu_bf16=True),
     Preset("full", tuple(ARMS), 3, None, 40, 2.0, None, None, None, 0.15, {"copypaste": 0.5, "lefusion": 2.0,
                                                                            "lefusion_masks": 6.0},
-           "nnU-Net's own schedule (1000 epochs x 250 iterations; GPU)"),
+           "GPU, every training case"),
     Preset("tiny", ("real", "copypaste"), 1, 6, 3, 1.0, 1, 4, 1, 1.1, {"copypaste": 1.0, "lefusion": 24.0,
                                                                         "lefusion_masks": 70.0},
-           "smoke test: a few iterations", cpu_bf16=True),
+           "smoke test", cpu_bf16=True),
 )}
 
 

@@ -11,7 +11,6 @@ OUT (on a small CPU one process at a time is faster); the last part to finish wr
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import shlex
 import sys
 import time
@@ -36,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     parser.add_argument("-o", dest="output", required=True, help="output folder (resumable)")
     parser.add_argument("--preset", choices=tuple(PRESETS), default="cpu",
-                        help="; ".join(f"{p.name}: {p.describe}" for p in PRESETS.values()) + " (default cpu)")
+                        help="; ".join(f"{p.name}: {p.describe}, {p.schedule}" for p in PRESETS.values())
+                        + " (default cpu)")
     parser.add_argument("--arms", help=f"comma-separated arms among {', '.join(ARMS)} (default: the preset's)")
     parser.add_argument("--seeds", type=int, help="seeds (= training-case draws; --cv: folds) (default: preset's)")
     parser.add_argument("--train-cases", type=int, help="training cases drawn per seed (default: the preset's)")
@@ -93,13 +93,7 @@ def generator_args(args: argparse.Namespace, arms: tuple[str, ...], roles: Lesio
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    preset = PRESETS[args.preset]
-    if args.epochs is not None or args.iterations is not None:
-        if min(v for v in (args.epochs, args.iterations) if v is not None) < 1:
-            raise LeFusionError("need --epochs >= 1 and --iterations >= 1")
-        preset = replace(preset, epochs=args.epochs or preset.epochs or 1000,
-                         iterations=args.iterations or preset.iterations or 250,
-                         val_iterations=preset.val_iterations or 50)
+    preset = PRESETS[args.preset].with_schedule(args.epochs, args.iterations)
     arms = parse_arms(args.arms, preset)
     seeds = args.seeds if args.seeds is not None else preset.seeds
     train_cases = args.train_cases if args.train_cases is not None else preset.train_cases
@@ -125,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
                   cpu_bf16=preset.cpu_bf16 and device == "cpu" and cpu_has_native_bf16(),
                   roles=roles, scored=scored, detected=[s for s in scored if len(s.labels) == 1],
                   generator_args=generator_args(args, arms, roles, device))
-    print(f"benchmark {ctx.dataset} {ctx.configuration}, preset {preset.name} ({preset.describe}): arms "
+    print(f"benchmark {ctx.dataset} {ctx.configuration}, preset {preset.name} ({preset.describe}; {preset.schedule}): "
+          f"arms "
           f"{', '.join(arms)} x {seeds} seed(s) = {len(arms) * seeds} runs, "
           f"{train_cases or 'all'} training cases per seed, rate {args.rate}, device {setup.device}"
           + (" (nnU-Net's steps in bf16)" if setup.cpu_bf16 else ""))
