@@ -58,7 +58,6 @@ def test_run_times_leave_out_runs_without_recorded_times():
     assert times["timed_runs"] == 2 and times["timed_seconds"] == 329.5
 
 
-@pytest.mark.slow
 def test_epochs_and_iterations_override_a_presets_schedule_and_its_estimate():
     cpu = PRESETS["cpu"]
     longer = cpu.with_schedule(100, None)
@@ -72,6 +71,7 @@ def test_epochs_and_iterations_override_a_presets_schedule_and_its_estimate():
         cpu.with_schedule(0, None)
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes_the_summary(phantom_dataset,
                                                                                            tmp_path):
     out = tmp_path / "bench"

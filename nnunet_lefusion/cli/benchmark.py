@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                   roles=roles, scored=scored, detected=[s for s in scored if len(s.labels) == 1],
                   generator_args=generator_args(args, arms, roles, device))
     print(f"benchmark {ctx.dataset} {ctx.configuration}, preset {preset.name} ({preset.describe}; {preset.schedule}): "
-          f"arms "
-          f"{', '.join(arms)} x {seeds} seed(s) = {len(arms) * seeds} runs, "
+          f"arms {', '.join(arms)} x {seeds} seed(s) = {len(arms) * seeds} runs, "
           f"{train_cases or 'all'} training cases per seed, rate {args.rate}, device {setup.device}"
           + (" (nnU-Net's steps in bf16)" if setup.cpu_bf16 else ""))
     runs = part_of(run_list(arms, seeds), args.num_parts, args.part_id)
