@@ -122,6 +122,7 @@ CASES = [
     ("demo-work-dir-is-file", ["nnUNetv2_lefusion_demo", "--work-dir", "{notes}", "-device", "cpu"], {}, [],
      "not a folder"),
     ("benchmark-zero-seeds", BENCH + ["--seeds", "0"], {}, [], "--seeds"),
+    ("benchmark-zero-epochs", BENCH + ["--epochs", "0"], {}, [], "--epochs"),
     ("benchmark-unknown-arm", BENCH + ["--arms", "gan"], {}, [], "gan"),
     ("benchmark-sampler-without-lefusion-arm", BENCH + ["--arms", "copypaste", "--sampler", "{masks}"], {}, [],
      "--sampler is used by the lefusion arms"),
