@@ -28,6 +28,9 @@ ARMS = {arm.name: arm for arm in (
 CONTROL = "real"
 
 
+NNUNET_SCHEDULE = (1000, 250, 50)   # nnU-Net's own epochs, training and validation iterations per epoch
+
+
 @dataclass(frozen=True)
 class Preset:
     """How each run trains and how much it synthesizes; ``None`` epochs keep nnU-Net's own schedule."""
@@ -55,19 +58,21 @@ class Preset:
     def schedule(self) -> str:
         """How long each run trains, in words."""
         if not self.short:
-            return "nnU-Net's own schedule (1000 epochs x 250 iterations)"
+            return f"nnU-Net's own schedule ({NNUNET_SCHEDULE[0]} epochs x {NNUNET_SCHEDULE[1]} iterations)"
         epochs = f"{self.epochs} epoch{'s' * (self.epochs != 1)}"
         return f"{epochs} x {self.iterations} iterations = {self.epochs * self.iterations:,} per run"
 
     def with_schedule(self, epochs: int | None, iterations: int | None) -> "Preset":
         """This preset with ``--epochs/--iterations`` in place of its own (either may be None: kept; a preset on
-        nnU-Net's schedule keeps its 1000 x 250 for the one not given)."""
+        nnU-Net's schedule keeps nnU-Net's count for the one not given)."""
         if epochs is None and iterations is None:
             return self
         if min(v for v in (epochs, iterations) if v is not None) < 1:
             raise LeFusionError("need --epochs >= 1 and --iterations >= 1")
-        return replace(self, epochs=epochs or self.epochs or 1000, iterations=iterations or self.iterations or 250,
-                       val_iterations=self.val_iterations or 50)
+        default_epochs, default_iterations, default_val = NNUNET_SCHEDULE
+        return replace(self, epochs=epochs or self.epochs or default_epochs,
+                       iterations=iterations or self.iterations or default_iterations,
+                       val_iterations=self.val_iterations or default_val)
 
 
 CPU_BF16_SPEEDUP = 40 / 28   # the cpu preset's fp32 vs bf16 epoch seconds on this project's AMX CPU (one DA worker)
@@ -111,7 +116,7 @@ def run_list(arms: tuple[str, ...], seeds: int) -> list[tuple[str, int]]:
 def estimate_seconds(preset: Preset, runs: list[tuple[str, int]], train_cases: int, bf16: bool) -> float:
     """A rough duration of ``runs``: training iterations (``bf16``: whether the preset's CPU bf16 applies here) plus
     synthesis."""
-    iterations = (preset.epochs * preset.iterations) if preset.short else 1000 * 250
+    iterations = (preset.epochs * preset.iterations) if preset.short else NNUNET_SCHEDULE[0] * NNUNET_SCHEDULE[1]
     per_iteration = preset.seconds_per_iteration * (CPU_BF16_SPEEDUP if preset.cpu_bf16 and not bf16 else 1.0)
     total = 0.0
     for name, _ in runs:
