@@ -131,6 +131,7 @@ CASES = [
     ("benchmark-mask-generator-as-sampler", BENCH + ["--arms", "lefusion", "--sampler", "{masks}"], {}, [],
      "not a LeFusion sampler"),
     ("benchmark-cv-six-seeds", BENCH + ["--cv", "--seeds", "6"], {}, [], "5 folds"),
+    ("benchmark-other-schedule", BENCH[:4] + ["{base}/bench_other"] + BENCH[5:], {}, [], "another output folder"),
     ("benchmark-test-is-training", BENCH + ["--test-dataset", "990"], {}, [], "must not be the training"),
     ("benchmark-no-nnUNet_results", BENCH, {}, ["nnUNet_results"], "nnUNet_results"),
     ("benchmark-device-index", BENCH[:-2] + ["-device", "cuda:1"], {}, [], "CUDA_VISIBLE_DEVICES"),
@@ -185,6 +186,9 @@ def world(phantom_dataset, nnunet_dirs, tmp_path_factory) -> dict:
     (base / "broken_raw" / "Dataset997_Broken").mkdir(parents=True)
     (base / "broken_raw" / "Dataset997_Broken" / "dataset.json").write_text('{"labels": {')
     (base / "notes.txt").write_text("not a checkpoint\n")
+    finished = base / "bench_other" / "runs" / "real" / "seed_0"   # a run of another schedule than the tiny preset's
+    finished.mkdir(parents=True)
+    (finished / "metrics.json").write_text(json.dumps({"arm": "real", "seed": 0, "epochs": 40, "iterations": 30}))
     (base / "broken.yaml").write_text("rate: [0.5\n")
     (base / "unknown.yaml").write_text("rate: 0.5\nstrength: 2\n")
     (base / "list.yaml").write_text("- 0.5\n")

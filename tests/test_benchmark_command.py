@@ -60,11 +60,12 @@ def test_run_times_leave_out_runs_without_recorded_times():
 
 def test_epochs_and_iterations_override_a_presets_schedule_and_its_estimate():
     cpu = PRESETS["cpu"]
-    longer = cpu.with_schedule(100, None)
-    assert (longer.epochs, longer.iterations, longer.arms, longer.seeds) == (100, cpu.iterations, cpu.arms, cpu.seeds)
-    assert longer.schedule == "100 epochs x 30 iterations = 3,000 per run" and cpu.with_schedule(None, None) is cpu
-    training = [estimate_seconds(p, [("real", 0)], 40, True) - 60 for p in (cpu, longer)]   # 60 s overhead a run
-    assert training[1] == pytest.approx(2.5 * training[0])
+    shorter = cpu.with_schedule(40, None)
+    assert (shorter.epochs, shorter.iterations, shorter.arms, shorter.seeds) == (40, cpu.iterations, cpu.arms,
+                                                                                 cpu.seeds)
+    assert shorter.schedule == "40 epochs x 30 iterations = 1,200 per run" and cpu.with_schedule(None, None) is cpu
+    training = [estimate_seconds(p, [("real", 0)], 40, True) - 60 for p in (cpu, shorter)]   # 60 s overhead a run
+    assert training[1] == pytest.approx(0.4 * training[0])
     full = PRESETS["full"].with_schedule(None, 5)
     assert (full.epochs, full.iterations, full.short) == (1000, 5, True) and "own schedule" in PRESETS["full"].schedule
     with pytest.raises(LeFusionError):

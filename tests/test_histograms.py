@@ -7,7 +7,7 @@ import torch
 
 from nnunet_lefusion.diffusion.histograms import (
     HistogramClusters, choose_condition, class_histogram, cluster_histograms, lesion_histograms, match_histogram,
-    perturb_histogram)
+    organ_level, perturb_histogram, shift_histogram)
 from nnunet_lefusion.errors import LeFusionError
 
 
@@ -109,3 +109,38 @@ def test_match_histogram_takes_the_target_distribution_and_keeps_the_order():
     assert matched.dtype == values.dtype and matched.min() >= 0.375 and matched.max() <= 1.0
     assert torch.equal(match_histogram(values, torch.zeros(16)), values)  # no target: unchanged
     assert match_histogram(values[:0], target).numel() == 0
+
+
+def test_shifted_histograms_move_their_mass_and_keep_it():
+    hist = np.concatenate([np.eye(16)[5] * 0.4 + np.eye(16)[6] * 0.6, np.eye(16)[15]]).astype(np.float32)
+    np.testing.assert_allclose(shift_histogram(hist, 0.25), np.concatenate([
+        np.eye(16)[7] * 0.4 + np.eye(16)[8] * 0.6, np.eye(16)[15]]), atol=1e-7)   # two bins up; the top stays
+    half = shift_histogram(hist, -0.0625)                                           # half a bin down
+    np.testing.assert_allclose(half[:16], [0] * 4 + [0.2, 0.5, 0.3] + [0] * 9, atol=1e-7)
+    assert half[16:].sum() == pytest.approx(1.0) and half[30:].sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(shift_histogram(hist, -3.0)[[0, 16]], [1.0, 1.0], atol=1e-7)   # all to the bottom
+    np.testing.assert_array_equal(shift_histogram(hist, 0.0), hist)
+
+
+def test_clusters_keep_their_organ_level_and_move_to_the_target_organ():
+    rng = np.random.default_rng(4)
+    organ = np.full((2, 4, 4), 2)
+    organ[0] = 3
+    images, levels = [], []
+    for level in rng.uniform(-0.3, 0.3, size=12):   # lesions 0.25 above their organ, organs at varying levels
+        image = np.where(organ == 3, level + 0.25, level) + rng.normal(0, 0.01, organ.shape)
+        images.append(lesion_histograms(image, organ, [3]))
+        levels.append(organ_level(image, organ, [2]))
+    clusters = cluster_histograms(np.stack(images), n_clusters=2, seed=0, organ_levels=levels)
+    assert len(clusters.organ_levels) == 2 and all(-0.3 < v < 0.3 for v in clusters.organ_levels)
+    assert HistogramClusters.from_dict(json.loads(json.dumps(clusters.to_dict()))) == clusters
+    for target in (-0.5, 0.0, 0.4):   # whichever cluster is drawn, the lesion lands 0.25 above the target organ
+        for seed in range(4):
+            hist = choose_condition(clusters, np.random.default_rng(seed), perturb=False, organ_level=target)
+            centre = -1 + (np.arange(16) + 0.5) / 8
+            assert float(np.dot(hist, centre)) == pytest.approx(target + 0.25, abs=0.07)
+    unshifted = choose_condition(clusters, np.random.default_rng(0), cluster=0, perturb=False)
+    np.testing.assert_allclose(unshifted, clusters.centers[0], rtol=1e-6)   # no target level: the centre as is
+    assert np.isnan(organ_level(np.zeros((2, 2)), np.zeros((2, 2)), [2]))
+    with pytest.raises(LeFusionError, match="one organ level per histogram"):
+        cluster_histograms(np.stack(images), 2, organ_levels=levels[:3])

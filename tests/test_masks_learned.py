@@ -16,11 +16,11 @@ from scipy import ndimage
 from nnunet_lefusion.cli.train_masks import main as train_masks_main
 from nnunet_lefusion.diffusion.sampler import SamplerConfig
 from nnunet_lefusion.errors import LeFusionError
-from nnunet_lefusion.masks import (MaskGenerator, check_lesion_map, fold_lesions, host_mask, lesion_region,
-                                   place_lesions, transmurality)
+from nnunet_lefusion.masks import (MaskGenerator, check_lesion_map, fold_lesions, host_mask, inner_lesion_exposure,
+                                   lesion_region, place_lesions, transmurality)
 from nnunet_lefusion.masks.geometry import myocardial_coordinates
 from nnunet_lefusion.masks.learned import (DepthTarget, LearnedMaskGenerator, MaskModelMeta, assemble_lesion_map,
-                                          mask_model_config, train_mask_model)
+                                          enclosed_part, mask_model_config, train_mask_model)
 from nnunet_lefusion.masks.mask_data import (CONDITION_CHANNELS, ControlScale, LesionControl, MaskGrid, OrganFrame,
                                              generation_region, load_mask_pairs)
 from nnunet_lefusion.masks.rule_based import CONNECTIVITY
@@ -136,6 +136,8 @@ def test_assembly_keeps_lesions_nested_connected_and_inside_the_organ():
     matched = assemble_lesion_map(np.stack([near, near]), host, EMIDEC, (0.2, 0.05), match_size=True)
     _assert_valid(ring.label_map, matched, want_mvo=True)
     assert (matched > 0).sum() == round(0.2 * host.sum()) and (matched == MVO).sum() == round(0.05 * host.sum())
+    # MVO scores peak where MI's do, at the blob's centre, but MVO must not touch healthy myocardium in-plane
+    assert inner_lesion_exposure(place_lesions(ring.label_map, matched, EMIDEC), EMIDEC) == 0.0
 
     # an inner lesion's scores scattered inside the outer one (as a network's are) still give its whole size
     # (the largest piece of its best-scoring voxels kept 3 to 8 of 26 here)
@@ -167,6 +169,26 @@ def test_assembly_keeps_lesions_nested_connected_and_inside_the_organ():
     full = assemble_lesion_map(everywhere, host, EMIDEC, (0.3, 0.1))
     _assert_valid(ring.label_map, full, want_mvo=True)
     assert (full == MI).sum() == 1, "an MVO covering all of MI leaves its weakest voxel to MI"
+
+
+def test_an_inner_lesion_goes_where_the_outer_one_encloses_it():
+    host = np.zeros((1, 7, 9), dtype=bool)
+    host[0, 1:6, 1:8] = True
+    outer = np.zeros_like(host)
+    outer[0, 1:6, 1:5] = True          # the left part of the organ: its voxels next to the rest are the rim
+    core = enclosed_part(outer, host)
+    assert core.sum() == 15 and not core[0, :, 4].any() and core[0, 1:6, 1:4].all()
+    thin = np.zeros_like(host)
+    thin[0, 3, 1:8] = True             # one row across the organ: no voxel is enclosed, so all of it may be used
+    assert np.array_equal(enclosed_part(thin, host), thin)
+
+    label_map = np.where(host, 2, 0).astype(np.uint8)
+    label_map[outer] = MI
+    label_map[0, 3, 3] = MVO
+    assert inner_lesion_exposure(label_map, EMIDEC) == 0.0
+    label_map[0, 3, 4] = MVO           # now 3 of its 10 neighbours (rows 2-4, columns 2-5) are healthy organ
+    assert inner_lesion_exposure(label_map, EMIDEC) == pytest.approx(3 / 10)
+    assert inner_lesion_exposure(np.where(label_map == MVO, MI, label_map), EMIDEC) is None
 
 
 def test_checkpoint_round_trip_and_exact_resume(pairs, checkpoint, tmp_path):

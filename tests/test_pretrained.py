@@ -49,6 +49,7 @@ def test_shipped_sampler_retextures_a_fresh_case(one_thread):
     sampler = LesionSampler.load(path)
     assert (sampler.labels.lesions, sampler.labels.organ) == (EMIDEC.lesions, EMIDEC.organ)
     assert sampler.clusters is not None and sampler.guidance >= 1.0
+    assert len(sampler.clusters.organ_levels) == len(sampler.clusters.centers)   # conditions follow the organ
     case = generate_case(np.random.default_rng([31337, 0]), True, fov="heart")
     lesion = np.isin(case.label, EMIDEC.lesions)
     pairs = sampler.resynthesize_pairs([case.image], [case.label], np.random.default_rng(0),

@@ -85,6 +85,8 @@ def test_checkpoint_layout_and_metadata(dataset, tmp_path):
     centres, counts = meta.histogram_clusters, meta.extras["cluster_counts"]
     assert 1 <= len(centres) == len(counts) <= 3 and sum(counts) == meta.extras["training_cases"] == 3
     assert all(len(c) == 32 for c in centres)
+    levels = meta.extras["cluster_organ_levels"]   # each cluster's healthy-myocardium median, in [-1, 1]
+    assert len(levels) == len(centres) and all(-1 < v < 1 for v in levels)
     assert "mean_loss_weight" not in meta.extras  # the official loss
     assert (tmp_path / "run" / LATEST).is_file()
 

@@ -78,7 +78,7 @@ class Preset:
 CPU_BF16_SPEEDUP = 40 / 28   # the cpu preset's fp32 vs bf16 epoch seconds on this project's AMX CPU (one DA worker)
 
 PRESETS = {p.name: p for p in (
-    Preset("cpu", tuple(ARMS), 3, 40, 40, 0.5, 40, 30, 2, 0.52, {"copypaste": 1.0, "lefusion": 10.0,
+    Preset("cpu", tuple(ARMS), 3, 40, 40, 0.5, 100, 30, 2, 0.52, {"copypaste": 1.0, "lefusion": 10.0,
                                                                   "lefusion_masks": 17.0},
            "2-core CPU, 40 training cases, bf16 where the CPU has it (timed with OMP_NUM_THREADS=2 "
            "nnUNet_n_proc_DA=0)", cpu_bf16=True),

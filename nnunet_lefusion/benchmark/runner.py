@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_lefusion.benchmark.metrics import Structure, case_figures
-from nnunet_lefusion.benchmark.plan import ARMS, Arm, Preset, draw_training_cases, run_list
+from nnunet_lefusion.benchmark.plan import ARMS, NNUNET_SCHEDULE, Arm, Preset, draw_training_cases, run_list
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.nnunet.cache import atomic_write_text
@@ -244,7 +244,8 @@ class Run:
         atomic_write_text(self.folder / METRICS_FILE, json.dumps({
             "arm": self.arm.name, "seed": self.seed, "trainer": self.trainer,
             "training_cases": self.setup.splits[self.seed]["train"], "cases": rows, "curves": self.curves(),
-            "seconds": stage_seconds, "cpu_bf16": self.trained_in_bf16()}))
+            "seconds": stage_seconds, "cpu_bf16": self.trained_in_bf16(),
+            **dict(zip(("epochs", "iterations"), run_schedule(preset)))}))
 
     def _predict(self) -> Path:
         """nnU-Net's predictor on this seed's test cases, into a fresh folder renamed when complete."""
@@ -276,6 +277,27 @@ class Run:
             return {}
         logging = torch.load(found[0], map_location="cpu", weights_only=False).get("logging", {})
         return {k: [float(v) for v in logging.get(k, [])] for k in ("train_losses", "val_losses", "ema_fg_dice")}
+
+
+def run_schedule(preset: Preset) -> tuple[int, int]:
+    """Epochs and training iterations per epoch of each run of ``preset``."""
+    return (preset.epochs, preset.iterations) if preset.short else NNUNET_SCHEDULE[:2]
+
+
+def check_finished_runs(setup: Setup) -> None:
+    """Refuse an output folder whose finished runs trained on another schedule than ``setup``'s (their figures
+    would be mixed into this benchmark's). Runs recorded before the schedule was: their epochs from the curves."""
+    epochs, iterations = run_schedule(setup.preset)
+    for name, seed in run_list(setup.arms, setup.seeds):
+        run = Run(setup, ARMS[name], seed)
+        if not run.done:
+            continue
+        metrics = json.loads((run.folder / METRICS_FILE).read_text())
+        done = (metrics.get("epochs", len(metrics.get("curves", {}).get("train_losses", [])) or None),
+                metrics.get("iterations", iterations))
+        if done != (epochs, iterations):
+            raise LeFusionError(f"{run.folder} holds a run of {done[0]} epochs x {done[1]} iterations, this benchmark "
+                                f"trains {epochs} x {iterations}: give another output folder (-o)")
 
 
 def execute_part(setup: Setup, num_parts: int = 1, part_id: int = 0) -> tuple[list[dict], int]:

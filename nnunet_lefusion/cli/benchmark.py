@@ -19,7 +19,7 @@ from pathlib import Path
 from nnunet_lefusion.benchmark.metrics import structures
 from nnunet_lefusion.benchmark.plan import ARMS, PRESETS, estimate_seconds, parse_arms, run_list
 from nnunet_lefusion.benchmark.report import run_name, run_times, write_outputs
-from nnunet_lefusion.benchmark.runner import Run, Setup, execute_part, prepare
+from nnunet_lefusion.benchmark.runner import Run, Setup, check_finished_runs, execute_part, prepare
 from nnunet_lefusion.cli.common import add_device_argument, add_parts_arguments, check_device, cli_main
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
           f"arms {', '.join(arms)} x {seeds} seed(s) = {len(arms) * seeds} runs, "
           f"{train_cases or 'all'} training cases per seed, rate {args.rate}, device {setup.device}"
           + (" (nnU-Net's steps in bf16)" if setup.cpu_bf16 else ""))
+    check_finished_runs(setup)
     runs = part_of(run_list(arms, seeds), args.num_parts, args.part_id)
     left = [(name, seed) for name, seed in runs if not Run(setup, ARMS[name], seed).done]
     part = f"part {args.part_id} of {args.num_parts}" if args.num_parts > 1 else "the benchmark"

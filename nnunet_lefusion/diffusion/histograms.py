@@ -40,6 +40,27 @@ def lesion_histograms(image: np.ndarray, label: np.ndarray, lesion_labels: Seque
     return np.concatenate([class_histogram(image[label == v], num_bins) for v in lesion_labels])
 
 
+def organ_level(image: np.ndarray, label: np.ndarray, organ_labels: Sequence[int]) -> float:
+    """The median of ``image`` (in [-1, 1]) over the healthy organ (``label`` in ``organ_labels``); NaN without
+    it. Lesion intensities follow their organ's (on the phantom their medians correlate at 0.94-0.98 across
+    cases), so a histogram drawn for another case is moved by the difference of the two levels."""
+    values = np.asarray(image)[np.isin(label, list(organ_labels))]
+    return float(np.median(values)) if values.size else float("nan")
+
+
+def shift_histogram(hist: np.ndarray, shift: float, num_bins: int = NUM_BINS) -> np.ndarray:
+    """Each ``num_bins`` block of ``hist`` moved by ``shift`` along [-1, 1]: a bin's mass is split between the two
+    bins it lands on, and what would leave the range stays in the end bins (the total is kept)."""
+    blocks = np.asarray(hist, dtype=np.float64).reshape(-1, num_bins)
+    offset = shift * num_bins / 2.0
+    base, fraction = int(np.floor(offset)), offset - np.floor(offset)
+    moved = np.zeros_like(blocks)
+    for step, weight in ((base, 1.0 - fraction), (base + 1, fraction)):
+        for k in range(num_bins):
+            moved[:, min(max(k + step, 0), num_bins - 1)] += weight * blocks[:, k]
+    return moved.ravel().astype(np.float32)
+
+
 def match_histogram(values: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
     """``values`` (1D) moved onto the distribution of ``hist`` (bins over [-1, 1] as in ``class_histogram``),
     keeping their order: the i-th smallest value becomes the (i + 1/2)/n quantile of ``hist`` read as uniform
@@ -79,24 +100,28 @@ def perturb_histogram(hist: np.ndarray, rng: np.random.Generator, fraction: floa
 
 @dataclass
 class HistogramClusters:
-    """K-means centres of training conditions, kept as plain lists so they fit in checkpoint metadata."""
+    """K-means centres of training conditions, kept as plain lists so they fit in checkpoint metadata;
+    ``organ_levels``: per cluster, the mean ``organ_level`` of its members (None: not recorded)."""
 
     centers: list[list[float]]
     counts: list[int]
     num_bins: int = NUM_BINS
+    organ_levels: list[float] | None = None
 
     @property
     def cond_dim(self) -> int:
         return len(self.centers[0])
 
     def to_dict(self) -> dict:
+        levels = None if self.organ_levels is None else list(map(float, self.organ_levels))
         return {"centers": [list(map(float, c)) for c in self.centers], "counts": list(map(int, self.counts)),
-                "num_bins": int(self.num_bins)}
+                "num_bins": int(self.num_bins), "organ_levels": levels}
 
     @classmethod
     def from_dict(cls, d: dict) -> "HistogramClusters":
+        levels = d.get("organ_levels")
         return cls([list(map(float, c)) for c in d["centers"]], [int(n) for n in d["counts"]],
-                   int(d.get("num_bins", NUM_BINS)))
+                   int(d.get("num_bins", NUM_BINS)), None if levels is None else [float(v) for v in levels])
 
     @classmethod
     def from_official(cls, centers: Sequence[Sequence[float]], num_classes: int) -> "HistogramClusters":
@@ -113,8 +138,10 @@ class HistogramClusters:
         return cls(rows, [1] * len(rows))
 
 
-def cluster_histograms(histograms: np.ndarray, n_clusters: int, seed: int = 0) -> HistogramClusters:
-    """K-means (scikit-learn, 10 restarts) of training conditions (N, cond_dim).
+def cluster_histograms(histograms: np.ndarray, n_clusters: int, seed: int = 0,
+                       organ_levels: Sequence[float] | None = None) -> HistogramClusters:
+    """K-means (scikit-learn, 10 restarts) of training conditions (N, cond_dim), with the mean of each cluster's
+    ``organ_levels`` (one per histogram) when given.
 
     ``n_clusters`` is lowered to the number of distinct histograms when there are fewer.
     """
@@ -128,18 +155,27 @@ def cluster_histograms(histograms: np.ndarray, n_clusters: int, seed: int = 0) -
         raise LeFusionError(f"the number of histogram clusters must be >= 1, got {n_clusters}.")
     km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(histograms)
     counts = np.bincount(km.labels_, minlength=k)
-    return HistogramClusters(km.cluster_centers_.tolist(), counts.tolist())
+    levels = None
+    if organ_levels is not None:
+        levels = np.asarray(organ_levels, dtype=np.float64)
+        if levels.shape != (len(histograms),):
+            raise LeFusionError(f"need one organ level per histogram ({len(histograms)}), got {levels.shape}.")
+        levels = [float(np.nanmean(levels[km.labels_ == c])) for c in range(k)]
+    return HistogramClusters(km.cluster_centers_.tolist(), counts.tolist(), organ_levels=levels)
 
 
 def choose_condition(clusters: HistogramClusters, rng: np.random.Generator, cluster: int | None = None,
                      histogram: Sequence[float] | None = None, perturb: bool = True,
-                     present: Sequence[bool] | None = None) -> np.ndarray:
+                     present: Sequence[bool] | None = None, organ_level: float | None = None) -> np.ndarray:
     """The condition for one sampling call (float32, cond_dim values).
 
     ``histogram`` given: used as is. ``cluster`` given: that centre. Neither: a cluster drawn with probability
     proportional to its training count, among those whose histogram is non-empty for every class flagged in
     ``present`` (the classes the lesion mask has; all clusters if none qualifies), so that no class is textured
-    under an empty histogram. A chosen centre is perturbed by +-10 % (official) unless ``perturb`` is False.
+    under an empty histogram. ``organ_level`` (the target's ``organ_level``): a chosen centre is moved by its
+    difference to the cluster's own level, so the lesion keeps the cluster's contrast to its organ rather than
+    its absolute intensity (where the clusters record levels). A chosen centre is then perturbed by +-10 %
+    (official) unless ``perturb`` is False.
     """
     if histogram is not None:
         hist = np.asarray(histogram, dtype=np.float32)
@@ -156,4 +192,7 @@ def choose_condition(clusters: HistogramClusters, rng: np.random.Generator, clus
     if not 0 <= cluster < len(clusters.centers):
         raise LeFusionError(f"histogram cluster {cluster} does not exist (there are {len(clusters.centers)}).")
     center = np.asarray(clusters.centers[cluster], dtype=np.float32)
+    if organ_level is not None and clusters.organ_levels is not None:
+        shift = organ_level - clusters.organ_levels[cluster]
+        center = shift_histogram(center, shift, clusters.num_bins) if np.isfinite(shift) else center
     return perturb_histogram(center, rng, num_bins=clusters.num_bins) if perturb else center

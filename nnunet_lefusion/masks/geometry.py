@@ -15,6 +15,8 @@ from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 
 Spacing = tuple[float, float, float]
+IN_PLANE = np.zeros((3, 3, 3), dtype=bool)   # a voxel's 8 neighbours within its slice (and itself)
+IN_PLANE[1] = True
 
 
 def host_mask(label_map: np.ndarray, labels: LesionLabels) -> np.ndarray:

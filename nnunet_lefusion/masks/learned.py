@@ -13,8 +13,8 @@ result is pasted back into the native grid (zoomed up first if the grid is poole
 the drawn control: each class keeps its best-scoring voxels up to the control's volume, the outer lesion with a
 transmural-depth penalty bisected to the control's transmurality (the network alone makes lesions too
 transmural; ``benchmarks/mask_realism.py --uncalibrated`` shows it). The result is clipped to the organ, made one
-connected piece per class and nested (MVO inside MI), giving a lesion map that ``placement.check_lesion_map``
-accepts.
+connected piece per class and nested (MVO inside MI, enclosed by it within the organ), giving a lesion map that
+``placement.check_lesion_map`` accepts.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from nnunet_lefusion import roi
 from nnunet_lefusion.diffusion.lesion_maps import with_maps
@@ -34,7 +35,7 @@ from nnunet_lefusion.diffusion.sampler import RePaintSampler, SamplerConfig
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
-from nnunet_lefusion.masks.geometry import MyocardialCoordinates, Spacing, myocardial_coordinates
+from nnunet_lefusion.masks.geometry import IN_PLANE, MyocardialCoordinates, Spacing, myocardial_coordinates
 from nnunet_lefusion.masks.mask_data import (CONDITION_CHANNELS, ControlScale, LesionControl, MaskGrid, MaskPairs,
                                              OrganFrame, condition_maps, generation_region, organ_window)
 from nnunet_lefusion.masks.metrics import region_transmurality
@@ -207,15 +208,23 @@ def _piece(score: np.ndarray, within: np.ndarray, target: float, proper: bool, m
     return piece
 
 
+def enclosed_part(outer: np.ndarray, host: np.ndarray) -> np.ndarray:
+    """Where an inner lesion may lie in ``outer``: its voxels with no in-plane neighbour in the rest of the host
+    organ, so that the outer lesion encloses the inner one within the organ (it may touch the cavity and the
+    organ's outer border), as infarct encloses real no-reflow; all of ``outer`` when no voxel lies that deep."""
+    core = outer & ~ndimage.binary_dilation(host & ~outer, structure=IN_PLANE)
+    return core if core.any() else outer
+
+
 def assemble_lesion_map(scores: np.ndarray, host: np.ndarray, labels: LesionLabels, fractions: Sequence[float],
                         match_size: bool = False, dtype: np.dtype = np.uint8,
                         depth: DepthTarget | None = None) -> np.ndarray:
     """A lesion map from per-class scores (K, Z, Y, X) on the native grid (lesion where > 0).
 
     Class k is present when ``fractions[k]`` > 0: its largest connected piece inside the host organ (class 0) or
-    inside the class around it, never all of it. An empty prediction falls back to the best-scoring voxels, as
-    many as the fraction of the host asks, so every class asked for is present; ``match_size`` always takes
-    that many (DiffMask-style thresholding to a target size; the largest connected piece of them is kept) and,
+    inside the enclosed part of the class around it (``enclosed_part``), never all of it. An empty prediction
+    falls back to the best-scoring voxels, as many as the fraction of the host asks, so every class asked for is
+    present; ``match_size`` always takes that many (DiffMask-style thresholding to a target size; the largest connected piece of them is kept) and,
     with ``depth``, calibrates the outer class's transmurality (``DepthTarget``).
     """
     lesion_map = np.zeros(host.shape, dtype=dtype)
@@ -223,7 +232,8 @@ def assemble_lesion_map(scores: np.ndarray, host: np.ndarray, labels: LesionLabe
     for k, (label, fraction) in enumerate(zip(labels.lesions, fractions)):
         if fraction <= 0:
             break
-        within = _piece(scores[k], within, fraction * host.sum(), k > 0, match_size, depth if k == 0 else None)
+        region = within if k == 0 else enclosed_part(within, host)
+        within = _piece(scores[k], region, fraction * host.sum(), k > 0, match_size, depth if k == 0 else None)
         lesion_map[within] = label
     return lesion_map
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from scipy import stats
+from scipy import ndimage, stats
 
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
-from nnunet_lefusion.masks.geometry import (MyocardialCoordinates, Spacing, host_mask, lesion_region, lv_centre,
-                                            myocardial_coordinates)
+from nnunet_lefusion.masks.geometry import (IN_PLANE, MyocardialCoordinates, Spacing, host_mask, lesion_region,
+                                            lv_centre, myocardial_coordinates)
 
 
 def lesion_volume_fraction(label_map: np.ndarray, labels: LesionLabels, lesion: int | None = None) -> float:
@@ -51,6 +51,18 @@ def region_transmurality(region: np.ndarray, coords: MyocardialCoordinates, sect
     np.maximum.at(deepest, cell, coords.outer[region])
     np.minimum.at(shallowest, cell, coords.inner[region])
     return float(np.mean(deepest - shallowest))
+
+
+def inner_lesion_exposure(label_map: np.ndarray, labels: LesionLabels) -> float | None:
+    """Share of the in-plane neighbours of the innermost lesion that are healthy organ (no lesion, inside the
+    organ); 0 when the lesion around it and the organ's borders enclose it, as infarct and cavity enclose real
+    no-reflow. None when the map has no inner lesion."""
+    inner = label_map == labels.lesions[-1]
+    if len(labels.lesions) < 2 or not inner.any():
+        return None
+    around = ndimage.binary_dilation(inner, structure=IN_PLANE) & ~inner
+    healthy = host_mask(label_map, labels) & ~lesion_region(label_map, labels)
+    return float((around & healthy).sum() / around.sum())
 
 
 def lesion_slice_count(label_map: np.ndarray, labels: LesionLabels, lesion: int | None = None) -> int:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from nnunet_lefusion import roi
-from nnunet_lefusion.diffusion.histograms import NUM_BINS, HistogramClusters, choose_condition, lesion_histograms
+from nnunet_lefusion.diffusion.histograms import (NUM_BINS, HistogramClusters, choose_condition, lesion_histograms,
+                                                   organ_level)
 from nnunet_lefusion.diffusion.lesion_maps import is_lesion_aware
 from nnunet_lefusion.diffusion.sampler import RePaintSampler, SamplerConfig, fast_precision
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
@@ -108,13 +109,14 @@ class LesionSampler:
                    sampler_clusters(meta), schedule, str(checkpoint), histogram_scale=stored_histogram_scale(meta),
                    guidance=float(meta.extras.get("guidance", 1.0)))
 
-    def condition(self, item: LesionRoi, lesion_labels: Sequence[int], histogram: Histogram,
+    def condition(self, item: LesionRoi, labels: LesionLabels, histogram: Histogram,
                   rng: np.random.Generator) -> np.ndarray:
-        """The histogram condition (cond_dim values) for one ROI."""
+        """The histogram condition (cond_dim values) for one ROI; a cluster's is moved to the ROI's organ level
+        (``choose_condition``)."""
         cluster = None
         if isinstance(histogram, str):
             if histogram == "case":
-                return lesion_histograms(item.image, item.label, lesion_labels)
+                return lesion_histograms(item.image, item.label, labels.lesions)
             if histogram != "random":
                 raise LeFusionError(f"histogram must be 'random', 'case', a cluster index or values, "
                                     f"got {histogram!r}.")
@@ -127,7 +129,8 @@ class LesionSampler:
             raise LeFusionError("this checkpoint holds no histogram clusters; give a histogram or use the lesion's "
                                 "own (--histogram FILE / --own-histogram).")
         return choose_condition(self.clusters, rng, cluster=cluster,
-                                present=[bool((item.label == v).any()) for v in lesion_labels])
+                                present=[bool((item.label == v).any()) for v in labels.lesions],
+                                organ_level=organ_level(item.image, item.label, labels.organ))
 
     def network_axes(self, roi_array: np.ndarray) -> np.ndarray:
         """ROI (Z, Y, X) in the network's axis order (and back: the transposition is its own inverse)."""
@@ -162,7 +165,7 @@ class LesionSampler:
             specs = roi.covering_rois(image, label, labels.host, labels.lesions, self.roi_size, INTENSITY_PERCENTILES)
             windows.append(specs)
             whole = LesionRoi(specs[0].intensity.to_unit(image), label, specs[0])
-            conds.append(self.condition(whole, labels.lesions, histogram, rng))
+            conds.append(self.condition(whole, labels, histogram, rng))
         config = replace(config, guidance=self.guidance if config.guidance is None else config.guidance,
                          precision=config.precision or fast_precision(self.device))
         sampler = RePaintSampler(self.model, self.schedule, config, self.lesion_aware)

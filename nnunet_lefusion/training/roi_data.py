@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from nnunet_lefusion import roi
-from nnunet_lefusion.diffusion.histograms import lesion_histograms
+from nnunet_lefusion.diffusion.histograms import lesion_histograms, organ_level
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 
@@ -53,7 +53,8 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, sitk.Image]:
 
 @dataclass
 class RoiSet:
-    """Training ROIs of a dataset: images (N, D, H, W) in [-1, 1], labels (N, D, H, W), conditions (N, cond_dim)."""
+    """Training ROIs of a dataset: images (N, D, H, W) in [-1, 1], labels (N, D, H, W), conditions (N, cond_dim)
+    and the ``organ_level`` of each ROI (N,)."""
 
     identifiers: list[str]
     images: np.ndarray
@@ -61,6 +62,7 @@ class RoiSet:
     histograms: np.ndarray
     lesion_labels: tuple[int, ...]
     lesion_voxels_outside: int = 0
+    organ_levels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.identifiers)
@@ -88,7 +90,7 @@ def load_roi_set(cases: Iterable[tuple[str, str | Path, str | Path]], labels: Le
     Cases without lesion voxels are left out; none left is a ``LeFusionError``. Lesion voxels that fall
     outside a case's window are counted in ``lesion_voxels_outside`` (they are not learned).
     """
-    ids, images, label_maps, hists = [], [], [], []
+    ids, images, label_maps, hists, levels = [], [], [], [], []
     outside = 0
     cases = list(cases)
     for identifier, image_file, label_file in tqdm(cases, desc="reading lesion ROIs", unit="case",
@@ -106,6 +108,8 @@ def load_roi_set(cases: Iterable[tuple[str, str | Path, str | Path]], labels: Le
         images.append(item.image)
         label_maps.append(item.label.astype(np.int16))
         hists.append(lesion_histograms(item.image, item.label, labels.lesions))
+        levels.append(organ_level(item.image, item.label, labels.organ))
     if not ids:
         raise LeFusionError(f"none of the {len(cases)} training cases contains a lesion label {list(labels.lesions)}.")
-    return RoiSet(ids, np.stack(images), np.stack(label_maps), np.stack(hists), tuple(labels.lesions), outside)
+    return RoiSet(ids, np.stack(images), np.stack(label_maps), np.stack(hists), tuple(labels.lesions), outside,
+                  np.asarray(levels))

@@ -49,9 +49,9 @@ def sampler_meta(labels: LesionLabels, roi_size: Sequence[int], rois: RoiSet,
     ``histogram_clusters`` holds k-means centres of the training histograms (the texture presets offered at
     sampling, official-style: one cond_dim vector each); their sizes, the label roles and ``histogram_scale``
     (the factor the network sees the histograms multiplied by; 1 = official) are in ``extras``, and the weight of
-    the lesion-mean loss term where it was used.
+    the lesion-mean loss term where it was used, and each cluster's organ level (``cluster_histograms``).
     """
-    clusters = cluster_histograms(rois.histograms, num_clusters, seed=seed)
+    clusters = cluster_histograms(rois.histograms, num_clusters, seed=seed, organ_levels=rois.organ_levels)
     return CheckpointMeta(
         lesion_labels=list(labels.lesions),
         roi_size=[int(s) for s in roi_size],
@@ -59,6 +59,7 @@ def sampler_meta(labels: LesionLabels, roi_size: Sequence[int], rois: RoiSet,
                    "percentiles": list(INTENSITY_PERCENTILES), "roi_padding": -1.0},
         histogram_clusters=clusters.to_dict()["centers"],
         extras={"kind": SAMPLER_KIND, "labels": labels.to_dict(), "cluster_counts": clusters.to_dict()["counts"],
+                "cluster_organ_levels": clusters.to_dict()["organ_levels"],
                 "histogram_bins": clusters.num_bins, "histogram_scale": float(histogram_scale),
                 "training_cases": len(rois),
                 "augmentation": {"flip_axis": "Y", "probability": 0.5, "array_axis": FLIP_AXIS},
@@ -68,7 +69,8 @@ def sampler_meta(labels: LesionLabels, roi_size: Sequence[int], rois: RoiSet,
 def sampler_clusters(meta: CheckpointMeta) -> HistogramClusters:
     """The histogram clusters stored by :func:`sampler_meta`."""
     return HistogramClusters.from_dict({"centers": meta.histogram_clusters, "counts": meta.extras["cluster_counts"],
-                                        "num_bins": meta.extras["histogram_bins"]})
+                                        "num_bins": meta.extras["histogram_bins"],
+                                        "organ_levels": meta.extras.get("cluster_organ_levels")})
 
 
 def stored_histogram_scale(meta: CheckpointMeta | None) -> float:
