@@ -83,6 +83,11 @@ def test_random_cluster_has_a_histogram_for_every_class_the_mask_has():
     infarct_draws = [choose_condition(clusters, np.random.default_rng(seed), present=[True, False], perturb=False)
                      for seed in range(20)]
     assert sum(np.array_equal(d, infarct_only) for d in infarct_draws) >= 15  # by training counts
+    few_mvo = np.concatenate([np.eye(16)[12], np.eye(16)[12] * 0.1])   # 1 member in 10 had MVO (as bright as MI)
+    most_mvo = np.concatenate([np.eye(16)[12], np.eye(16)[3] * 0.6])   # 6 in 10 had it (dark)
+    mostly = HistogramClusters([few_mvo.tolist(), most_mvo.tolist()], [99, 1])
+    assert all(np.allclose(choose_condition(mostly, np.random.default_rng(seed), present=[True, True],
+                                            perturb=False), most_mvo) for seed in range(20))
     only_infarct = HistogramClusters([infarct_only.tolist()], [1])  # nothing fits: the draw still succeeds
     assert np.array_equal(choose_condition(only_infarct, np.random.default_rng(0), present=[True, True],
                                            perturb=False), infarct_only)

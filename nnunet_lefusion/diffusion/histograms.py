@@ -170,9 +170,10 @@ def choose_condition(clusters: HistogramClusters, rng: np.random.Generator, clus
     """The condition for one sampling call (float32, cond_dim values).
 
     ``histogram`` given: used as is. ``cluster`` given: that centre. Neither: a cluster drawn with probability
-    proportional to its training count, among those whose histogram is non-empty for every class flagged in
-    ``present`` (the classes the lesion mask has; all clusters if none qualifies), so that no class is textured
-    under an empty histogram. ``organ_level`` (the target's ``organ_level``): a chosen centre is moved by its
+    proportional to its training count, among those where most members had every class flagged in ``present``
+    (the classes the lesion mask has; all clusters if none qualifies): a class's mass in a centre is the share of
+    its members that had the class, and a centre where few had it carries a histogram of those few alone (on the
+    phantom: the no-reflow of one infarct-only-like cluster was as bright as its infarct). ``organ_level`` (the target's ``organ_level``): a chosen centre is moved by its
     difference to the cluster's own level, so the lesion keeps the cluster's contrast to its organ rather than
     its absolute intensity (where the clusters record levels). A chosen centre is then perturbed by +-10 %
     (official) unless ``perturb`` is False.
@@ -186,7 +187,7 @@ def choose_condition(clusters: HistogramClusters, rng: np.random.Generator, clus
         p = np.asarray(clusters.counts, dtype=np.float64)
         if present is not None:
             blocks = np.asarray(clusters.centers).reshape(len(p), -1, clusters.num_bins).sum(axis=2)
-            fits = (blocks > 0)[:, np.asarray(present, dtype=bool)].all(axis=1)
+            fits = (blocks >= 0.5)[:, np.asarray(present, dtype=bool)].all(axis=1)
             p = p * fits if (p * fits).sum() > 0 else p
         cluster = int(rng.choice(len(p), p=p / p.sum()))
     if not 0 <= cluster < len(clusters.centers):
