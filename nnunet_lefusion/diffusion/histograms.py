@@ -170,13 +170,13 @@ def choose_condition(clusters: HistogramClusters, rng: np.random.Generator, clus
     """The condition for one sampling call (float32, cond_dim values).
 
     ``histogram`` given: used as is. ``cluster`` given: that centre. Neither: a cluster drawn with probability
-    proportional to its training count, among those where most members had every class flagged in ``present``
-    (the classes the lesion mask has; all clusters if none qualifies): a class's mass in a centre is the share of
-    its members that had the class, and a centre where few had it carries a histogram of those few alone (on the
-    phantom: the no-reflow of one infarct-only-like cluster was as bright as its infarct). ``organ_level`` (the target's ``organ_level``): a chosen centre is moved by its
-    difference to the cluster's own level, so the lesion keeps the cluster's contrast to its organ rather than
-    its absolute intensity (where the clusters record levels). A chosen centre is then perturbed by +-10 %
-    (official) unless ``perturb`` is False.
+    proportional to its training count, among those where most members had every class flagged in ``present`` (the
+    classes the lesion mask has; all clusters if none qualifies): a class's mass in a centre is the share of its
+    members that had the class, and a centre where few had it carries a histogram of those few alone (on the
+    phantom: the no-reflow of one infarct-only-like cluster was as bright as its infarct). ``organ_level`` (the
+    target's ``organ_level``): a chosen centre is moved by its difference to the cluster's own level, so the lesion
+    keeps the cluster's contrast to its organ rather than its absolute intensity (where the clusters record levels).
+    A chosen centre is then perturbed by +-10 % (official) unless ``perturb`` is False.
     """
     if histogram is not None:
         hist = np.asarray(histogram, dtype=np.float32)

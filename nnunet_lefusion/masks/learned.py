@@ -224,8 +224,9 @@ def assemble_lesion_map(scores: np.ndarray, host: np.ndarray, labels: LesionLabe
     Class k is present when ``fractions[k]`` > 0: its largest connected piece inside the host organ (class 0) or
     inside the enclosed part of the class around it (``enclosed_part``), never all of it. An empty prediction
     falls back to the best-scoring voxels, as many as the fraction of the host asks, so every class asked for is
-    present; ``match_size`` always takes that many (DiffMask-style thresholding to a target size; the largest connected piece of them is kept) and,
-    with ``depth``, calibrates the outer class's transmurality (``DepthTarget``).
+    present; ``match_size`` always takes that many (DiffMask-style thresholding to a target size; the largest
+    connected piece of them is kept) and, with ``depth``, calibrates the outer class's transmurality
+    (``DepthTarget``).
     """
     lesion_map = np.zeros(host.shape, dtype=dtype)
     within = host

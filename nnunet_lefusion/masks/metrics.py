@@ -62,7 +62,7 @@ def inner_lesion_exposure(label_map: np.ndarray, labels: LesionLabels) -> float 
         return None
     around = ndimage.binary_dilation(inner, structure=IN_PLANE) & ~inner
     healthy = host_mask(label_map, labels) & ~lesion_region(label_map, labels)
-    return float((around & healthy).sum() / around.sum())
+    return float((around & healthy).sum() / max(int(around.sum()), 1))
 
 
 def lesion_slice_count(label_map: np.ndarray, labels: LesionLabels, lesion: int | None = None) -> int:
