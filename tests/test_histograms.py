@@ -139,10 +139,10 @@ def test_clusters_keep_their_organ_level_and_move_to_the_target_organ():
     clusters = cluster_histograms(np.stack(images), n_clusters=2, seed=0, organ_levels=levels)
     assert len(clusters.organ_levels) == 2 and all(-0.3 < v < 0.3 for v in clusters.organ_levels)
     assert HistogramClusters.from_dict(json.loads(json.dumps(clusters.to_dict()))) == clusters
+    centre = -1 + (np.arange(16) + 0.5) / 8   # bin centres
     for target in (-0.5, 0.0, 0.4):   # whichever cluster is drawn, the lesion lands 0.25 above the target organ
         for seed in range(4):
             hist = choose_condition(clusters, np.random.default_rng(seed), perturb=False, organ_level=target)
-            centre = -1 + (np.arange(16) + 0.5) / 8
             assert float(np.dot(hist, centre)) == pytest.approx(target + 0.25, abs=0.07)
     unshifted = choose_condition(clusters, np.random.default_rng(0), cluster=0, perturb=False)
     np.testing.assert_allclose(unshifted, clusters.centers[0], rtol=1e-6)   # no target level: the centre as is

@@ -241,11 +241,12 @@ class Run:
             predicted, _ = read_volume(predictions / f"{case}{ctx.dataset_json['file_ending']}")
             rows.append({"case": case, **case_figures(reference, predicted, header.GetSpacing()[::-1],
                                                       self.setup.scored, self.setup.detected)})
+        epochs, iterations = run_schedule(preset)
         atomic_write_text(self.folder / METRICS_FILE, json.dumps({
             "arm": self.arm.name, "seed": self.seed, "trainer": self.trainer,
             "training_cases": self.setup.splits[self.seed]["train"], "cases": rows, "curves": self.curves(),
-            "seconds": stage_seconds, "cpu_bf16": self.trained_in_bf16(),
-            **dict(zip(("epochs", "iterations"), run_schedule(preset)))}))
+            "seconds": stage_seconds, "cpu_bf16": self.trained_in_bf16(), "epochs": epochs,
+            "iterations": iterations}))
 
     def _predict(self) -> Path:
         """nnU-Net's predictor on this seed's test cases, into a fresh folder renamed when complete."""

@@ -60,9 +60,9 @@ class RoiSet:
     images: np.ndarray
     labels: np.ndarray
     histograms: np.ndarray
+    organ_levels: np.ndarray
     lesion_labels: tuple[int, ...]
     lesion_voxels_outside: int = 0
-    organ_levels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.identifiers)
@@ -111,5 +111,5 @@ def load_roi_set(cases: Iterable[tuple[str, str | Path, str | Path]], labels: Le
         levels.append(organ_level(item.image, item.label, labels.organ))
     if not ids:
         raise LeFusionError(f"none of the {len(cases)} training cases contains a lesion label {list(labels.lesions)}.")
-    return RoiSet(ids, np.stack(images), np.stack(label_maps), np.stack(hists), tuple(labels.lesions), outside,
-                  np.asarray(levels))
+    return RoiSet(ids, np.stack(images), np.stack(label_maps), np.stack(hists), np.asarray(levels),
+                  tuple(labels.lesions), outside)

@@ -52,14 +52,15 @@ def sampler_meta(labels: LesionLabels, roi_size: Sequence[int], rois: RoiSet,
     the lesion-mean loss term where it was used, and each cluster's organ level (``cluster_histograms``).
     """
     clusters = cluster_histograms(rois.histograms, num_clusters, seed=seed, organ_levels=rois.organ_levels)
+    stored = clusters.to_dict()
     return CheckpointMeta(
         lesion_labels=list(labels.lesions),
         roi_size=[int(s) for s in roi_size],
         intensity={"mapping": "per-volume percentile range to [-1, 1], clipped",
                    "percentiles": list(INTENSITY_PERCENTILES), "roi_padding": -1.0},
-        histogram_clusters=clusters.to_dict()["centers"],
-        extras={"kind": SAMPLER_KIND, "labels": labels.to_dict(), "cluster_counts": clusters.to_dict()["counts"],
-                "cluster_organ_levels": clusters.to_dict()["organ_levels"],
+        histogram_clusters=stored["centers"],
+        extras={"kind": SAMPLER_KIND, "labels": labels.to_dict(), "cluster_counts": stored["counts"],
+                "cluster_organ_levels": stored["organ_levels"],
                 "histogram_bins": clusters.num_bins, "histogram_scale": float(histogram_scale),
                 "training_cases": len(rois),
                 "augmentation": {"flip_axis": "Y", "probability": 0.5, "array_axis": FLIP_AXIS},
