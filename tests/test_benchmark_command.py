@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 
 from nnunet_lefusion.benchmark.metrics import dice, detection, hd95
-from nnunet_lefusion.benchmark.plan import PRESETS, estimate_seconds
+from nnunet_lefusion.benchmark.plan import PRESETS, STEP_OVERHEAD, estimate_seconds
 from nnunet_lefusion.benchmark.report import run_times
 from nnunet_lefusion.benchmark.stats import bootstrap, paired
+from nnunet_lefusion.benchmark.step_time import step_seconds
 from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.precision import CPU_BF16_LOG_LINE, cpu_has_native_bf16
 from tests.nnunet_helpers import BIN, run_cli
 
@@ -70,6 +72,17 @@ def test_epochs_and_iterations_override_a_presets_schedule_and_its_estimate():
     assert (full.epochs, full.iterations, full.short) == (1000, 5, True) and "own schedule" in PRESETS["full"].schedule
     with pytest.raises(LeFusionError):
         cpu.with_schedule(0, None)
+
+
+def test_the_estimate_follows_a_training_step_measured_here(phantom_dataset, one_thread):
+    step = step_seconds(DatasetContext(phantom_dataset, "2d"), "cpu", cpu_bf16=False, steps=1)
+    assert 0 < step < 60
+    cpu, runs = PRESETS["cpu"], [("real", 0), ("lefusion_masks", 0)]
+    timed = estimate_seconds(cpu, runs, 40, True)
+    as_timed = estimate_seconds(cpu, runs, 40, True, step=cpu.seconds_per_iteration / STEP_OVERHEAD)
+    twice_as_slow = estimate_seconds(cpu, runs, 40, True, step=2 * cpu.seconds_per_iteration / STEP_OVERHEAD)
+    overhead = 60 * len(runs)
+    assert as_timed == pytest.approx(timed) and twice_as_slow - overhead == pytest.approx(2 * (timed - overhead))
 
 
 @pytest.mark.slow

@@ -76,6 +76,7 @@ class Preset:
 
 
 CPU_BF16_SPEEDUP = 40 / 28   # the cpu preset's fp32 vs bf16 epoch seconds on this project's AMX CPU (one DA worker)
+STEP_OVERHEAD = 1.05   # an iteration over a bare training step: validation steps, data loading (AMD EPYC: 3.0 vs 2.9 s)
 
 PRESETS = {p.name: p for p in (
     Preset("cpu", tuple(ARMS), 3, 40, 40, 0.5, 100, 30, 2, 0.52, {"copypaste": 1.0, "lefusion": 10.0,
@@ -113,15 +114,20 @@ def run_list(arms: tuple[str, ...], seeds: int) -> list[tuple[str, int]]:
     return [(name, seed) for seed in range(seeds) for name in arms]
 
 
-def estimate_seconds(preset: Preset, runs: list[tuple[str, int]], train_cases: int, bf16: bool) -> float:
-    """A rough duration of ``runs``: training iterations (``bf16``: whether the preset's CPU bf16 applies here) plus
-    synthesis."""
+def estimate_seconds(preset: Preset, runs: list[tuple[str, int]], train_cases: int, bf16: bool,
+                     step: float | None = None) -> float:
+    """A rough duration of ``runs``: training iterations plus synthesis, on the machine the preset was timed on
+    (``bf16``: whether the preset's CPU bf16 applies here), or, given ``step`` (one training step measured here,
+    :func:`~nnunet_lefusion.benchmark.step_time.step_seconds`), on this one: iterations from the step, synthesis
+    scaled by the same ratio."""
     iterations = (preset.epochs * preset.iterations) if preset.short else NNUNET_SCHEDULE[0] * NNUNET_SCHEDULE[1]
-    per_iteration = preset.seconds_per_iteration * (CPU_BF16_SPEEDUP if preset.cpu_bf16 and not bf16 else 1.0)
+    timed = preset.seconds_per_iteration * (CPU_BF16_SPEEDUP if preset.cpu_bf16 and not bf16 else 1.0)
+    per_iteration = timed if step is None else STEP_OVERHEAD * step
     total = 0.0
     for name, _ in runs:
         arm = ARMS[name]
         total += iterations * per_iteration + 60
         if arm.method:
-            total += train_cases * preset.synthetic_per_case * preset.seconds_per_synthetic[name]
+            total += train_cases * preset.synthetic_per_case * preset.seconds_per_synthetic[name] * (
+                per_iteration / timed)
     return total

@@ -20,6 +20,7 @@ from nnunet_lefusion.benchmark.metrics import structures
 from nnunet_lefusion.benchmark.plan import ARMS, PRESETS, estimate_seconds, parse_arms, run_list
 from nnunet_lefusion.benchmark.report import run_name, run_times, write_outputs
 from nnunet_lefusion.benchmark.runner import Run, Setup, check_finished_runs, execute_part, prepare
+from nnunet_lefusion.benchmark.step_time import step_seconds
 from nnunet_lefusion.cli.common import add_device_argument, add_parts_arguments, check_device, cli_main
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
@@ -127,10 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     runs = part_of(run_list(arms, seeds), args.num_parts, args.part_id)
     left = [(name, seed) for name, seed in runs if not Run(setup, ARMS[name], seed).done]
     part = f"part {args.part_id} of {args.num_parts}" if args.num_parts > 1 else "the benchmark"
+    step = step_seconds(ctx, device, setup.cpu_bf16) if left else None
     estimate = estimate_seconds(preset, left, train_cases or len(list(ctx.data_folder.glob('*.pkl'))),
-                                setup.cpu_bf16)
+                                setup.cpu_bf16, step)
+    measured = f" (one nnU-Net training step took {step:.2f} s here)" if step is not None else ""
     print(f"estimated time: {estimate / 3600:.1f} h for the {len(left)} of {len(runs)} run(s) of {part} not done "
-          f"yet, on the machine the preset is meant for; output {setup.out}")
+          f"yet{measured}; output {setup.out}")
     start = time.time()
     setup.out.mkdir(parents=True, exist_ok=True)
     prepare(setup, test_raw)
