@@ -1,4 +1,6 @@
-"""What this machine's CPU runs natively."""
+"""What this machine's CPU runs natively, and the bf16 autocast nnU-Net's steps run under on it."""
+import contextlib
+
 import torch
 
 
@@ -10,3 +12,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 CPU_BF16_LOG_LINE = "LeFusion: bf16 autocast on the CPU (cpu_bf16)"   # the trainer's log line when it applies
+
+
+def cpu_bf16_autocast(enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the CPU where ``enabled`` (the trainer's ``cpu_bf16``), else nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()

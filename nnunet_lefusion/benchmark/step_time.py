@@ -7,13 +7,12 @@ import time
 import torch
 
 from nnunet_lefusion.nnunet.context import DatasetContext
+from nnunet_lefusion.precision import cpu_bf16_autocast
 
 
 def _precision(device: torch.device, cpu_bf16: bool) -> contextlib.AbstractContextManager:
     """The autocast the trainer steps under: nnU-Net's own on CUDA, bf16 on a CPU with ``cpu_bf16``."""
-    if device.type == "cuda":
-        return torch.autocast("cuda")
-    return torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 else contextlib.nullcontext()
+    return torch.autocast("cuda") if device.type == "cuda" else cpu_bf16_autocast(cpu_bf16)
 
 
 def step_seconds(ctx: DatasetContext, device: str, cpu_bf16: bool, steps: int = 2) -> float:

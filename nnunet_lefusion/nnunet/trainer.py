@@ -24,7 +24,7 @@ from nnunet_lefusion.nnunet.cache import Manifest, atomic_write_text, default_ca
 from nnunet_lefusion.nnunet.context import DatasetContext, env_folder
 from nnunet_lefusion.nnunet.dataset import LoadCounters, SyntheticMixDataset
 from nnunet_lefusion.nnunet.online import OnlineProducer, online_generators, online_labels
-from nnunet_lefusion.precision import CPU_BF16_LOG_LINE, cpu_has_native_bf16
+from nnunet_lefusion.precision import CPU_BF16_LOG_LINE, cpu_bf16_autocast, cpu_has_native_bf16
 
 STATS_FILE = "lefusion_stats.json"
 
@@ -151,7 +151,7 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
         return self.lefusion.cpu_bf16 and self.device.type == "cpu"
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast("cpu", dtype=torch.bfloat16) if self._cpu_bf16 else contextlib.nullcontext()
+        return cpu_bf16_autocast(self._cpu_bf16)
 
     def on_train_start(self):
         super().on_train_start()
