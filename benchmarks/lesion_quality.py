@@ -43,9 +43,8 @@ def parse_jumps(text: str) -> tuple[int, int]:
 
 def held_out_cases(raw: Path, lesions: tuple[int, ...], limit: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Up to ``limit`` (identifier, image, label) cases of a raw dataset that have lesion voxels."""
-    dataset_json = json.loads((raw / "dataset.json").read_text())
     cases = []
-    for identifier, image_file, label_file in training_cases(raw, dataset_json):
+    for identifier, image_file, label_file in training_cases(raw):
         label, _ = read_volume(label_file)
         if np.isin(label, lesions).any():
             cases.append((identifier, read_volume(image_file)[0], label))

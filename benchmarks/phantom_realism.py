@@ -43,8 +43,7 @@ def phantom_cases(num_cases: int, seed: int, fov: str) -> Iterator[Case]:
 
 def raw_cases(folder: Path, limit: int) -> Iterator[Case]:
     """The first ``limit`` training cases of an nnU-Net raw dataset (first channel)."""
-    dataset_json = json.loads((folder / "dataset.json").read_text())
-    for identifier, image_file, label_file in training_cases(folder, dataset_json)[:limit]:
+    for identifier, image_file, label_file in training_cases(folder)[:limit]:
         image, header = read_volume(image_file)
         yield identifier, image.astype(np.float32), read_volume(label_file)[0], header.GetSpacing()[::-1]
 

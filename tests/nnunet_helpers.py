@@ -25,6 +25,19 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if ": error:" in line]
 
 
+def one_error_line(capsys, main, argv: list[str]) -> str:
+    """Call an entry point in-process with bad ``argv``: it must exit 2 with one ``error:`` line, returned."""
+    import pytest
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and ": error: " in err[0], err
+    return err[0]
+
+
 def latest_training_log(fold: Path) -> str:
     """The text of the newest nnU-Net training log in a fold folder (earlier runs may have left theirs)."""
     return max(fold.glob("training_log_*.txt"), key=lambda f: f.stat().st_mtime_ns).read_text()

@@ -17,6 +17,7 @@ from nnunet_lefusion.synthesis.base import RawCase, SynthesisSkipped
 from nnunet_lefusion.synthesis.lefusion import LeFusionSynthesizer, LesionSampler, resynthesize
 from nnunet_lefusion.training.loop import FINAL
 from nnunet_lefusion.roi import covering_rois
+from tests.nnunet_helpers import one_error_line
 from tests.test_train_sampler import dataset, train_tiny  # noqa: F401  (shared fixtures)
 
 # A very short fast-mode walk: 4 strided steps, no resampling -> 4 network evaluations per ROI.
@@ -175,30 +176,20 @@ def test_lesions_wider_than_the_window_are_covered_by_several_windows(dataset, c
     assert _retextured_share(sick, made, LesionLabels.emidec()) > 0.97
 
 
-def _error(capsys, argv) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        sample_main(argv)
-    assert exc.value.code == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and ": error: " in err[0], err
-    return err[0]
-
-
 def test_bad_input_is_one_error_line(dataset, checkpoint, tmp_path, capsys):
     image = str(dataset / "imagesTr" / "Case_P001_0000.nii.gz")
     label = str(dataset / "labelsTr" / "Case_P001.nii.gz")
     out = str(tmp_path / "o.nii.gz")
     not_a_checkpoint = checkpoint.parent / "model_config.yaml"
-    assert "checkpoint" in _error(capsys, ["-i", image, "-l", label, "-o", out, "--checkpoint", str(not_a_checkpoint)])
+    assert "checkpoint" in one_error_line(capsys, sample_main, ["-i", image, "-l", label, "-o", out, "--checkpoint", str(not_a_checkpoint)])
     normal = str(dataset / "labelsTr" / "Case_N001.nii.gz")
     other_image = str(dataset / "imagesTr" / "Case_N001_0000.nii.gz")
-    assert "grid" in _error(capsys, ["-i", image, "-l", normal, "-o", out, "--checkpoint", str(checkpoint)])
-    assert "no voxel of the lesion labels" in _error(capsys, ["-i", other_image, "-l", normal, "-o", out,
+    assert "grid" in one_error_line(capsys, sample_main, ["-i", image, "-l", normal, "-o", out, "--checkpoint", str(checkpoint)])
+    assert "no voxel of the lesion labels" in one_error_line(capsys, sample_main, ["-i", other_image, "-l", normal, "-o", out,
                                                               "--checkpoint", str(checkpoint)])
-    assert "cluster" in _error(capsys, ["-i", image, "-l", label, "-o", out, "--checkpoint", str(checkpoint),
+    assert "cluster" in one_error_line(capsys, sample_main, ["-i", image, "-l", label, "-o", out, "--checkpoint", str(checkpoint),
                                         "--cluster", "9", *QUICK])
-    assert "does not exist" in _error(capsys, ["-i", image, "-l", label, "-o", str(tmp_path / "no" / "o.nii.gz"),
+    assert "does not exist" in one_error_line(capsys, sample_main, ["-i", image, "-l", label, "-o", str(tmp_path / "no" / "o.nii.gz"),
                                                "--checkpoint", str(checkpoint)])
 
 

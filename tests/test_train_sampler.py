@@ -1,7 +1,6 @@
 """nnUNetv2_lefusion_train_sampler and the generic training loop, on a tiny heart-FOV phantom dataset."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from nnunet_lefusion.synthesis.lefusion import LesionSampler
 from nnunet_lefusion.roi import covering_rois
 from nnunet_lefusion.training.roi_data import load_roi_set, read_volume
 from nnunet_lefusion.training.sampler import LesionLoss, sampler_meta
+from tests.nnunet_helpers import one_error_line
 
 LESION_ID, NORMAL_ID = 981, 982
 ROI = ("2", "32", "32")  # Z, Y, X: small enough for CPU tests, large enough to hold most of the phantom lesions
@@ -99,7 +99,7 @@ def test_mean_loss_weight_is_recorded(dataset, tmp_path):
 def test_interrupted_loop_resumes_exactly(dataset, tmp_path):
     """A KeyboardInterrupt mid-run loses only the steps since the last checkpoint; the resumed run is exact."""
     labels = LesionLabels.emidec()
-    rois = load_roi_set(training_cases(dataset, json.loads((dataset / "dataset.json").read_text())), labels,
+    rois = load_roi_set(training_cases(dataset), labels,
                         (2, 32, 32), progress=False)
     config = ModelConfig.from_yaml("tiny")
     meta = sampler_meta(labels, (2, 32, 32), rois)
@@ -130,7 +130,7 @@ def test_interrupted_loop_resumes_exactly(dataset, tmp_path):
 
 def test_roi_set_keeps_lesion_cases_and_flips_consistently(dataset):
     labels = LesionLabels.emidec()
-    rois = load_roi_set(training_cases(dataset, json.loads((dataset / "dataset.json").read_text())), labels,
+    rois = load_roi_set(training_cases(dataset), labels,
                         (2, 32, 32), progress=False)
     assert len(rois) == 3 and all(i.startswith("Case_P") for i in rois.identifiers)
     assert rois.images.min() >= -1 and rois.images.max() <= 1
@@ -144,37 +144,27 @@ def test_roi_set_keeps_lesion_cases_and_flips_consistently(dataset):
         assert np.array_equal(np.flip(rois.labels[i], 1) if flipped else rois.labels[i], label)
 
 
-def _error(capsys, argv) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        train_main(argv)
-    assert exc.value.code == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and ": error: " in err[0], err
-    return err[0]
-
-
 def test_bad_input_is_one_error_line(dataset, nnunet_dirs, tmp_path, capsys):
     raw = nnunet_dirs["nnUNet_raw"]
     if not list(Path(raw).glob(f"Dataset{NORMAL_ID}_*")):
         write_dataset(NORMAL_ID, 2, 0, raw, name="NoLesions", fov="heart", normal_fraction=1.0)
     base = ["--config", "tiny", "--roi", *ROI, "--steps", "1", "--quiet"]
-    assert "not found" in _error(capsys, ["-d", "777", *base, "-o", str(tmp_path / "x")])
-    assert "none of the 2 training cases" in _error(capsys, ["-d", str(NORMAL_ID), *base, "-o", str(tmp_path / "y")])
+    assert "not found" in one_error_line(capsys, train_main, ["-d", "777", *base, "-o", str(tmp_path / "x")])
+    assert "none of the 2 training cases" in one_error_line(capsys, train_main, ["-d", str(NORMAL_ID), *base, "-o", str(tmp_path / "y")])
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text(yaml.safe_dump({**ModelConfig.from_yaml("tiny").to_dict(), "cond_dim": 16}))
-    assert "cond_dim 16" in _error(capsys, ["-d", str(LESION_ID), "--config", str(wrong), "--roi", *ROI, "-o",
+    assert "cond_dim 16" in one_error_line(capsys, train_main, ["-d", str(LESION_ID), "--config", str(wrong), "--roi", *ROI, "-o",
                                             str(tmp_path / "z")])
-    assert "divisible" in _error(capsys, ["-d", str(LESION_ID), "--config", "tiny", "--roi", "2", "31", "32",
+    assert "divisible" in one_error_line(capsys, train_main, ["-d", str(LESION_ID), "--config", "tiny", "--roi", "2", "31", "32",
                                           "-o", str(tmp_path / "w")])
     train_tiny(tmp_path / "run", 2)
-    assert "--resume" in _error(capsys, ["-d", str(LESION_ID), *base, "-o", str(tmp_path / "run")])
-    assert "different settings" in _error(capsys, ["-d", str(LESION_ID), "--config", "tiny", "--roi", "2", "32", "24",
+    assert "--resume" in one_error_line(capsys, train_main, ["-d", str(LESION_ID), *base, "-o", str(tmp_path / "run")])
+    assert "different settings" in one_error_line(capsys, train_main, ["-d", str(LESION_ID), "--config", "tiny", "--roi", "2", "32", "24",
                                                    "--steps", "4", "--resume", "--quiet", "-o", str(tmp_path / "run")])
     wider = tmp_path / "wider.yaml"
     wider.write_text(yaml.safe_dump({**ModelConfig.from_yaml("tiny").to_dict(), "dim": 8}))
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
-    assert "model config" in _error(capsys, ["-d", str(LESION_ID), "--config", str(wider), "--roi", *ROI, "--steps",
+    assert "model config" in one_error_line(capsys, train_main, ["-d", str(LESION_ID), "--config", str(wider), "--roi", *ROI, "--steps",
                                              "4", "--resume", "--quiet", "-o", str(tmp_path / "run")])
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before  # a refused resume writes nothing
 
@@ -196,19 +186,19 @@ def test_init_starts_from_a_samplers_weights_and_its_cases_count_as_seen(dataset
     train_main([*tune[:3], str(tmp_path / "tuned" / FINAL), *tune[4:], "-o", str(tmp_path / "again")])
     again = load_checkpoint(tmp_path / "again" / FINAL).meta.extras["initialised_from"]["training_data"]
     assert again == [tuned.meta.training_data, base.meta.training_data]   # what every ancestor saw
-    case, _, label_file = training_cases(dataset, json.loads((dataset / "dataset.json").read_text()))[0]
+    case, _, label_file = training_cases(dataset)[0]
     with pytest.raises(LeFusionError, match="initial weights"):
         check_no_leak(records[1:], {case: label_hash(label_file)}, 0, "refused")
-    assert "another --config" in _error(capsys, [*tune, "--config", "small", "-o", str(tmp_path / "x")])
-    assert "--histogram-scale (1.0)" in _error(capsys, [*tune, "--histogram-scale", "16", "-o", str(tmp_path / "y")])
+    assert "another --config" in one_error_line(capsys, train_main, [*tune, "--config", "small", "-o", str(tmp_path / "x")])
+    assert "--histogram-scale (1.0)" in one_error_line(capsys, train_main, [*tune, "--histogram-scale", "16", "-o", str(tmp_path / "y")])
     masks = [*tune[:2], "--init", str(SHIPPED["mask generator"]), *tune[4:], "-o", str(tmp_path / "z")]
-    assert "not a LeFusion sampler" in _error(capsys, masks)
+    assert "not a LeFusion sampler" in one_error_line(capsys, train_main, masks)
 
 
 @pytest.mark.slow
 def test_loss_falls(dataset, tmp_path):
     labels = LesionLabels.emidec()
-    rois = load_roi_set(training_cases(dataset, json.loads((dataset / "dataset.json").read_text())), labels,
+    rois = load_roi_set(training_cases(dataset), labels,
                         (2, 32, 32), progress=False)
     config = ModelConfig.from_yaml("tiny")
     torch.manual_seed(0)
@@ -221,7 +211,7 @@ def test_loss_falls(dataset, tmp_path):
 
 def test_histogram_scale_and_condition_dropout(dataset, tmp_path):
     labels = LesionLabels.emidec()
-    rois = load_roi_set(training_cases(dataset, json.loads((dataset / "dataset.json").read_text())), labels,
+    rois = load_roi_set(training_cases(dataset), labels,
                         (2, 32, 32), progress=False)
     model = ModelConfig.from_yaml("tiny").build()
     batch = rois.make_batch(np.random.default_rng(0), 4)
@@ -252,8 +242,7 @@ def test_histogram_scale_and_condition_dropout(dataset, tmp_path):
     assert sampler.histogram_scale == 16.0
     conds = []
     sampler.model.register_forward_pre_hook(lambda module, args: conds.append(args[2].clone()))
-    _, image_file, label_file = next(c for c in training_cases(dataset, json.loads(
-        (dataset / "dataset.json").read_text())) if "P" in c[0])
+    _, image_file, label_file = next(c for c in training_cases(dataset) if "P" in c[0])
     image, label = read_volume(image_file)[0], read_volume(label_file)[0]
     sampler.resynthesize_many([image], [label], np.random.default_rng(0), SamplerConfig(1, 1, strided_steps=2), "case")
     windows = covering_rois(image, label, labels.host, labels.lesions, sampler.roi_size)
@@ -275,14 +264,13 @@ def test_lesion_maps_fine_tune_starts_as_its_init_and_learns_from_the_maps(datas
         torch.testing.assert_close(aware.model(torch.cat((x, torch.rand(1, 4, 2, 32, 32)), dim=1), t, cond),
                                    base.build()(x, t, cond), atol=1e-4, rtol=1e-4)
     labels = LesionLabels.emidec()
-    rois = load_roi_set(training_cases(dataset, json.loads((dataset / "dataset.json").read_text())), labels,
+    rois = load_roi_set(training_cases(dataset), labels,
                         (2, 32, 32), progress=False)
     aware.model.zero_grad()
     batch = rois.make_batch(np.random.default_rng(0), 4)
     LesionLoss(labels.lesions, cond_drop=0.5, lesion_aware=True)(aware.model, batch).backward()
     assert aware.model.init_conv.weight.grad[:, 2:].abs().sum() > 0   # the loss reaches the map weights
-    _, image_file, label_file = next(c for c in training_cases(dataset, json.loads(
-        (dataset / "dataset.json").read_text())) if "P" in c[0])
+    _, image_file, label_file = next(c for c in training_cases(dataset) if "P" in c[0])
     image, label = read_volume(image_file)[0], read_volume(label_file)[0]
     [(sampled, matched)] = aware.resynthesize_pairs([image], [label], np.random.default_rng(0),
                                                     SamplerConfig(1, 1, strided_steps=2))

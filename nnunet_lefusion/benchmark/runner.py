@@ -31,7 +31,7 @@ from nnunet_lefusion.benchmark.plan import ARMS, NNUNET_SCHEDULE, Arm, Preset, d
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.nnunet.cache import atomic_write_text
-from nnunet_lefusion.nnunet.context import DatasetContext, part_of, read_json, training_cases
+from nnunet_lefusion.nnunet.context import DatasetContext, part_of, training_cases
 from nnunet_lefusion.phantom import write_dataset
 from nnunet_lefusion.precision import CPU_BF16_LOG_LINE
 from nnunet_lefusion.training.roi_data import read_volume
@@ -101,7 +101,7 @@ def _phantom_test_set(ctx: DatasetContext, out: Path, count: int) -> Path:
 def _raw_pairs(raw: Path) -> dict[str, tuple[Path, Path]]:
     """identifier -> (folder of its images, label file) of a raw dataset's training cases."""
     return {ident: (image.parent, label)
-            for ident, image, label in training_cases(raw, read_json(raw / "dataset.json"))}
+            for ident, image, label in training_cases(raw)}
 
 
 def prepare(setup: Setup, test_dataset: Path | None) -> None:

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import yaml
 
-from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main, seed_value
-from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.cli.common import cli_main
+from nnunet_lefusion.cli.training_args import add_optimisation_arguments, train_config_from
 from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
 from nnunet_lefusion.model.config import ModelConfig, available_configs
 from nnunet_lefusion.nnunet.cache import atomic_write_text
-from nnunet_lefusion.nnunet.context import dataset_name, env_folder, parse_fold, read_json
+from nnunet_lefusion.nnunet.context import case_paths, dataset_name, env_folder, parse_fold, raw_dataset_json
 from nnunet_lefusion.nnunet.provenance import FOLD_HELP, raw_fold
 from nnunet_lefusion.roi import OFFICIAL_CARDIAC_SIZE
-from nnunet_lefusion.training.loop import TrainConfig
 from nnunet_lefusion.training.roi_data import load_roi_set
 from nnunet_lefusion.training.sampler import (DEFAULT_CLUSTERS, LesionLoss, check_model_fits, initial_sampler,
                                               stored_histogram_scale, train_sampler, with_lesion_maps)
@@ -41,18 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init", help="start from this sampler checkpoint's EMA weights instead of random ones, "
                                        "e.g. to fine-tune pretrained/lefusion_sampler_phantom.pt on your data (its "
                                        "model config and histogram scale are used; its cases count as seen)")
-    parser.add_argument("--steps", type=int, default=50000, help="optimisation steps in total (default 50000)")
-    parser.add_argument("--batch-size", type=int, default=4, help="ROIs per micro-batch (default 4; official 20)")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1; official 2)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, official)")
-    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    add_optimisation_arguments(parser, steps=50000, lr=1e-4, checkpoint_every=500, item="ROIs",
+                               notes={"lr": "official", "batch-size": "official 20", "grad-accum": "official 2"})
     parser.add_argument("--keep-every", type=int, default=0,
                         help="also keep checkpoint_step<k>.pt every this many steps (default 0: never)")
     parser.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt")
-    add_device_argument(parser)
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast (CUDA, or a CPU with bf16 support such as AMX: about 1.6x faster there)")
-    parser.add_argument("--seed", type=seed_value, default=0, help="random seed (default 0)")
     parser.add_argument("--lesion-labels", type=int, nargs="+", help="lesion labels, outer to inner "
                         "(default: guessed from dataset.json label names)")
     parser.add_argument("--organ-labels", type=int, nargs="+", help="labels of the organ hosting the lesions")
@@ -98,23 +92,17 @@ def main(argv: list[str] | None = None) -> None:
     name = dataset_name(args.dataset)
     fold = parse_fold(args.fold)
     raw_folder = env_folder("nnUNet_raw") / name
-    if not (raw_folder / "dataset.json").is_file():
-        raise LeFusionError(f"{raw_folder} has no dataset.json (is nnUNet_raw right?).")
-    dataset_json = read_json(raw_folder / "dataset.json")
+    dataset_json = raw_dataset_json(raw_folder)
     labels = resolve_lesion_labels(dataset_json, args.lesion_labels, args.organ_labels)
     model_config, histogram_scale = initial_settings(args, labels)
     run_name = config_name(args.config) if args.config else Path(args.init).stem if args.init else "small"
     out = Path(args.output) if args.output else env_folder("nnUNet_results") / name / f"LeFusion__{run_name}"
-    train_config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                               checkpoint_every=args.checkpoint_every, keep_every=args.keep_every, seed=args.seed,
-                               device=check_device(args.device), bf16=args.bf16, progress=not args.quiet)
-    train_config.resolved()  # refuse bad settings before reading the data
+    train_config = train_config_from(args, keep_every=args.keep_every, bf16=args.bf16, progress=not args.quiet)
     LesionLoss(labels.lesions, histogram_scale=histogram_scale, cond_drop=args.cond_drop,
                mean_weight=args.mean_loss)
     check_model_fits(model_config, len(labels.lesions), args.roi)
     files, record = raw_fold(name, raw_folder, fold)
-    cases = [(ident, Path(f["images"][0]), Path(f["label"])) for ident, f in files.items()]
-    rois = load_roi_set(cases, labels, args.roi, progress=not args.quiet)
+    rois = load_roi_set(case_paths(files), labels, args.roi, progress=not args.quiet)
     print(f"fold {fold}: {len(files)} training cases, {len(rois)} with lesions; ROI {tuple(args.roi)}, "
           f"lesion labels {list(labels.lesions)}, organ {list(labels.organ)}"
           + (f"; {rois.lesion_voxels_outside} lesion voxels fall outside the ROI"

@@ -175,7 +175,7 @@ class DatasetContext:
         """identifier -> {'images': [...], 'label': ...} of the raw training files."""
         if not self.raw_folder.is_dir():
             raise LeFusionError(f"raw dataset folder {self.raw_folder} is missing (nnUNet_raw)")
-        return raw_training_files(self.raw_folder, read_json(self.raw_folder / "dataset.json"))
+        return raw_training_files(self.raw_folder, raw_dataset_json(self.raw_folder))
 
 
 def raw_training_files(raw_folder: Path, dataset_json: dict) -> dict[str, dict]:
@@ -185,9 +185,22 @@ def raw_training_files(raw_folder: Path, dataset_json: dict) -> dict[str, dict]:
     return get_filenames_of_train_images_and_targets(str(raw_folder), dataset_json)
 
 
-def training_cases(raw_folder: Path, dataset_json: dict) -> list[tuple[str, Path, Path]]:
-    """(identifier, first-channel image, label) of every raw training case, sorted; ``LeFusionError`` if none."""
-    files = raw_training_files(raw_folder, dataset_json)
+def raw_dataset_json(raw_folder: Path) -> dict:
+    """The ``dataset.json`` of a raw dataset folder; ``LeFusionError`` if it is not there."""
+    if not (Path(raw_folder) / "dataset.json").is_file():
+        raise LeFusionError(f"{raw_folder} has no dataset.json (is nnUNet_raw right?)")
+    return read_json(Path(raw_folder) / "dataset.json")
+
+
+def case_paths(files: dict[str, dict]) -> list[tuple[str, Path, Path]]:
+    """(identifier, first-channel image, label) of raw training files (:func:`raw_training_files`), sorted."""
+    return [(ident, Path(f["images"][0]), Path(f["label"])) for ident, f in sorted(files.items())]
+
+
+def training_cases(raw_folder: Path, dataset_json: dict | None = None) -> list[tuple[str, Path, Path]]:
+    """(identifier, first-channel image, label) of every raw training case, sorted; ``LeFusionError`` if none.
+    ``dataset_json``: the folder's own when not given."""
+    files = raw_training_files(raw_folder, dataset_json or raw_dataset_json(raw_folder))
     if not files:
         raise LeFusionError(f"{raw_folder} has no training cases (imagesTr/labelsTr).")
-    return [(ident, Path(f["images"][0]), Path(f["label"])) for ident, f in sorted(files.items())]
+    return case_paths(files)

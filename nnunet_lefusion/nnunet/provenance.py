@@ -84,11 +84,9 @@ def describe(record: dict | None) -> str:
 
 def raw_fold(dataset: str, raw_folder: Path, fold: int | str) -> tuple[dict, dict]:
     """(training-case files {id: {'images', 'label'}}, ``training_record``) of ``fold`` of a raw dataset."""
-    from nnunet_lefusion.nnunet.context import env_folder, raw_training_files, read_json
+    from nnunet_lefusion.nnunet.context import env_folder, raw_dataset_json, raw_training_files
 
-    if not (raw_folder / "dataset.json").is_file():
-        raise LeFusionError(f"{raw_folder} has no dataset.json (is nnUNet_raw right?)")
-    files = raw_training_files(raw_folder, read_json(raw_folder / "dataset.json"))
+    files = raw_training_files(raw_folder, raw_dataset_json(raw_folder))
     if not files:
         raise LeFusionError(f"{raw_folder} has no training cases (imagesTr/labelsTr)")
     base = env_folder("nnUNet_preprocessed") / dataset if fold != "all" else None
