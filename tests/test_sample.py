@@ -181,16 +181,20 @@ def test_bad_input_is_one_error_line(dataset, checkpoint, tmp_path, capsys):
     label = str(dataset / "labelsTr" / "Case_P001.nii.gz")
     out = str(tmp_path / "o.nii.gz")
     not_a_checkpoint = checkpoint.parent / "model_config.yaml"
-    assert "checkpoint" in one_error_line(capsys, sample_main, ["-i", image, "-l", label, "-o", out, "--checkpoint", str(not_a_checkpoint)])
+
+    def error(argv: list[str]) -> str:
+        return one_error_line(capsys, sample_main, argv)
+
+    assert "checkpoint" in error(["-i", image, "-l", label, "-o", out, "--checkpoint", str(not_a_checkpoint)])
     normal = str(dataset / "labelsTr" / "Case_N001.nii.gz")
     other_image = str(dataset / "imagesTr" / "Case_N001_0000.nii.gz")
-    assert "grid" in one_error_line(capsys, sample_main, ["-i", image, "-l", normal, "-o", out, "--checkpoint", str(checkpoint)])
-    assert "no voxel of the lesion labels" in one_error_line(capsys, sample_main, ["-i", other_image, "-l", normal, "-o", out,
-                                                              "--checkpoint", str(checkpoint)])
-    assert "cluster" in one_error_line(capsys, sample_main, ["-i", image, "-l", label, "-o", out, "--checkpoint", str(checkpoint),
-                                        "--cluster", "9", *QUICK])
-    assert "does not exist" in one_error_line(capsys, sample_main, ["-i", image, "-l", label, "-o", str(tmp_path / "no" / "o.nii.gz"),
-                                               "--checkpoint", str(checkpoint)])
+    assert "grid" in error(["-i", image, "-l", normal, "-o", out, "--checkpoint", str(checkpoint)])
+    assert "no voxel of the lesion labels" in error(["-i", other_image, "-l", normal, "-o", out,
+                                                     "--checkpoint", str(checkpoint)])
+    assert "cluster" in error(["-i", image, "-l", label, "-o", out, "--checkpoint", str(checkpoint),
+                               "--cluster", "9", *QUICK])
+    assert "does not exist" in error(["-i", image, "-l", label, "-o", str(tmp_path / "no" / "o.nii.gz"),
+                                      "--checkpoint", str(checkpoint)])
 
 
 def test_official_checkpoint_without_metadata(dataset, checkpoint, tmp_path):

@@ -99,8 +99,7 @@ def test_mean_loss_weight_is_recorded(dataset, tmp_path):
 def test_interrupted_loop_resumes_exactly(dataset, tmp_path):
     """A KeyboardInterrupt mid-run loses only the steps since the last checkpoint; the resumed run is exact."""
     labels = LesionLabels.emidec()
-    rois = load_roi_set(training_cases(dataset), labels,
-                        (2, 32, 32), progress=False)
+    rois = load_roi_set(training_cases(dataset), labels, (2, 32, 32), progress=False)
     config = ModelConfig.from_yaml("tiny")
     meta = sampler_meta(labels, (2, 32, 32), rois)
     settings = TrainConfig(steps=5, batch_size=1, checkpoint_every=2, lr=1e-3, progress=False)
@@ -130,8 +129,7 @@ def test_interrupted_loop_resumes_exactly(dataset, tmp_path):
 
 def test_roi_set_keeps_lesion_cases_and_flips_consistently(dataset):
     labels = LesionLabels.emidec()
-    rois = load_roi_set(training_cases(dataset), labels,
-                        (2, 32, 32), progress=False)
+    rois = load_roi_set(training_cases(dataset), labels, (2, 32, 32), progress=False)
     assert len(rois) == 3 and all(i.startswith("Case_P") for i in rois.identifiers)
     assert rois.images.min() >= -1 and rois.images.max() <= 1
     batch = rois.make_batch(np.random.default_rng(0), 16)
@@ -144,27 +142,31 @@ def test_roi_set_keeps_lesion_cases_and_flips_consistently(dataset):
         assert np.array_equal(np.flip(rois.labels[i], 1) if flipped else rois.labels[i], label)
 
 
+def _error(capsys, argv: list[str]) -> str:
+    return one_error_line(capsys, train_main, argv)
+
+
 def test_bad_input_is_one_error_line(dataset, nnunet_dirs, tmp_path, capsys):
     raw = nnunet_dirs["nnUNet_raw"]
     if not list(Path(raw).glob(f"Dataset{NORMAL_ID}_*")):
         write_dataset(NORMAL_ID, 2, 0, raw, name="NoLesions", fov="heart", normal_fraction=1.0)
     base = ["--config", "tiny", "--roi", *ROI, "--steps", "1", "--quiet"]
-    assert "not found" in one_error_line(capsys, train_main, ["-d", "777", *base, "-o", str(tmp_path / "x")])
-    assert "none of the 2 training cases" in one_error_line(capsys, train_main, ["-d", str(NORMAL_ID), *base, "-o", str(tmp_path / "y")])
+    assert "not found" in _error(capsys, ["-d", "777", *base, "-o", str(tmp_path / "x")])
+    assert "none of the 2 training cases" in _error(capsys, ["-d", str(NORMAL_ID), *base, "-o", str(tmp_path / "y")])
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text(yaml.safe_dump({**ModelConfig.from_yaml("tiny").to_dict(), "cond_dim": 16}))
-    assert "cond_dim 16" in one_error_line(capsys, train_main, ["-d", str(LESION_ID), "--config", str(wrong), "--roi", *ROI, "-o",
+    assert "cond_dim 16" in _error(capsys, ["-d", str(LESION_ID), "--config", str(wrong), "--roi", *ROI, "-o",
                                             str(tmp_path / "z")])
-    assert "divisible" in one_error_line(capsys, train_main, ["-d", str(LESION_ID), "--config", "tiny", "--roi", "2", "31", "32",
+    assert "divisible" in _error(capsys, ["-d", str(LESION_ID), "--config", "tiny", "--roi", "2", "31", "32",
                                           "-o", str(tmp_path / "w")])
     train_tiny(tmp_path / "run", 2)
-    assert "--resume" in one_error_line(capsys, train_main, ["-d", str(LESION_ID), *base, "-o", str(tmp_path / "run")])
-    assert "different settings" in one_error_line(capsys, train_main, ["-d", str(LESION_ID), "--config", "tiny", "--roi", "2", "32", "24",
+    assert "--resume" in _error(capsys, ["-d", str(LESION_ID), *base, "-o", str(tmp_path / "run")])
+    assert "different settings" in _error(capsys, ["-d", str(LESION_ID), "--config", "tiny", "--roi", "2", "32", "24",
                                                    "--steps", "4", "--resume", "--quiet", "-o", str(tmp_path / "run")])
     wider = tmp_path / "wider.yaml"
     wider.write_text(yaml.safe_dump({**ModelConfig.from_yaml("tiny").to_dict(), "dim": 8}))
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
-    assert "model config" in one_error_line(capsys, train_main, ["-d", str(LESION_ID), "--config", str(wider), "--roi", *ROI, "--steps",
+    assert "model config" in _error(capsys, ["-d", str(LESION_ID), "--config", str(wider), "--roi", *ROI, "--steps",
                                              "4", "--resume", "--quiet", "-o", str(tmp_path / "run")])
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before  # a refused resume writes nothing
 
@@ -189,17 +191,16 @@ def test_init_starts_from_a_samplers_weights_and_its_cases_count_as_seen(dataset
     case, _, label_file = training_cases(dataset)[0]
     with pytest.raises(LeFusionError, match="initial weights"):
         check_no_leak(records[1:], {case: label_hash(label_file)}, 0, "refused")
-    assert "another --config" in one_error_line(capsys, train_main, [*tune, "--config", "small", "-o", str(tmp_path / "x")])
-    assert "--histogram-scale (1.0)" in one_error_line(capsys, train_main, [*tune, "--histogram-scale", "16", "-o", str(tmp_path / "y")])
+    assert "another --config" in _error(capsys, [*tune, "--config", "small", "-o", str(tmp_path / "x")])
+    assert "--histogram-scale (1.0)" in _error(capsys, [*tune, "--histogram-scale", "16", "-o", str(tmp_path / "y")])
     masks = [*tune[:2], "--init", str(SHIPPED["mask generator"]), *tune[4:], "-o", str(tmp_path / "z")]
-    assert "not a LeFusion sampler" in one_error_line(capsys, train_main, masks)
+    assert "not a LeFusion sampler" in _error(capsys, masks)
 
 
 @pytest.mark.slow
 def test_loss_falls(dataset, tmp_path):
     labels = LesionLabels.emidec()
-    rois = load_roi_set(training_cases(dataset), labels,
-                        (2, 32, 32), progress=False)
+    rois = load_roi_set(training_cases(dataset), labels, (2, 32, 32), progress=False)
     config = ModelConfig.from_yaml("tiny")
     torch.manual_seed(0)
     result = train(config.build(), LesionLoss(labels.lesions), lambda rng: rois.make_batch(rng, 2), tmp_path,
@@ -211,8 +212,7 @@ def test_loss_falls(dataset, tmp_path):
 
 def test_histogram_scale_and_condition_dropout(dataset, tmp_path):
     labels = LesionLabels.emidec()
-    rois = load_roi_set(training_cases(dataset), labels,
-                        (2, 32, 32), progress=False)
+    rois = load_roi_set(training_cases(dataset), labels, (2, 32, 32), progress=False)
     model = ModelConfig.from_yaml("tiny").build()
     batch = rois.make_batch(np.random.default_rng(0), 4)
     seen = []
@@ -264,8 +264,7 @@ def test_lesion_maps_fine_tune_starts_as_its_init_and_learns_from_the_maps(datas
         torch.testing.assert_close(aware.model(torch.cat((x, torch.rand(1, 4, 2, 32, 32)), dim=1), t, cond),
                                    base.build()(x, t, cond), atol=1e-4, rtol=1e-4)
     labels = LesionLabels.emidec()
-    rois = load_roi_set(training_cases(dataset), labels,
-                        (2, 32, 32), progress=False)
+    rois = load_roi_set(training_cases(dataset), labels, (2, 32, 32), progress=False)
     aware.model.zero_grad()
     batch = rois.make_batch(np.random.default_rng(0), 4)
     LesionLoss(labels.lesions, cond_drop=0.5, lesion_aware=True)(aware.model, batch).backward()

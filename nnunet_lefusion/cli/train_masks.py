@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     grid = MaskGrid(tuple(args.window), args.pool)
     config = mask_model_config(len(labels.lesions), ModelConfig.from_yaml(args.config) if args.config else None)
     output = args.output or env_folder("nnUNet_results") / name / OUTPUT_NAME
-    cases, record = raw_fold(name, raw, fold)
+    cases, record = raw_fold(name, raw, dataset_json, fold)
     pairs = load_mask_pairs(((k, v["label"]) for k, v in sorted(cases.items())), labels, grid)
     print(f"fold {fold}: {len(pairs)} lesion cases of {len(cases)} training cases; lesions {list(labels.lesions)} "
           f"in organ {list(labels.organ)}; "

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     LesionLoss(labels.lesions, histogram_scale=histogram_scale, cond_drop=args.cond_drop,
                mean_weight=args.mean_loss)
     check_model_fits(model_config, len(labels.lesions), args.roi)
-    files, record = raw_fold(name, raw_folder, fold)
+    files, record = raw_fold(name, raw_folder, dataset_json, fold)
     rois = load_roi_set(case_paths(files), labels, args.roi, progress=not args.quiet)
     print(f"fold {fold}: {len(files)} training cases, {len(rois)} with lesions; ROI {tuple(args.roi)}, "
           f"lesion labels {list(labels.lesions)}, organ {list(labels.organ)}"

@@ -197,10 +197,9 @@ def case_paths(files: dict[str, dict]) -> list[tuple[str, Path, Path]]:
     return [(ident, Path(f["images"][0]), Path(f["label"])) for ident, f in sorted(files.items())]
 
 
-def training_cases(raw_folder: Path, dataset_json: dict | None = None) -> list[tuple[str, Path, Path]]:
-    """(identifier, first-channel image, label) of every raw training case, sorted; ``LeFusionError`` if none.
-    ``dataset_json``: the folder's own when not given."""
-    files = raw_training_files(raw_folder, dataset_json or raw_dataset_json(raw_folder))
+def training_cases(raw_folder: Path) -> list[tuple[str, Path, Path]]:
+    """(identifier, first-channel image, label) of every raw training case, sorted; ``LeFusionError`` if none."""
+    files = raw_training_files(raw_folder, raw_dataset_json(raw_folder))
     if not files:
         raise LeFusionError(f"{raw_folder} has no training cases (imagesTr/labelsTr).")
     return case_paths(files)

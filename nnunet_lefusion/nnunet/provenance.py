@@ -82,11 +82,12 @@ def describe(record: dict | None) -> str:
             f"fingerprint {fingerprint(record['cases'])})")
 
 
-def raw_fold(dataset: str, raw_folder: Path, fold: int | str) -> tuple[dict, dict]:
-    """(training-case files {id: {'images', 'label'}}, ``training_record``) of ``fold`` of a raw dataset."""
-    from nnunet_lefusion.nnunet.context import env_folder, raw_dataset_json, raw_training_files
+def raw_fold(dataset: str, raw_folder: Path, dataset_json: dict, fold: int | str) -> tuple[dict, dict]:
+    """(training-case files {id: {'images', 'label'}}, ``training_record``) of ``fold`` of a raw dataset whose
+    ``dataset.json`` (:func:`~nnunet_lefusion.nnunet.context.raw_dataset_json`) is given."""
+    from nnunet_lefusion.nnunet.context import env_folder, raw_training_files
 
-    files = raw_training_files(raw_folder, raw_dataset_json(raw_folder))
+    files = raw_training_files(raw_folder, dataset_json)
     if not files:
         raise LeFusionError(f"{raw_folder} has no training cases (imagesTr/labelsTr)")
     base = env_folder("nnUNet_preprocessed") / dataset if fold != "all" else None
