@@ -17,8 +17,11 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/nnUNetv2_lefusion_demo
 
+# The suite runs on TEST_JOBS processes (pytest-xdist), one thread each: on 2 cores about half the serial time.
+TEST_JOBS ?= 2
+
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal -m "not slow"

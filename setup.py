@@ -23,7 +23,7 @@ setup(
         "blosc2",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "pytest-xdist"]},
     entry_points={
         "console_scripts": [
             "nnUNetv2_lefusion_phantom=nnunet_lefusion.cli.phantom:main",

@@ -47,6 +47,10 @@ def main() -> None:
     args = parser.parse_args()
 
     sampler = LesionSampler.load(args.checkpoint, "cpu", args.weights)
+    if sampler.level_offset:
+        raise SystemExit(f"error: {args.checkpoint} is a level-offset sampler: its lesions take their condition's "
+                         "level by construction (diffusion.level_offset), which this diagnostic of the network "
+                         "alone does not measure; use lesion_quality.py.")
     raw = Path(args.raw)
     labels = resolve_lesion_labels(json.loads((raw / "dataset.json").read_text()), list(sampler.labels.lesions),
                                    list(sampler.labels.organ))

@@ -12,6 +12,12 @@ from tests.nnunet_helpers import run_cli
 
 DATASET_ID = 990
 
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # parallel test processes (make test: pytest -n 2): one intra-op thread each, for them and their subprocesses;
+    # two threads per process on two shared cores stall each other badly
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def nnunet_dirs(tmp_path_factory) -> dict[str, str]:

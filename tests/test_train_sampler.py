@@ -11,7 +11,10 @@ import yaml
 from nnunet_lefusion.cli.train_sampler import main as train_main
 from nnunet_lefusion.nnunet.context import training_cases
 from nnunet_lefusion.diffusion.histograms import lesion_histograms
+from nnunet_lefusion.diffusion.level_offset import offset_map
+from nnunet_lefusion.diffusion.loss import lesion_channel_masks
 from nnunet_lefusion.diffusion.sampler import SamplerConfig
+from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.model.config import ModelConfig
@@ -275,3 +278,55 @@ def test_lesion_maps_fine_tune_starts_as_its_init_and_learns_from_the_maps(datas
                                                     SamplerConfig(1, 1, strided_steps=2))
     lesion = np.isin(label, labels.lesions)
     assert np.array_equal(sampled[~lesion], image[~lesion]) and np.array_equal(matched[~lesion], image[~lesion])
+
+
+def test_level_offset_trains_lesions_around_0_and_samples_them_at_their_conditions_level(dataset, tmp_path):
+    labels = LesionLabels.emidec()
+    rois = load_roi_set(training_cases(dataset), labels, (2, 32, 32), progress=False)
+    batch = rois.make_batch(np.random.default_rng(0), 4)
+    seen = []
+    model = ModelConfig.from_yaml("tiny").build()
+
+    def spy(x, t, cond):
+        seen.append((x.detach().clone(), t))
+        return model(x, t, cond)
+
+    for offset in (False, True):
+        torch.manual_seed(3)   # the same timesteps and noise: the inputs differ by sqrt(abar_t) times the shift
+        LesionLoss(labels.lesions, level_offset=offset)(spy, batch)
+    masks = lesion_channel_masks(batch["label"], labels.lesions)
+    shifts = offset_map(masks, batch["cond"])
+    (plain, t), (moved, _) = seen
+    schedule = CosineSchedule(300)
+    for b in range(4):
+        torch.testing.assert_close((plain[b] - moved[b]) / schedule.alpha_bar(int(t[b])) ** 0.5,
+                                   shifts[b].expand_as(plain[b]), atol=1e-4, rtol=1e-4)
+        for k in range(2):   # class k, moved, sits at 0 (within the histogram's bin rounding)
+            lesion = masks[b, k].bool()
+            if lesion.any():
+                assert abs(float((batch["x0"][b, 0][lesion] - shifts[b, 0][lesion]).mean())) < 1.0 / 16
+    assert shifts.abs().max() > 0.2 and torch.all(shifts[~masks.bool().any(dim=1, keepdim=True)] == 0)
+    train_tiny(tmp_path / "offset", 1, "--level-offset")
+    sampler = LesionSampler.load(tmp_path / "offset" / FINAL)
+    assert sampler.level_offset and load_checkpoint(tmp_path / "offset" / FINAL).meta.extras["level_offset"]
+    _, image_file, label_file = next(c for c in training_cases(dataset) if "P" in c[0])
+    image, label = read_volume(image_file)[0], read_volume(label_file)[0]
+    unit = covering_rois(image, label, labels.host, labels.lesions, sampler.roi_size)[0].intensity.to_unit
+    lesion = np.isin(label, labels.lesions)
+
+    def lesion_mean(bin_index: int) -> float:
+        hist = np.zeros((2, 16), dtype=np.float32)
+        hist[:, bin_index] = 1.0
+        [(sampled, _)] = sampler.resynthesize_pairs([image], [label], np.random.default_rng(0),
+                                                    SamplerConfig(1, 1, strided_steps=2), hist.ravel())
+        assert np.array_equal(sampled[~lesion], image[~lesion])
+        return float(unit(sampled)[lesion].mean())
+
+    # an untrained network: with the level offset the lesions still take their condition's level (bright minus
+    # dark condition: 1.875 before clipping to [-1, 1]), without it they do not
+    offset_response = lesion_mean(15) - lesion_mean(0)
+    sampler.level_offset = False
+    assert offset_response > 0.75 and offset_response > lesion_mean(15) - lesion_mean(0) + 0.5
+    train_main(["-d", str(LESION_ID), "--init", str(tmp_path / "offset" / FINAL), "--roi", *ROI, "--steps", "1",
+                "--batch-size", "1", "--quiet", "-o", str(tmp_path / "tuned")])
+    assert LesionSampler.load(tmp_path / "tuned" / FINAL).level_offset   # a fine-tune keeps it

@@ -23,7 +23,8 @@ from nnunet_lefusion.nnunet.provenance import FOLD_HELP, raw_fold
 from nnunet_lefusion.roi import OFFICIAL_CARDIAC_SIZE
 from nnunet_lefusion.training.roi_data import load_roi_set
 from nnunet_lefusion.training.sampler import (DEFAULT_CLUSTERS, LesionLoss, check_model_fits, initial_sampler,
-                                              stored_histogram_scale, train_sampler, with_lesion_maps)
+                                              stored_histogram_scale, stored_level_offset, train_sampler,
+                                              with_lesion_maps)
 
 
 def config_name(config: str) -> str:
@@ -67,23 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a lesion-aware network: it also sees each lesion class's mask and its histogram's mean "
                              "level, so it follows the condition without histogram matching (with --init: that "
                              "checkpoint's network gets the extra inputs, starting from zero weights)")
+    parser.add_argument("--level-offset", action="store_true",
+                        help="the network generates each lesion around 0 and sampling adds its histogram's mean "
+                             "level, so the level follows the condition by construction (with --init: kept if that "
+                             "checkpoint has it)")
     parser.add_argument("-o", "--output", help="output folder (default $nnUNet_results/<dataset>/LeFusion__<config>)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
-def initial_settings(args: argparse.Namespace, labels: LesionLabels) -> tuple[ModelConfig, float]:
-    """The model config and histogram scale of the run: as given, else the --init checkpoint's, else small and 1,
-    with the lesion-map inputs if asked; given ones that differ from the --init checkpoint's are refused
-    (``initial_sampler``)."""
+def initial_settings(args: argparse.Namespace, labels: LesionLabels) -> tuple[ModelConfig, float, bool]:
+    """The model config, histogram scale and level offset of the run: as given, else the --init checkpoint's, else
+    small, 1 and off, with the lesion-map inputs if asked; a given config or scale that differs from the --init
+    checkpoint's is refused (``initial_sampler``)."""
     given = ModelConfig.from_yaml(args.config) if args.config else None
     if not args.init:
         config = given or ModelConfig.from_yaml("small")
         scale = 1.0 if args.histogram_scale is None else args.histogram_scale
+        offset = args.level_offset
     else:
         start = initial_sampler(args.init, labels, given, args.histogram_scale)
         config, scale = start.config, stored_histogram_scale(start.meta)
-    return with_lesion_maps(config) if args.lesion_maps else config, scale
+        offset = args.level_offset or stored_level_offset(start.meta)
+    return with_lesion_maps(config) if args.lesion_maps else config, scale, offset
 
 
 @cli_main
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     raw_folder = env_folder("nnUNet_raw") / name
     dataset_json = raw_dataset_json(raw_folder)
     labels = resolve_lesion_labels(dataset_json, args.lesion_labels, args.organ_labels)
-    model_config, histogram_scale = initial_settings(args, labels)
+    model_config, histogram_scale, level_offset = initial_settings(args, labels)
     run_name = config_name(args.config) if args.config else Path(args.init).stem if args.init else "small"
     out = Path(args.output) if args.output else env_folder("nnUNet_results") / name / f"LeFusion__{run_name}"
     train_config = train_config_from(args, keep_every=args.keep_every, bf16=args.bf16, progress=not args.quiet)
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.resume:  # a resumed run is refused unless its checkpoint holds this config: the file stays valid
         atomic_write_text(out / "model_config.yaml", yaml.safe_dump(model_config.to_dict(), sort_keys=False))
     result = train_sampler(rois, model_config, labels, args.roi, out, train_config, args.clusters, args.resume,
-                           histogram_scale, args.cond_drop, record, args.mean_loss, args.init)
+                           histogram_scale, args.cond_drop, record, args.mean_loss, args.init, level_offset)
     print(f"step {result.step}: {result.checkpoint}")
 
 

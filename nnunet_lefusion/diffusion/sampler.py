@@ -17,6 +17,7 @@ import torch
 from nnunet_lefusion.diffusion.histograms import match_histogram
 from nnunet_lefusion.diffusion.jump import count_evaluations, jump_schedule, strided_jump_schedule
 from nnunet_lefusion.diffusion.lesion_maps import lesion_denoiser
+from nnunet_lefusion.diffusion.level_offset import offset_map
 from nnunet_lefusion.diffusion.loss import Denoiser, lesion_channel_masks
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
@@ -163,13 +164,15 @@ class RePaintSampler:
 
     def sample(self, image: torch.Tensor, label: torch.Tensor, lesion_labels: Sequence[int],
                cond: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               histogram_matching: bool = False) -> SampleResult:
+               histogram_matching: bool = False, level_offset: bool = False) -> SampleResult:
         """New lesion textures for a batch of ROIs.
 
         ``image`` (B, D, H, W) in [-1, 1]; ``label`` (B, D, H, W) class map; channel k of the network is
         lesion class ``lesion_labels[k]``; ``cond`` (B, cond_dim) or one (cond_dim,) row for the whole batch.
         Voxels outside the lesion classes are returned unchanged (the same values as ``image``).
         ``histogram_matching``: ``cond`` is one histogram per lesion class; also return the matched image.
+        ``level_offset``: the network generates lesions around 0; class k's voxels get the mean level of its block of
+        ``cond`` added (clipped to [-1, 1]; ``diffusion.level_offset``).
         """
         if image.dim() != 4 or image.shape != label.shape:
             raise LeFusionError(f"image {tuple(image.shape)} and label {tuple(label.shape)} must be (B, D, H, W).")
@@ -178,8 +181,9 @@ class RePaintSampler:
         b, k = masks.shape[:2]
         known = ~masks.any(dim=1, keepdim=True)
         gt = image.float()[:, None].expand(b, k, *image.shape[1:])
-        if histogram_matching and (cond is None or cond.shape[-1] % k):
-            raise LeFusionError(f"histogram matching needs a condition of one histogram per lesion class ({k}).")
+        if (histogram_matching or level_offset) and (cond is None or cond.shape[-1] % k):
+            raise LeFusionError(f"histogram matching and a level offset need a condition of one histogram per lesion "
+                                f"class ({k}).")
         if cond is not None:
             cond = cond.to(image.device, torch.float32).expand(b, -1) if cond.dim() == 1 else cond.to(image.device)
 
@@ -202,8 +206,9 @@ class RePaintSampler:
                 x = self._step_down(x, x0, t, s, randn)
                 evaluations += 1
             out = image.clone()
+            lesions = (x + offset_map(masks, cond)).clamp(-1.0, 1.0) if level_offset else x
             for c in range(k):
-                out[masks[:, c]] = x[:, c][masks[:, c]].to(out.dtype)
+                out[masks[:, c]] = lesions[:, c][masks[:, c]].to(out.dtype)
             matched = self._match(out, masks, cond) if histogram_matching else None
         return SampleResult(out, matched, x, evaluations)
 

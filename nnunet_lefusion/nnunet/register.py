@@ -7,6 +7,7 @@ The classes stay in this installed package, so they pickle.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from nnunet_lefusion.errors import LeFusionError
@@ -35,7 +36,7 @@ def register(folder: Path | None = None) -> tuple[Path, bool]:
         return path, False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{STUB_NAME}.tmp")
+        tmp = path.with_name(f".{STUB_NAME}.{os.getpid()}.tmp")  # concurrent registrations do not collide
         tmp.write_text(STUB_SOURCE)
         tmp.replace(path)
     except OSError as exc:

@@ -30,7 +30,8 @@ from nnunet_lefusion.synthesis.base import Proposal, RawCase, Synthetic, Synthes
 from nnunet_lefusion.synthesis.plan import KINDS
 from nnunet_lefusion.training.loop import resolve_device
 from nnunet_lefusion.training.roi_data import INTENSITY_PERCENTILES, LesionRoi
-from nnunet_lefusion.training.sampler import SAMPLER_KIND, sampler_clusters, stored_histogram_scale
+from nnunet_lefusion.training.sampler import (SAMPLER_KIND, sampler_clusters, stored_histogram_scale,
+                                              stored_level_offset)
 
 MODES = ("fast", "official")
 # "random": a training-histogram cluster drawn by its size (perturbed +-10 %); an int: that cluster (perturbed);
@@ -75,6 +76,7 @@ class LesionSampler:
     in_plane_transposed: bool = False
     histogram_scale: float = 1.0
     guidance: float = 1.0  # classifier-free guidance used when a SamplerConfig leaves it open
+    level_offset: bool = False  # the lesions take their condition's level by construction (diffusion.level_offset)
 
     @property
     def device(self) -> torch.device:
@@ -107,7 +109,7 @@ class LesionSampler:
             return cls(model, LesionLabels.emidec(), roi.OFFICIAL_CARDIAC_SIZE, None, schedule, str(checkpoint), True)
         return cls(model, LesionLabels.from_dict(meta.extras["labels"]), tuple(meta.roi_size),
                    sampler_clusters(meta), schedule, str(checkpoint), histogram_scale=stored_histogram_scale(meta),
-                   guidance=float(meta.extras.get("guidance", 1.0)))
+                   guidance=float(meta.extras.get("guidance", 1.0)), level_offset=stored_level_offset(meta))
 
     def condition(self, item: LesionRoi, labels: LesionLabels, histogram: Histogram,
                   rng: np.random.Generator) -> np.ndarray:
@@ -185,7 +187,7 @@ class LesionSampler:
                                                                  for i, spec in zip(chunk, specs)]))).to(self.device),
                     torch.from_numpy(self.network_axes(np.stack(roi_labels))).to(self.device), labels.lesions,
                     torch.from_numpy(np.stack([conds[i] for i in chunk])) * self.histogram_scale, generator,
-                    histogram_matching=True)
+                    histogram_matching=True, level_offset=self.level_offset)
                 raw, fitted = (self.network_axes(r.cpu().numpy()) for r in (result.image, result.matched))
                 for i, spec, roi_label, roi_raw, roi_fitted in zip(chunk, specs, roi_labels, raw, fitted):
                     new = np.isin(roi_label, labels.lesions)

@@ -10,6 +10,7 @@ import torch
 from nnunet_lefusion.diffusion.histograms import NUM_BINS, HistogramClusters, cluster_histograms
 from nnunet_lefusion.diffusion.lesion_maps import (MAPS_PER_CLASS, histogram_levels, is_lesion_aware, lesion_maps,
                                                    with_maps)
+from nnunet_lefusion.diffusion.level_offset import offset_map
 from nnunet_lefusion.diffusion.loss import lesion_channel_masks, training_loss
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
@@ -43,13 +44,14 @@ def check_model_fits(config: ModelConfig, num_classes: int, roi_size: Sequence[i
 
 def sampler_meta(labels: LesionLabels, roi_size: Sequence[int], rois: RoiSet,
                  num_clusters: int = DEFAULT_CLUSTERS, seed: int = 0, histogram_scale: float = 1.0,
-                 mean_weight: float = 0.0) -> CheckpointMeta:
+                 mean_weight: float = 0.0, level_offset: bool = False) -> CheckpointMeta:
     """The ``lefusion_meta`` of a sampler checkpoint: everything sampling needs besides the weights.
 
     ``histogram_clusters`` holds k-means centres of the training histograms (the texture presets offered at
     sampling, official-style: one cond_dim vector each); their sizes, the label roles and ``histogram_scale``
     (the factor the network sees the histograms multiplied by; 1 = official) are in ``extras``, and the weight of
-    the lesion-mean loss term where it was used, and each cluster's organ level (``cluster_histograms``).
+    the lesion-mean loss term where it was used, whether the network generates lesions around 0 and takes their
+    level from the condition (``diffusion.level_offset``), and each cluster's organ level (``cluster_histograms``).
     """
     clusters = cluster_histograms(rois.histograms, num_clusters, seed=seed, organ_levels=rois.organ_levels)
     stored = clusters.to_dict()
@@ -64,7 +66,8 @@ def sampler_meta(labels: LesionLabels, roi_size: Sequence[int], rois: RoiSet,
                 "histogram_bins": clusters.num_bins, "histogram_scale": float(histogram_scale),
                 "training_cases": len(rois),
                 "augmentation": {"flip_axis": "Y", "probability": 0.5, "array_axis": FLIP_AXIS},
-                **({"mean_loss_weight": float(mean_weight)} if mean_weight else {})})
+                **({"mean_loss_weight": float(mean_weight)} if mean_weight else {}),
+                **({"level_offset": True} if level_offset else {})})
 
 
 def sampler_clusters(meta: CheckpointMeta) -> HistogramClusters:
@@ -79,6 +82,11 @@ def stored_histogram_scale(meta: CheckpointMeta | None) -> float:
     return float(meta.extras.get("histogram_scale", 1.0)) if meta is not None else 1.0
 
 
+def stored_level_offset(meta: CheckpointMeta | None) -> bool:
+    """Whether a sampler's lesions take their condition's level by construction (False for official ones)."""
+    return bool(meta.extras.get("level_offset", False)) if meta is not None else False
+
+
 class LesionLoss:
     """``loss_fn`` for the training loop: official lesion-focused eps L1, channel k on lesion class k.
 
@@ -88,11 +96,13 @@ class LesionLoss:
     ``benchmarks/condition_response.py``); ``mean_weight`` adds the lesion-mean term of
     :func:`~nnunet_lefusion.diffusion.loss.lesion_mean_loss` (official: 0). A ``lesion_aware`` network also sees the
     lesion maps of its batch (``diffusion.lesion_maps``), without levels where the condition is dropped.
+    ``level_offset``: the network learns each lesion class around 0, moved by minus its condition's level
+    (``diffusion.level_offset``).
     """
 
     def __init__(self, lesion_labels: Sequence[int], num_timesteps: int = NUM_TIMESTEPS,
                  normalisation: str = "volume", histogram_scale: float = 1.0, cond_drop: float = 0.0,
-                 mean_weight: float = 0.0, lesion_aware: bool = False) -> None:
+                 mean_weight: float = 0.0, lesion_aware: bool = False, level_offset: bool = False) -> None:
         if not 0.0 <= cond_drop < 1.0 or histogram_scale <= 0 or mean_weight < 0:
             raise LeFusionError(f"need 0 <= cond_drop < 1, histogram_scale > 0 and mean_weight >= 0, got {cond_drop}, "
                                 f"{histogram_scale} and {mean_weight}.")
@@ -103,6 +113,7 @@ class LesionLoss:
         self.cond_drop = float(cond_drop)
         self.mean_weight = float(mean_weight)
         self.lesion_aware = lesion_aware
+        self.level_offset = level_offset
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x0, cond = batch["x0"], batch["cond"] * self.histogram_scale
@@ -111,6 +122,8 @@ class LesionLoss:
             dropped = torch.rand(cond.shape[0], device=cond.device) < self.cond_drop
             cond = torch.where(dropped[:, None], model.null_cond_emb.to(cond).expand_as(cond), cond)
         masks = lesion_channel_masks(batch["label"], self.lesion_labels)
+        if self.level_offset:
+            x0 = x0 - offset_map(masks, batch["cond"]).to(x0)
         denoiser = model
         if self.lesion_aware:
             levels = histogram_levels(batch["cond"], masks.shape[1])
@@ -159,9 +172,10 @@ def train_sampler(rois: RoiSet, config: ModelConfig, labels: LesionLabels, roi_s
                   out_dir: str | Path, train_config: TrainConfig, num_clusters: int = DEFAULT_CLUSTERS,
                   resume: bool = False, histogram_scale: float = 1.0, cond_drop: float = 0.0,
                   training_data: dict | None = None, mean_weight: float = 0.0,
-                  init: str | Path | None = None) -> TrainResult:
+                  init: str | Path | None = None, level_offset: bool = False) -> TrainResult:
     """Train a fresh (or resumed) LeFusion denoiser of ``config`` on ``rois``; files go to ``out_dir``.
-    ``histogram_scale``, ``cond_drop`` and ``mean_weight``: see ``LesionLoss`` (the scale is stored for sampling);
+    ``histogram_scale``, ``cond_drop``, ``mean_weight`` and ``level_offset``: see ``LesionLoss`` (scale and level
+    offset are stored for sampling);
     ``training_data``: the cases ``rois`` come from, recorded in the checkpoint (``nnunet.provenance``);
     ``init``: a sampler checkpoint whose EMA weights the run starts from instead of random ones (fine-tuning; its
     config and histogram scale must be ``config`` and ``histogram_scale``, except that ``config`` may add the
@@ -169,9 +183,9 @@ def train_sampler(rois: RoiSet, config: ModelConfig, labels: LesionLabels, roi_s
     recorded."""
     check_model_fits(config, len(labels.lesions), roi_size)
     loss = LesionLoss(labels.lesions, histogram_scale=histogram_scale, cond_drop=cond_drop, mean_weight=mean_weight,
-                      lesion_aware=is_lesion_aware(config.channels, config.out_channels))
+                      lesion_aware=is_lesion_aware(config.channels, config.out_channels), level_offset=level_offset)
     meta = sampler_meta(labels, roi_size, rois, num_clusters, seed=train_config.seed, histogram_scale=histogram_scale,
-                        mean_weight=mean_weight)
+                        mean_weight=mean_weight, level_offset=level_offset)
     meta.training_data = training_data
     torch.manual_seed(train_config.seed)
     model = config.build()

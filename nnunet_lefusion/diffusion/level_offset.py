@@ -1,0 +1,24 @@
+"""Lesion levels carried by the condition: what a level-offset sampler generates, and what is added back.
+
+The official network must find a lesion's intensity level in its histogram condition, which its per-voxel loss
+barely rewards: at high noise, where the level is set, it regresses to a level learnt from all training lesions,
+and the sampled lesions sit between their condition and the surrounding tissue. A level-offset sampler is trained
+on ROIs whose lesion voxels of class k are moved by minus level_k, the mean of class k's histogram condition: its
+network generates every lesion around 0, a level that never changes, and its texture and spread from the
+condition; sampling adds level_k back to class k's voxels. So the lesion's level follows its condition by
+construction (for a training cluster: the cluster's level moved onto the target's organ) and the network makes
+everything else.
+"""
+from __future__ import annotations
+
+import torch
+
+from nnunet_lefusion.diffusion.lesion_maps import histogram_levels
+
+
+def offset_map(masks: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """(B, 1, D, H, W): on the voxels of class k (``masks`` (B, K, D, H, W)), the mean level of class k's block of
+    ``cond`` (B, K x bins, any positive scale); 0 elsewhere. A level-offset network learns the ROI minus this map,
+    and its samples get it added back."""
+    levels = histogram_levels(cond, masks.shape[1]).to(masks.device)
+    return (masks.float() * levels[:, :, None, None, None]).sum(dim=1, keepdim=True)
