@@ -93,8 +93,10 @@ def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes
            "--preset", "tiny", "--train-cases", "5", "-device", "cpu", "-num_parts", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0"}
     # both parts start together (they share the test set and the linked preprocessed folder); part 1 (copypaste)
-    # is killed in its training
-    second = subprocess.Popen(cmd + ["-part_id", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # is killed in its training, with its nnU-Net child (the whole job, as kill -9 of a process group or a
+    # scheduler does: the child alone would go on training beside the resumed run)
+    second = subprocess.Popen(cmd + ["-part_id", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     first = subprocess.Popen(cmd + ["-part_id", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
     other_log = out / "runs" / "copypaste" / "seed_0" / "log.txt"
@@ -102,7 +104,7 @@ def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes
     while not (other_log.is_file() and "=== train" in other_log.read_text()) and second.poll() is None:
         assert time.time() < deadline, "part 1 never reached its training"
         time.sleep(0.5)
-    second.send_signal(signal.SIGKILL)
+    os.killpg(second.pid, signal.SIGKILL)
     second.wait()
     first_output = first.communicate(timeout=900)[0]
     assert first.returncode == 0 and "1 run(s) of the other parts are not" in first_output, first_output[-2000:]

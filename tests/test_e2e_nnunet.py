@@ -78,12 +78,13 @@ def test_control_has_no_synthetic_case_and_resumes_from_its_5_epoch_checkpoint(p
     env = {**os.environ, "LEFUSION_EPOCHS": "7", "LEFUSION_ITERS": "2", "LEFUSION_VAL_ITERS": "1"}
     cmd = [str(BIN / "nnUNetv2_train"), "990", "2d", "0", "-tr", trainer, "-device", "cpu"]
     shutil.rmtree(fold, ignore_errors=True)  # a fresh run
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
     deadline = time.time() + 600
     while not (fold / "checkpoint_latest.pth").is_file():
         assert first.poll() is None and time.time() < deadline, "no checkpoint_latest.pth before the run ended"
         time.sleep(0.1)
-    first.send_signal(signal.SIGKILL)
+    os.killpg(first.pid, signal.SIGKILL)   # with its augmentation workers, which would outlive it
     first.wait()
     assert not (fold / "checkpoint_final.pth").exists()
     run_cli("nnUNetv2_train", *cmd[1:], "--c", env=env)
