@@ -99,6 +99,28 @@ def test_mean_loss_weight_is_recorded(dataset, tmp_path):
     assert load_checkpoint(tmp_path / "mean" / FINAL).meta.extras["mean_loss_weight"] == 0.05
 
 
+def test_lesion_normalisation_weighs_each_class_alike_and_is_recorded(dataset, tmp_path):
+    labels = LesionLabels.emidec()
+    rois = load_roi_set(training_cases(dataset), labels, (2, 32, 32), progress=False)
+    batch = rois.make_batch(np.random.default_rng(1), 4)
+    masks = lesion_channel_masks(batch["label"], labels.lesions)
+    present = int((masks.sum(dim=(0, 2, 3, 4)) > 0).sum())
+    assert present == 2
+
+    def zero_denoiser(x, t, cond):   # the loss is then each class's |noise| as the normalisation weighs it
+        return torch.zeros_like(x)
+
+    losses = {}
+    for normalisation in ("volume", "lesion"):
+        torch.manual_seed(0)
+        losses[normalisation] = float(LesionLoss(labels.lesions, normalisation=normalisation)(zero_denoiser, batch))
+    # lesion: E|N(0, 1)| = 0.80 per class, whatever its size; volume: each class times its share of the voxels
+    assert losses["lesion"] == pytest.approx(0.80 * present, abs=0.15)
+    assert losses["volume"] < 0.2 * losses["lesion"], losses
+    train_tiny(tmp_path / "balanced", 1, "--loss-normalisation", "lesion")
+    assert load_checkpoint(tmp_path / "balanced" / FINAL).meta.extras["loss_normalisation"] == "lesion"
+
+
 def test_interrupted_loop_resumes_exactly(dataset, tmp_path):
     """A KeyboardInterrupt mid-run loses only the steps since the last checkpoint; the resumed run is exact."""
     labels = LesionLabels.emidec()

@@ -15,6 +15,7 @@ import yaml
 
 from nnunet_lefusion.cli.common import cli_main
 from nnunet_lefusion.cli.training_args import add_optimisation_arguments, train_config_from
+from nnunet_lefusion.diffusion.loss import NORMALISATIONS
 from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
 from nnunet_lefusion.model.config import ModelConfig, available_configs
 from nnunet_lefusion.nnunet.cache import atomic_write_text
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a lesion-aware network: it also sees each lesion class's mask and its histogram's mean "
                              "level, so it follows the condition without histogram matching (with --init: that "
                              "checkpoint's network gets the extra inputs, starting from zero weights)")
+    parser.add_argument("--loss-normalisation", choices=NORMALISATIONS, default="volume",
+                        help="volume (official): each lesion class weighs by its voxel count; lesion: the classes weigh "
+                             "alike, so a rare inner class such as no-reflow teaches the network as much as the outer")
     parser.add_argument("--level-offset", action="store_true",
                         help="the network generates each lesion around 0 and sampling adds its histogram's mean "
                              "level, so the level follows the condition by construction (with --init: kept if that "
@@ -105,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     run_name = config_name(args.config) if args.config else Path(args.init).stem if args.init else "small"
     out = Path(args.output) if args.output else env_folder("nnUNet_results") / name / f"LeFusion__{run_name}"
     train_config = train_config_from(args, keep_every=args.keep_every, bf16=args.bf16, progress=not args.quiet)
-    LesionLoss(labels.lesions, histogram_scale=histogram_scale, cond_drop=args.cond_drop,
+    LesionLoss(labels.lesions, normalisation=args.loss_normalisation, histogram_scale=histogram_scale,
+               cond_drop=args.cond_drop,
                mean_weight=args.mean_loss)
     check_model_fits(model_config, len(labels.lesions), args.roi)
     files, record = raw_fold(name, raw_folder, dataset_json, fold)
@@ -118,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.resume:  # a resumed run is refused unless its checkpoint holds this config: the file stays valid
         atomic_write_text(out / "model_config.yaml", yaml.safe_dump(model_config.to_dict(), sort_keys=False))
     result = train_sampler(rois, model_config, labels, args.roi, out, train_config, args.clusters, args.resume,
-                           histogram_scale, args.cond_drop, record, args.mean_loss, args.init, level_offset)
+                           histogram_scale, args.cond_drop, record, args.mean_loss, args.init, level_offset,
+                           args.loss_normalisation)
     print(f"step {result.step}: {result.checkpoint}")
 
 

@@ -11,7 +11,7 @@ from nnunet_lefusion.diffusion.histograms import NUM_BINS, HistogramClusters, cl
 from nnunet_lefusion.diffusion.lesion_maps import (MAPS_PER_CLASS, histogram_levels, is_lesion_aware, lesion_maps,
                                                    with_maps)
 from nnunet_lefusion.diffusion.level_offset import offset_map
-from nnunet_lefusion.diffusion.loss import lesion_channel_masks, training_loss
+from nnunet_lefusion.diffusion.loss import NORMALISATIONS, lesion_channel_masks, training_loss
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
@@ -44,14 +44,16 @@ def check_model_fits(config: ModelConfig, num_classes: int, roi_size: Sequence[i
 
 def sampler_meta(labels: LesionLabels, roi_size: Sequence[int], rois: RoiSet,
                  num_clusters: int = DEFAULT_CLUSTERS, seed: int = 0, histogram_scale: float = 1.0,
-                 mean_weight: float = 0.0, level_offset: bool = False) -> CheckpointMeta:
+                 mean_weight: float = 0.0, level_offset: bool = False,
+                 normalisation: str = "volume") -> CheckpointMeta:
     """The ``lefusion_meta`` of a sampler checkpoint: everything sampling needs besides the weights.
 
     ``histogram_clusters`` holds k-means centres of the training histograms (the texture presets offered at
     sampling, official-style: one cond_dim vector each); their sizes, the label roles and ``histogram_scale``
     (the factor the network sees the histograms multiplied by; 1 = official) are in ``extras``, and the weight of
     the lesion-mean loss term where it was used, whether the network generates lesions around 0 and takes their
-    level from the condition (``diffusion.level_offset``), and each cluster's organ level (``cluster_histograms``).
+    level from the condition (``diffusion.level_offset``), the loss normalisation where it is not the official
+    ``volume`` (``diffusion.loss.lesion_l1_loss``), and each cluster's organ level (``cluster_histograms``).
     """
     clusters = cluster_histograms(rois.histograms, num_clusters, seed=seed, organ_levels=rois.organ_levels)
     stored = clusters.to_dict()
@@ -67,7 +69,8 @@ def sampler_meta(labels: LesionLabels, roi_size: Sequence[int], rois: RoiSet,
                 "training_cases": len(rois),
                 "augmentation": {"flip_axis": "Y", "probability": 0.5, "array_axis": FLIP_AXIS},
                 **({"mean_loss_weight": float(mean_weight)} if mean_weight else {}),
-                **({"level_offset": True} if level_offset else {})})
+                **({"level_offset": True} if level_offset else {}),
+                **({"loss_normalisation": normalisation} if normalisation != "volume" else {})})
 
 
 def sampler_clusters(meta: CheckpointMeta) -> HistogramClusters:
@@ -97,7 +100,9 @@ class LesionLoss:
     :func:`~nnunet_lefusion.diffusion.loss.lesion_mean_loss` (official: 0). A ``lesion_aware`` network also sees the
     lesion maps of its batch (``diffusion.lesion_maps``), without levels where the condition is dropped.
     ``level_offset``: the network learns each lesion class around 0, moved by minus its condition's level
-    (``diffusion.level_offset``).
+    (``diffusion.level_offset``). ``normalisation``: ``volume`` (official) weighs each class by its voxel count,
+    ``lesion`` weighs the classes alike, so a rare inner class (no-reflow) teaches the network as much as the
+    outer one (``diffusion.loss.lesion_l1_loss``).
     """
 
     def __init__(self, lesion_labels: Sequence[int], num_timesteps: int = NUM_TIMESTEPS,
@@ -106,6 +111,8 @@ class LesionLoss:
         if not 0.0 <= cond_drop < 1.0 or histogram_scale <= 0 or mean_weight < 0:
             raise LeFusionError(f"need 0 <= cond_drop < 1, histogram_scale > 0 and mean_weight >= 0, got {cond_drop}, "
                                 f"{histogram_scale} and {mean_weight}.")
+        if normalisation not in NORMALISATIONS:
+            raise LeFusionError(f"loss normalisation must be one of {NORMALISATIONS}, got {normalisation!r}.")
         self.lesion_labels = tuple(lesion_labels)
         self.schedule = CosineSchedule(num_timesteps)
         self.normalisation = normalisation
@@ -172,20 +179,22 @@ def train_sampler(rois: RoiSet, config: ModelConfig, labels: LesionLabels, roi_s
                   out_dir: str | Path, train_config: TrainConfig, num_clusters: int = DEFAULT_CLUSTERS,
                   resume: bool = False, histogram_scale: float = 1.0, cond_drop: float = 0.0,
                   training_data: dict | None = None, mean_weight: float = 0.0,
-                  init: str | Path | None = None, level_offset: bool = False) -> TrainResult:
+                  init: str | Path | None = None, level_offset: bool = False,
+                  normalisation: str = "volume") -> TrainResult:
     """Train a fresh (or resumed) LeFusion denoiser of ``config`` on ``rois``; files go to ``out_dir``.
-    ``histogram_scale``, ``cond_drop``, ``mean_weight`` and ``level_offset``: see ``LesionLoss`` (scale and level
-    offset are stored for sampling);
+    ``histogram_scale``, ``cond_drop``, ``mean_weight``, ``level_offset`` and ``normalisation``: see ``LesionLoss``
+    (scale and level offset are stored for sampling, the normalisation for the record);
     ``training_data``: the cases ``rois`` come from, recorded in the checkpoint (``nnunet.provenance``);
     ``init``: a sampler checkpoint whose EMA weights the run starts from instead of random ones (fine-tuning; its
     config and histogram scale must be ``config`` and ``histogram_scale``, except that ``config`` may add the
     lesion maps: see ``widened_state``); its file, step and the cases it and the weights it started from saw are
     recorded."""
     check_model_fits(config, len(labels.lesions), roi_size)
-    loss = LesionLoss(labels.lesions, histogram_scale=histogram_scale, cond_drop=cond_drop, mean_weight=mean_weight,
+    loss = LesionLoss(labels.lesions, normalisation=normalisation, histogram_scale=histogram_scale,
+                      cond_drop=cond_drop, mean_weight=mean_weight,
                       lesion_aware=is_lesion_aware(config.channels, config.out_channels), level_offset=level_offset)
     meta = sampler_meta(labels, roi_size, rois, num_clusters, seed=train_config.seed, histogram_scale=histogram_scale,
-                        mean_weight=mean_weight, level_offset=level_offset)
+                        mean_weight=mean_weight, level_offset=level_offset, normalisation=normalisation)
     meta.training_data = training_data
     torch.manual_seed(train_config.seed)
     model = config.build()
