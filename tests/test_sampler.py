@@ -211,3 +211,27 @@ def test_a_lesion_aware_sampler_gives_the_network_the_masks_and_levels(case):
     for value, level in ((3, 0.5625), (4, -0.5625)):
         torch.testing.assert_close(result.image[roi_label == value], torch.full(((roi_label == value).sum(),), level))
     assert torch.equal(result.image[roi_label < 3], roi[roi_label < 3])
+
+
+def test_a_level_offset_sampler_centres_each_class_on_its_conditions_level_and_keeps_the_texture(case):
+    """An exact denoiser whose lesions drift to 0.3 plus a texture: each class ends on its histogram's mean level
+    exactly, with the network's texture around it."""
+    image, label, spec = case
+    roi = torch.from_numpy(crop_image(image, spec))[None]
+    roi_label = torch.from_numpy(crop(label, spec).astype(np.int64))[None]
+    texture = 0.3 + 0.1 * torch.randn((1, 2, *roi.shape[1:]), generator=torch.Generator().manual_seed(1))
+
+    def drifting_denoiser(x, t, cond):
+        ab = SHORT.buffers["alphas_cumprod"][t][:, None, None, None, None]
+        return (x - ab.sqrt() * texture) / (1 - ab).sqrt()
+
+    cond = torch.zeros(32)
+    cond[10], cond[16 + 6] = 1.0, 1.0                    # infarct level 0.3125, no-reflow -0.1875
+    result = RePaintSampler(drifting_denoiser, SHORT, SHORT_CONFIG).sample(
+        roi, roi_label, [3, 4], cond, torch.Generator().manual_seed(0), level_offset=True)
+    for channel, (value, level) in enumerate(((3, 0.3125), (4, -0.1875))):
+        lesion = roi_label == value
+        drawn, made = result.image[lesion].float(), texture[:, channel][lesion]
+        assert abs(float(drawn.mean()) - level) < 1e-5
+        torch.testing.assert_close(drawn - level, made - made.mean(), atol=1e-5, rtol=0)
+    assert torch.equal(result.image[roi_label < 3], roi[roi_label < 3])

@@ -5,7 +5,7 @@ barely rewards: at high noise, where the level is set, it regresses to a level l
 and the sampled lesions sit between their condition and the surrounding tissue. A level-offset sampler is trained
 on ROIs whose lesion voxels of class k are moved by minus level_k, the mean of class k's histogram condition: its
 network generates every lesion around 0, a level that never changes, and its texture and spread from the
-condition; sampling adds level_k back to class k's voxels. So the lesion's level follows its condition by
+condition; sampling centres class k's voxels on 0 (``centred``) and adds level_k back. So the lesion's level follows its condition by
 construction (for a training cluster: the cluster's level moved onto the target's organ) and the network makes
 everything else.
 """
@@ -22,3 +22,15 @@ def offset_map(masks: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     and its samples get it added back."""
     levels = histogram_levels(cond, masks.shape[1]).to(masks.device)
     return (masks.float() * levels[:, :, None, None, None]).sum(dim=1, keepdim=True)
+
+
+def centred(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, K, D, H, W), a level-offset network's channels, with each class's lesion mean removed from its
+    voxels (channel k over ``masks[:, k]``, per ROI); other voxels unchanged. The network generates the lesions
+    around 0, but a lesion's own mean drifts from 0 over the walk by a few hundredths of [-1, 1], as much as a small
+    lesion's spread: centred, the lesion's level is its condition's exactly, and its texture and spread the
+    network's."""
+    masks = masks.to(x.dtype)
+    dims = tuple(range(2, x.dim()))
+    means = (x * masks).sum(dim=dims) / masks.sum(dim=dims).clamp(min=1.0)
+    return x - masks * means[:, :, None, None, None]

@@ -17,7 +17,7 @@ import torch
 from nnunet_lefusion.diffusion.histograms import match_histogram
 from nnunet_lefusion.diffusion.jump import count_evaluations, jump_schedule, strided_jump_schedule
 from nnunet_lefusion.diffusion.lesion_maps import lesion_denoiser
-from nnunet_lefusion.diffusion.level_offset import offset_map
+from nnunet_lefusion.diffusion.level_offset import centred, offset_map
 from nnunet_lefusion.diffusion.loss import Denoiser, lesion_channel_masks
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
@@ -171,8 +171,8 @@ class RePaintSampler:
         lesion class ``lesion_labels[k]``; ``cond`` (B, cond_dim) or one (cond_dim,) row for the whole batch.
         Voxels outside the lesion classes are returned unchanged (the same values as ``image``).
         ``histogram_matching``: ``cond`` is one histogram per lesion class; also return the matched image.
-        ``level_offset``: the network generates lesions around 0; class k's voxels get the mean level of its block of
-        ``cond`` added (clipped to [-1, 1]; ``diffusion.level_offset``).
+        ``level_offset``: the network generates lesions around 0; class k's voxels are centred on 0 and get the mean
+        level of its block of ``cond`` added (clipped to [-1, 1]; ``diffusion.level_offset``).
         """
         if image.dim() != 4 or image.shape != label.shape:
             raise LeFusionError(f"image {tuple(image.shape)} and label {tuple(label.shape)} must be (B, D, H, W).")
@@ -206,7 +206,7 @@ class RePaintSampler:
                 x = self._step_down(x, x0, t, s, randn)
                 evaluations += 1
             out = image.clone()
-            lesions = (x + offset_map(masks, cond)).clamp(-1.0, 1.0) if level_offset else x
+            lesions = (centred(x, masks) + offset_map(masks, cond)).clamp(-1.0, 1.0) if level_offset else x
             for c in range(k):
                 out[masks[:, c]] = lesions[:, c][masks[:, c]].to(out.dtype)
             matched = self._match(out, masks, cond) if histogram_matching else None
