@@ -5,9 +5,9 @@ barely rewards: at high noise, where the level is set, it regresses to a level l
 and the sampled lesions sit between their condition and the surrounding tissue. A level-offset sampler is trained
 on ROIs whose lesion voxels of class k are moved by minus level_k, the mean of class k's histogram condition: its
 network generates every lesion around 0, a level that never changes, and its texture and spread from the
-condition; sampling centres class k's voxels on 0 (``centred``) and adds level_k back. So the lesion's level follows its condition by
-construction (for a training cluster: the cluster's level moved onto the target's organ) and the network makes
-everything else.
+condition; sampling centres class k's voxels on 0 (``centred``) and adds level_k back. So the lesion's level
+follows its condition by construction (for a training cluster: the cluster's level moved onto the target's organ)
+and the network makes everything else.
 """
 from __future__ import annotations
 
