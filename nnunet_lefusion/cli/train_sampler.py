@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.output) if args.output else env_folder("nnUNet_results") / name / f"LeFusion__{run_name}"
     train_config = train_config_from(args, keep_every=args.keep_every, bf16=args.bf16, progress=not args.quiet)
     LesionLoss(labels.lesions, normalisation=args.loss_normalisation, histogram_scale=histogram_scale,
-               cond_drop=args.cond_drop,
-               mean_weight=args.mean_loss)
+               cond_drop=args.cond_drop, mean_weight=args.mean_loss)
     check_model_fits(model_config, len(labels.lesions), args.roi)
     files, record = raw_fold(name, raw_folder, dataset_json, fold)
     rois = load_roi_set(case_paths(files), labels, args.roi, progress=not args.quiet)
