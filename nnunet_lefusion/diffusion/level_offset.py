@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from nnunet_lefusion.diffusion.lesion_maps import histogram_levels
+from nnunet_lefusion.diffusion.loss import masked_means
 
 
 def offset_map(masks: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -30,7 +31,4 @@ def centred(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     around 0, but a lesion's own mean drifts from 0 over the walk by a few hundredths of [-1, 1], as much as a small
     lesion's spread: centred, the lesion's level is its condition's exactly, and its texture and spread the
     network's."""
-    masks = masks.to(x.dtype)
-    dims = tuple(range(2, x.dim()))
-    means = (x * masks).sum(dim=dims) / masks.sum(dim=dims).clamp(min=1.0)
-    return x - masks * means[:, :, None, None, None]
+    return x - masks.to(x.dtype) * masked_means(x, masks)[:, :, None, None, None]

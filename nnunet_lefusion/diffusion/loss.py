@@ -47,6 +47,13 @@ def lesion_l1_loss(eps_hat: torch.Tensor, eps: torch.Tensor, masks: torch.Tensor
     return per_channel.sum()
 
 
+def masked_means(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(B, K): the mean of ``x`` (B, K, ...) over each sample's and channel's ``masks`` voxels (0 without any)."""
+    masks = masks.to(x.dtype)
+    dims = tuple(range(2, x.dim()))
+    return (x * masks).sum(dim=dims) / masks.sum(dim=dims).clamp(min=1.0)
+
+
 def lesion_mean_loss(eps_hat: torch.Tensor, eps: torch.Tensor, masks: torch.Tensor,
                      x0_scale: torch.Tensor) -> torch.Tensor:
     """|lesion mean of the eps error| per sample and channel, in clean-image units: times ``x0_scale`` (B,) =
@@ -56,11 +63,9 @@ def lesion_mean_loss(eps_hat: torch.Tensor, eps: torch.Tensor, masks: torch.Tens
     The per-voxel L1 barely sees a lesion-wide offset at high noise, where only the condition tells the lesion's
     level: this term is what makes a network read its histogram condition for the lesion's mean intensity.
     """
-    dims = tuple(range(2, eps.dim()))
-    masks = masks.to(eps_hat.dtype)
-    voxels = masks.sum(dim=dims)
-    offset = ((eps_hat - eps) * masks).sum(dim=dims) / voxels.clamp(min=1.0)
-    return (offset.abs() * x0_scale[:, None] * (voxels > 0)).sum(dim=1).mean()
+    offset = masked_means(eps_hat - eps, masks)
+    present = masks.flatten(2).any(dim=2)
+    return (offset.abs() * x0_scale[:, None] * present).sum(dim=1).mean()
 
 
 def training_loss(denoiser: Denoiser, schedule: CosineSchedule, x0: torch.Tensor, masks: torch.Tensor,
