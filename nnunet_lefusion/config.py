@@ -41,7 +41,7 @@ class TrainerSettings:
     checkpoint: str | None = None
     sampling: str = "fast"
     mask_generator: str | None = None
-    histogram_matching: bool = True
+    histogram_matching: bool | None = None  # None: unless the sampler has a level offset
     mix: str | None = None
     target_share: str | None = None
     candidates: int = 8

@@ -59,6 +59,8 @@ CASES = [
     ("synth-sampling-copypaste", SYNTH + ["--sampling", "official"], {}, [], "--sampling only apply"),
     ("synth-device-copypaste", SYNTH + ["-device", "cpu"], {}, [], "-device only apply"),
     ("synth-mask-generator-copypaste", SYNTH + ["--mask-generator", "rule"], {}, [], "--mask-generator only"),
+    ("synth-histogram-matching-copypaste", SYNTH + ["--no-histogram-matching"], {}, [],
+     "--[no-]histogram-matching only"),
     ("synth-retexture-copypaste", SYNTH + ["--mix", "retexture=1"], {}, [], "not retexture"),
     ("synth-candidates-without-target", SYNTH + ["--candidates", "4"], {}, [], "--candidates"),
     ("synth-lefusion-labels-unlike-shipped", SYNTH + ["--method", "lefusion", "--lesion-labels", "3"], {}, [],

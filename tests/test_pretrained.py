@@ -41,7 +41,7 @@ def test_shipped_generators_fill_what_is_missing_where_the_labels_fit():
 def test_shipped_sampler_retextures_a_fresh_case(one_thread):
     """Small enough to ship, Emidec labels, histogram clusters and a guidance scale; a fresh pathological phantom
     case (a seed no model was trained on) gets new lesion voxels and an unchanged background, as sampled and
-    histogram-matched."""
+    histogram-matched; being a level-offset network, its default output is the one as sampled."""
     path = SHIPPED["sampler"]
     assert path.stat().st_size <= 25 * 2 ** 20
     meta = read_meta(path)
@@ -59,6 +59,9 @@ def test_shipped_sampler_retextures_a_fresh_case(one_thread):
         assert np.array_equal(out[~lesion], case.image[~lesion])
         assert np.mean(out[lesion] != case.image[lesion]) > 0.9
         assert case.image.min() <= out[lesion].min() and out[lesion].max() <= case.image.max()
+    default = sampler.resynthesize_many([case.image], [case.label], np.random.default_rng(0),
+                                        sampler_config("fast", strided_steps=12))[0]
+    assert sampler.level_offset and np.array_equal(default, pairs[0][0])
 
 
 @pytest.mark.slow

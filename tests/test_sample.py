@@ -71,8 +71,9 @@ def test_resynthesize_api_is_seeded_and_keeps_dtype(dataset, checkpoint):
 
 
 def test_histogram_matching_takes_the_condition_and_keeps_the_network_pattern(dataset, checkpoint):
-    """The lesion's own histogram as condition: matched lesions get the real intensity distribution back (up to bin
-    width); the untrained network's raw values do not. The voxel order within each class is the network's."""
+    """The lesion's own histogram as condition: matched lesions (the default for a network without a level offset)
+    get the real intensity distribution back (up to bin width); the untrained network's raw values do not. The voxel
+    order within each class is the network's."""
     image, label = (sitk.GetArrayFromImage(v) for v in _case(dataset, "Case_P001"))
     sampler = LesionSampler.load(checkpoint)
     raw = resynthesize(image, label, sampler, seed=1, histogram="case", histogram_matching=False, **QUICK_KW)

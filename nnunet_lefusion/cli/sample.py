@@ -77,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     texture.add_argument("--histogram", help="texture: a file with the histogram condition values")
     texture.add_argument("--own-histogram", action="store_true",
                          help="texture: the lesions' own intensity histograms (default: a random cluster)")
-    parser.add_argument("--no-histogram-matching", action="store_true",
-                        help="keep the network's lesion intensities as sampled instead of matching them to the "
-                             "histogram condition")
+    parser.add_argument("--histogram-matching", action=argparse.BooleanOptionalAction,
+                        help="match each lesion class's intensities to its histogram condition, or keep them as "
+                             "sampled (default: match only for a sampler trained without --level-offset)")
     parser.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA or online weights (default ema)")
     parser.add_argument("--lesion-labels", type=int, nargs="+",
                         help="lesion labels of LABEL, one per sampler channel (default: the checkpoint's)")
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                           tuple(args.organ_labels or sampler.labels.organ), sampler.labels.cavity)
     out = resynthesize(image, label, sampler, args.mode, histogram, args.seed, labels=labels,
                        jumps=tuple(args.jumps) if args.jumps else None, strided_steps=args.strided_steps,
-                       histogram_matching=not args.no_histogram_matching)
+                       histogram_matching=args.histogram_matching)
     write_like(out, reference, output)
     changed = int(np.count_nonzero(out != image))
     print(f"wrote {output}: {int(np.isin(label, labels.lesions).sum())} lesion voxels re-textured "

@@ -19,7 +19,7 @@ def check_flags(args: argparse.Namespace, plan: SynthesisPlan | None) -> None:
     """Refuse flags the chosen method would ignore, and a LeFusion run that misses what it needs."""
     lefusion_only = {"--checkpoint": args.checkpoint, "--sampling": args.sampling, "-device": args.device,
                      "--mask-generator": args.mask_generator,
-                     "--no-histogram-matching": args.no_histogram_matching or None}
+                     "--[no-]histogram-matching": args.histogram_matching}
     if args.method != "lefusion":
         given = [flag for flag, value in lefusion_only.items() if value is not None]
         if given:
@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="write the cache's synthetic cases as NIfTI (images and labels, nnU-Net's preprocessed "
                              "grid and spacing) for a viewer")
     add_device_argument(parser)
-    parser.add_argument("--no-histogram-matching", action="store_true",
-                        help="LeFusion: keep the network's lesion intensities as sampled instead of matching them to "
-                             "the histogram condition")
+    parser.add_argument("--histogram-matching", action=argparse.BooleanOptionalAction,
+                        help="LeFusion: match each lesion class's intensities to its histogram condition, or keep them as "
+                             "sampled (default: match only for a sampler trained without --level-offset)")
     args = parser.parse_args(argv)
 
     plan = (SynthesisPlan.parse(args.mix, args.target_share, 8 if args.candidates is None else args.candidates)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         folder, manifest = synthesize_cache(ctx, labels, args.method, args.num_cases, args.seed, args.cache,
                                             args.overwrite, plan, SynthesizerOptions(
                                                 args.checkpoint, args.sampling or "fast", device, args.mask_generator,
-                                                not args.no_histogram_matching), args.num_parts, args.part_id)
+                                                args.histogram_matching), args.num_parts, args.part_id)
     if args.preview:
         written = write_previews(ctx, folder, labels, Path(args.preview), args.preview_cases)
         print(f"{written} preview pictures in {args.preview}")

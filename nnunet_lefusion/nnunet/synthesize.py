@@ -44,7 +44,8 @@ class SynthesizerOptions:
     mode: str = "fast"
     device: str = "cpu"
     mask_generator: str | None = None  # "rule" or a learned mask-generator checkpoint
-    histogram_matching: bool = True  # lesion intensities take their histogram condition exactly
+    # lesion intensities take their histogram condition exactly; None: unless the sampler has a level offset
+    histogram_matching: bool | None = None
 
 
 def with_shipped_generators(method: str, options: SynthesizerOptions, labels: LesionLabels,

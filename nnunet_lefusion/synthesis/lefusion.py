@@ -1,8 +1,8 @@
 """LeFusion re-texturing: new lesion textures inside lesion masks, every other voxel kept bit-identical.
 
 One case: ROI around the host organ -> [-1, 1] -> RePaint sampler (official jump schedule or the fast strided
-mode) under a histogram condition -> each lesion class histogram-matched to its condition (default; off gives
-the network's textures as sampled) -> lesion voxels mapped back to native intensities and dtype and pasted into
+mode) under a histogram condition -> optionally each lesion class histogram-matched to its condition (by default
+only for a sampler without a level offset, whose lesions drift towards their surroundings' grey) -> lesion voxels mapped back to native intensities and dtype and pasted into
 the native grid. :class:`LeFusionSynthesizer` does this for nnU-Net training cases: on their real lesion masks
 (the paper's P') or, given a mask generator, on generated lesions added to a case (on normal cases: N').
 """
@@ -81,6 +81,11 @@ class LesionSampler:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def matches_histograms(self, histogram_matching: bool | None) -> bool:
+        """Whether lesions are histogram-matched to their condition: as asked, else (``None``) only where the network
+        does not take the condition's level by construction (no ``level_offset``)."""
+        return not self.level_offset if histogram_matching is None else histogram_matching
 
     @property
     def lesion_aware(self) -> bool:
@@ -200,22 +205,23 @@ class LesionSampler:
     def resynthesize_many(self, images: Sequence[np.ndarray], label_maps: Sequence[np.ndarray],
                           rng: np.random.Generator, config: SamplerConfig, histogram: Histogram = "random",
                           labels: LesionLabels | None = None, batch_size: int = 4,
-                          histogram_matching: bool = True) -> list[np.ndarray]:
-        """``resynthesize_pairs``, keeping the histogram-matched copies (or, without ``histogram_matching``,
-        the network's textures as sampled)."""
+                          histogram_matching: bool | None = None) -> list[np.ndarray]:
+        """``resynthesize_pairs``, keeping the histogram-matched copies or the network's textures as sampled
+        (``histogram_matching``, default: see :meth:`matches_histograms`)."""
         pairs = self.resynthesize_pairs(images, label_maps, rng, config, histogram, labels, batch_size)
-        return [pair[1 if histogram_matching else 0] for pair in pairs]
+        return [pair[1 if self.matches_histograms(histogram_matching) else 0] for pair in pairs]
 
 
 def resynthesize(image: np.ndarray, label: np.ndarray, sampler: LesionSampler | str | Path, mode: str = "fast",
                  histogram: Histogram = "random", seed: int = 0, device: str = "cpu",
                  labels: LesionLabels | None = None, jumps: tuple[int, int] | None = None,
-                 strided_steps: int | None = None, histogram_matching: bool = True) -> np.ndarray:
+                 strided_steps: int | None = None, histogram_matching: bool | None = None) -> np.ndarray:
     """``image`` (Z, Y, X) with the lesions of ``label`` re-textured; every other voxel is bit-identical.
 
     ``sampler`` is a loaded :class:`LesionSampler` or a checkpoint path. The result keeps the dtype and lies
     within the image's own intensity range; ``histogram_matching`` makes each lesion class take the intensity
-    distribution of its histogram condition exactly (see ``LesionSampler.resynthesize_pairs``).
+    distribution of its histogram condition exactly (see ``LesionSampler.resynthesize_pairs``; default: only for
+    a sampler without a level offset, ``LesionSampler.matches_histograms``).
     """
     if not isinstance(sampler, LesionSampler):
         sampler = LesionSampler.load(sampler, device)
@@ -239,7 +245,7 @@ class LeFusionSynthesizer:
     def __init__(self, checkpoint: str | Path | LesionSampler, labels: LesionLabels, mode: str = "fast",
                  device: str = "cpu", histogram: Histogram = "random", mask_generator: MaskGenerator | None = None,
                  weights: str = "ema", jumps: tuple[int, int] | None = None, strided_steps: int | None = None,
-                 channel: int = 0, batch_size: int = 4, histogram_matching: bool = True) -> None:
+                 channel: int = 0, batch_size: int = 4, histogram_matching: bool | None = None) -> None:
         self.sampler = checkpoint if isinstance(checkpoint, LesionSampler) else LesionSampler.load(
             checkpoint, device, weights)
         self.labels = labels
@@ -250,7 +256,7 @@ class LeFusionSynthesizer:
         self.kinds = ("retexture",) if mask_generator is None else KINDS
         self.channel = channel
         self.batch_size = batch_size
-        self.histogram_matching = histogram_matching
+        self.histogram_matching = self.sampler.matches_histograms(histogram_matching)
 
     def propose(self, target: RawCase, kind: str, rng: np.random.Generator,
                 want_classes: Sequence[int] | None = None) -> Proposal:
