@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
                              "grid and spacing) for a viewer")
     add_device_argument(parser)
     parser.add_argument("--histogram-matching", action=argparse.BooleanOptionalAction,
-                        help="LeFusion: match each lesion class's intensities to its histogram condition, or keep them as "
-                             "sampled (default: match only for a sampler trained without --level-offset)")
+                        help="LeFusion: match each lesion class's intensities to its histogram condition, or keep "
+                             "them as sampled (default: match only for a sampler trained without --level-offset)")
     args = parser.parse_args(argv)
 
     plan = (SynthesisPlan.parse(args.mix, args.target_share, 8 if args.candidates is None else args.candidates)

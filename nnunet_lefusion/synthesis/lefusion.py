@@ -2,9 +2,10 @@
 
 One case: ROI around the host organ -> [-1, 1] -> RePaint sampler (official jump schedule or the fast strided
 mode) under a histogram condition -> optionally each lesion class histogram-matched to its condition (by default
-only for a sampler without a level offset, whose lesions drift towards their surroundings' grey) -> lesion voxels mapped back to native intensities and dtype and pasted into
-the native grid. :class:`LeFusionSynthesizer` does this for nnU-Net training cases: on their real lesion masks
-(the paper's P') or, given a mask generator, on generated lesions added to a case (on normal cases: N').
+only for a sampler without a level offset, whose lesions drift towards their surroundings' grey) -> lesion voxels
+mapped back to native intensities and dtype and pasted into the native grid. :class:`LeFusionSynthesizer` does
+this for nnU-Net training cases: on their real lesion masks (the paper's P') or, given a mask generator, on
+generated lesions added to a case (on normal cases: N').
 """
 from __future__ import annotations
 
