@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "checkpoint's network gets the extra inputs, starting from zero weights)")
     parser.add_argument("--loss-normalisation", choices=NORMALISATIONS, default="volume",
                         help="volume (official): each lesion class weighs by its voxel count; lesion: the classes "
-                             "weigh alike, so a rare inner class such as no-reflow teaches the network as much as the outer")
+                             "weigh alike, so a rare inner class such as no-reflow teaches the network as much as "
+                             "the outer")
     parser.add_argument("--level-offset", action="store_true",
                         help="the network generates each lesion around 0 and sampling adds its histogram's mean "
                              "level, so the level follows the condition by construction (with --init: kept if that "
