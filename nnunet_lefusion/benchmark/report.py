@@ -77,17 +77,21 @@ def _cell(estimate: dict, digits: int = 3) -> str:
     return f"{estimate['mean']:.{digits}f} [{estimate['low']:.{digits}f}, {estimate['high']:.{digits}f}]"
 
 
+def paired_cell(diff: dict) -> str:
+    """A paired difference as `+mean [low, high] p=...` (`p<0.001` below what three decimals show), `-` if undefined."""
+    if diff["mean"] is None:
+        return "-"
+    p = "p<0.001" if diff["p"] < 0.001 else f"p={diff['p']:.3f}"
+    return f"{diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] {p}"
+
+
 def markdown(summary: dict, arms: tuple[str, ...], keys: list[str]) -> str:
     """Arms as rows; per figure the mean [95 % CI]; and the paired difference to the control with its p-value."""
     lines = ["| arm | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for arm in arms:
         lines.append(f"| {arm} | " + " | ".join(_cell(summary[k][arm]["estimate"]) for k in keys) + " |")
     for arm in arms[1:]:
-        cells = []
-        for k in keys:
-            diff = summary[k][arm]["vs_" + CONTROL]
-            cells.append("-" if diff["mean"] is None else f"{diff['mean']:+.3f} [{diff['low']:+.3f}, "
-                         f"{diff['high']:+.3f}] p={diff['p']:.3f}")
+        cells = [paired_cell(summary[k][arm]["vs_" + CONTROL]) for k in keys]
         lines.append(f"| {arm} - {CONTROL} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nnunet_lefusion.benchmark.metrics import structures
 from nnunet_lefusion.benchmark.plan import ARMS, PRESETS, estimate_seconds, parse_arms, run_list
-from nnunet_lefusion.benchmark.report import run_name, run_times, write_outputs
+from nnunet_lefusion.benchmark.report import paired_cell, run_name, run_times, write_outputs
 from nnunet_lefusion.benchmark.runner import Run, Setup, check_finished_runs, execute_part, prepare
 from nnunet_lefusion.benchmark.step_time import step_seconds
 from nnunet_lefusion.cli.common import add_device_argument, add_parts_arguments, check_device, cli_main
@@ -169,7 +169,5 @@ def headline(figures: dict, scored, roles, arms: tuple[str, ...]) -> str:
         return f"headline: Dice {rare}: no test case has it"
     parts = [f"{arms[0]} {control['mean']:.3f}"]
     for arm in arms[1:]:
-        d = per_arm[arm]["vs_" + arms[0]]
-        parts.append(f"{arm} {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] p={d['p']:.3f}"
-                     if d["mean"] is not None else f"{arm} -")
+        parts.append(f"{arm} {paired_cell(per_arm[arm]['vs_' + arms[0]])}")
     return f"headline: Dice {rare} (cases with it): " + "; ".join(parts)
