@@ -1,7 +1,8 @@
 """Mask realism: generated lesion masks versus held-out real phantom masks.
 
-Held-out real cases are fresh heart-FOV phantom cases (``--heldout`` of them, from ``--seed``, never in training).
-Each generator draws one lesion map on the organ of every held-out case (its own lesion folded away); "copy" is the
+Held-out real cases are fresh heart-FOV phantom cases (``--heldout`` of them, from ``--seed``, never in training),
+or the pathological cases of a raw dataset the generator never saw (``--heldout-dataset``, e.g. the real test split).
+Each generator draws ``--per-host`` lesion maps on the organ of every held-out case (its own lesion folded away); "copy" is the
 training masks themselves. For the outer lesion (MI, MVO included) it prints the two-sample KS statistic against
 the held-out real masks of the lesion volume fraction of the organ, the transmurality and the number of slices,
 and the mean IoU of each mask to its nearest training mask (aligned on the LV centre; a copy scores 1).
@@ -88,6 +89,9 @@ def main() -> None:
                         help="learned generator (default: the shipped pretrained/lesion_masks_phantom.pt)")
     parser.add_argument("--train-dataset", required=True, type=Path, help="raw dataset folder it was trained on")
     parser.add_argument("--heldout", type=int, default=100, help="held-out real phantom cases (default 100)")
+    parser.add_argument("--heldout-dataset", type=Path,
+                        help="raw dataset folder whose pathological cases are the held-out real masks instead")
+    parser.add_argument("--per-host", type=int, default=1, help="masks generated per held-out organ (default 1)")
     parser.add_argument("--seed", type=int, default=2024, help="seed of the held-out cases and the sampling")
     parser.add_argument("--steps", type=int, default=50, help="strided sampling steps (default 50)")
     parser.add_argument("--batch-size", type=int, default=10, help="masks sampled together (default 10)")
@@ -97,12 +101,16 @@ def main() -> None:
     args = parser.parse_args()
 
     train_maps, train_spacings = training_cases(args.train_dataset)
-    cases = [generate_case(np.random.default_rng([args.seed, 7919, i]), True, fov="heart")
-             for i in tqdm(range(args.heldout), desc="held-out phantom cases", unit="case")]
-    real = MaskSet.measure([c.label for c in cases], [c.spacing for c in cases])
+    if args.heldout_dataset:
+        real_maps, real_spacings = training_cases(args.heldout_dataset)
+    else:
+        cases = [generate_case(np.random.default_rng([args.seed, 7919, i]), True, fov="heart")
+                 for i in tqdm(range(args.heldout), desc="held-out phantom cases", unit="case")]
+        real_maps, real_spacings = [c.label for c in cases], [c.spacing for c in cases]
+    real = MaskSet.measure(real_maps, real_spacings)
     train = MaskSet.measure(train_maps, train_spacings)
-    hosts = [fold_lesions(c.label, LABELS) for c in cases]
-    spacings = [c.spacing for c in cases]
+    hosts = [fold_lesions(m, LABELS) for m in real_maps] * args.per_host
+    spacings = list(real_spacings) * args.per_host
 
     learned = LearnedMaskGenerator.load(args.checkpoint, device=args.device, batch_size=args.batch_size,
                                         sampler=SamplerConfig(jump_length=1, jump_n_sample=1, strided_steps=args.steps),
@@ -115,8 +123,8 @@ def main() -> None:
         generated[name] = (MaskSet.measure(maps, spacings), seconds, inside / total)
     generated["copy"] = (train, 0.0, 1.0)
 
-    print(f"\n{len(train_maps)} training masks, {args.heldout} held-out real masks, one generated mask per held-out "
-          f"organ; sampler {args.steps} strided steps on {args.device}; "
+    print(f"\n{len(train_maps)} training masks, {len(real_maps)} held-out real masks, {args.per_host} generated "
+          f"mask(s) per held-out organ; sampler {args.steps} strided steps on {args.device}; "
           f"calibrated to the control: {not args.uncalibrated}")
     print("real held-out means: " + ", ".join(f"{k} {real.values[k].mean():.3f}" for k in MEASURES)
           + f", MVO in {real.mvo.mean():.0%}; nearest-IoU of held-out real masks to training masks "

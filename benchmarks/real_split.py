@@ -4,10 +4,14 @@ every case cropped to a heart field of view.
 The crop is an **oracle crop**: the box of the case's foreground labels plus ``--margin`` millimetres in-plane, all
 slices kept, made alike for training and test cases from their reference labels (a deployed model would need a
 localiser to find the heart). Cases are stratified by what they hold (normal, infarct only, infarct with no-reflow)
-so that train and test have the same mix. The split is recorded in ``split.json`` beside the two datasets.
+so that train and test have the same mix. A few training cases, again stratified, are nnU-Net's validation cases
+(fold 0 of the training dataset's ``splits_final.json``: the benchmark's ``--split-fold 0``): the generators train on
+fold 0's training cases and never see a validation or a test case. The split is recorded in
+``split_<train>_<test>.json`` beside the two datasets.
 
 Run: ``PYTHONPATH=. .venv/bin/python -m benchmarks.real_split ../shared/emidec_dev/Dataset201_EmidecPNG
---train-id 202 --test-id 203 [--test-fraction 0.3] [--seed 0] [--margin 20]`` (writes into ``$nnUNet_raw``).
+--train-id 202 --test-id 203 [--test-fraction 0.3] [--val-cases 5] [--seed 0] [--margin 20]`` (writes into
+``$nnUNet_raw`` and the splits file into ``$nnUNet_preprocessed``).
 """
 from __future__ import annotations
 
@@ -30,16 +34,16 @@ def stratum(label: np.ndarray) -> str:
     return "no_reflow" if (label == 4).any() else "infarct" if (label == 3).any() else "normal"
 
 
-def stratified_split(strata: dict[str, str], test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """(train, test) identifiers: ``round(test_fraction * n)`` cases of each stratum go to test, drawn with ``seed``."""
+def stratified_split(strata: dict[str, str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(kept, drawn) identifiers: ``round(fraction * n)`` cases of each stratum are drawn with ``seed``."""
     rng = np.random.default_rng([seed, 2024])
-    train, test = [], []
+    kept, drawn = [], []
     for name in STRATA:
         cases = sorted(c for c, s in strata.items() if s == name)
-        drawn = set(rng.choice(cases, size=round(test_fraction * len(cases)), replace=False)) if cases else set()
-        test += [c for c in cases if c in drawn]
-        train += [c for c in cases if c not in drawn]
-    return sorted(train), sorted(test)
+        chosen = set(rng.choice(cases, size=round(fraction * len(cases)), replace=False)) if cases else set()
+        drawn += [c for c in cases if c in chosen]
+        kept += [c for c in cases if c not in chosen]
+    return sorted(kept), sorted(drawn)
 
 
 def heart_box(label: np.ndarray, spacing_zyx: tuple[float, float, float], margin_mm: float) -> tuple[slice, ...]:
@@ -86,6 +90,7 @@ def main() -> None:
     parser.add_argument("--test-id", type=int, default=203)
     parser.add_argument("--name", default="EmidecPNG")
     parser.add_argument("--test-fraction", type=float, default=0.3)
+    parser.add_argument("--val-cases", type=int, default=5, help="nnU-Net validation cases among the training cases")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--margin", type=float, default=20.0, help="in-plane margin around the labels, mm")
     args = parser.parse_args()
@@ -93,16 +98,21 @@ def main() -> None:
     cases = {ident: (ident, image, label) for ident, image, label in training_cases(args.source)}
     strata = {ident: stratum(sitk.GetArrayFromImage(sitk.ReadImage(str(c[2])))) for ident, c in cases.items()}
     train, test = stratified_split(strata, args.test_fraction, args.seed)
+    fit, val = stratified_split({c: strata[c] for c in train}, args.val_cases / len(train), args.seed + 1)
     dataset_json = json.loads((args.source / "dataset.json").read_text())
     names = {}
     for part, ident, chosen in (("train", args.train_id, train), ("test", args.test_id, test)):
         target = raw / f"Dataset{ident:03d}_{args.name}{part.capitalize()}"
         write_dataset(target, [cases[c] for c in chosen], dataset_json, args.margin)
         names[part] = target.name
+    splits = Path(os.environ["nnUNet_preprocessed"]) / names["train"] / "splits_final.json"
+    splits.parent.mkdir(parents=True, exist_ok=True)
+    splits.write_text(json.dumps([{"train": fit, "val": val}], indent=1))
     record = {"source": str(args.source), "seed": args.seed, "test_fraction": args.test_fraction,
-              "margin_mm": args.margin, "datasets": names, "train": train, "test": test,
+              "margin_mm": args.margin, "datasets": names, "train": train, "test": test, "fold_0": {"train": fit,
+                                                                                                     "val": val},
               "strata": {part: {s: sum(strata[c] == s for c in chosen) for s in STRATA}
-                         for part, chosen in (("train", train), ("test", test))}}
+                         for part, chosen in (("train", fit), ("val", val), ("test", test))}}
     (raw / f"split_{args.train_id:03d}_{args.test_id:03d}.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record["strata"]), names)
 

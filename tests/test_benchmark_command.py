@@ -14,10 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from nnunet_lefusion.benchmark.metrics import dice, detection, hd95
+from nnunet_lefusion.benchmark.metrics import Structure, case_figures, dice, detection, hd95
 from nnunet_lefusion.benchmark.plan import PRESETS, STEP_OVERHEAD, estimate_seconds
-from nnunet_lefusion.benchmark.report import run_times
-from nnunet_lefusion.benchmark.stats import bootstrap, paired
+from nnunet_lefusion.benchmark.report import lesion_f1, run_times
+from nnunet_lefusion.benchmark.stats import bootstrap, paired, run_level, run_level_values
 from nnunet_lefusion.benchmark.step_time import step_seconds
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.nnunet.context import DatasetContext
@@ -38,6 +38,43 @@ def test_dice_hd95_and_detection_on_known_masks():
     assert hd95(reference, reference, (10.0, 1.5, 1.5)) == 0.0
     assert hd95(reference, prediction, (10.0, 1.5, 1.5)) > 1.5 and math.isnan(hd95(reference, prediction & False,
                                                                                   (1, 1, 1)))
+
+
+def test_the_nnunet_convention_counts_a_prediction_without_reference_as_zero():
+    empty, lesion = np.zeros((2, 8, 8), np.uint8), np.zeros((2, 8, 8), np.uint8)
+    lesion[0, 2:4, 2:4] = 4
+    structure = [Structure("no_reflow", (4,))]
+    false_alarm = case_figures(empty, lesion, (10.0, 1.0, 1.0), structure, structure)
+    assert false_alarm["dice_no_reflow_nnunet"] == 0.0 and math.isnan(false_alarm["dice_no_reflow"])
+    assert false_alarm["dice_no_reflow_emidec"] == 0.0 and false_alarm["false_no_reflow"] == 1
+    nothing = case_figures(empty, empty, (10.0, 1.0, 1.0), structure, structure)
+    assert math.isnan(nothing["dice_no_reflow_nnunet"]) and nothing["dice_no_reflow_emidec"] == 1.0
+    hit = case_figures(lesion, lesion, (10.0, 1.0, 1.0), structure, structure)
+    assert hit["dice_no_reflow_nnunet"] == hit["dice_no_reflow"] == 1.0
+
+
+def test_lesion_f1_pools_a_runs_counts():
+    run = {"cases": [{"lesions_x": 2, "found_x": 1, "false_x": 0}, {"lesions_x": 0, "found_x": 0, "false_x": 2}]}
+    assert lesion_f1(run, Structure("x", (4,))) == pytest.approx(2 * 1 / (2 * 1 + 1 + 2))
+
+
+def test_the_run_level_interval_on_a_table_whose_answer_is_known():
+    # 5 runs whose case means are 1..5 (each run's cases vary around its mean): the mean over runs is 3 and the
+    # 95 % t-interval is 3 +- t(0.975, 4) * sd / sqrt(5) = 3 +- 2.7764 * 1.5811 / 2.2361 = [1.0368, 4.9632]
+    offsets = np.array([[-0.5], [0.0], [0.5]])
+    values = np.arange(1.0, 6.0)[None, :] + offsets
+    estimate = run_level(values)
+    assert estimate.per_run == pytest.approx([1, 2, 3, 4, 5]) and estimate.runs == 5
+    assert (estimate.mean, estimate.t_low, estimate.t_high) == pytest.approx((3.0, 1.0368, 4.9632), abs=1e-4)
+    assert 1.0 < estimate.boot_low < 3.0 < estimate.boot_high < 5.0
+    # paired: the arm beats the control by 0.1 in every run but by noise within runs -> interval above 0
+    control = values / 10
+    arm = control + 0.1 + np.array([[0.01], [-0.01], [0.0]])
+    diff = run_level(arm, control)
+    assert diff.mean == pytest.approx(0.1) and diff.t_low == pytest.approx(0.1) and diff.p < 1e-6
+    # a difference that flips sign between runs: the run-level interval straddles 0 however many cases
+    flips = run_level_values([0.2, -0.2, 0.2, -0.2, 0.1], np.zeros(5))
+    assert flips.t_low < 0 < flips.t_high and flips.p > 0.3
 
 
 def test_bootstrap_interval_contains_the_mean_and_the_paired_test_sees_a_shift():

@@ -64,7 +64,9 @@ def case_figures(reference: np.ndarray, prediction: np.ndarray, spacing: tuple[f
     """Every figure of one test case.
 
     ``dice_<s>`` and ``hd95_<s>`` are NaN where the reference lacks the structure (they describe pathological
-    cases); ``dice_<s>_emidec`` follows the Emidec convention instead: no structure and no prediction is Dice 1.
+    cases); ``dice_<s>_nnunet`` is nnU-Net's convention, which counts false alarms: no structure but a prediction
+    is Dice 0, neither is NaN (left out of means); ``dice_<s>_emidec`` follows the Emidec convention: no structure
+    and no prediction is Dice 1.
     ``lesions_<s>``/``found_<s>``/``false_<s>`` count lesions (connected components) for detection.
     """
     row: dict[str, float] = {}
@@ -72,6 +74,7 @@ def case_figures(reference: np.ndarray, prediction: np.ndarray, spacing: tuple[f
         ref, pred = np.isin(reference, structure.labels), np.isin(prediction, structure.labels)
         value = dice(ref, pred)
         row[f"dice_{structure.key}"] = value if ref.any() else math.nan
+        row[f"dice_{structure.key}_nnunet"] = value
         row[f"dice_{structure.key}_emidec"] = 1.0 if math.isnan(value) else value
         row[f"hd95_{structure.key}"] = hd95(ref, pred, spacing)
     for structure in detected:

@@ -11,21 +11,25 @@ from nnunet_lefusion.errors import LeFusionError
 
 @dataclass(frozen=True)
 class Arm:
-    """One way of training: ``method`` None is the real-only control (rate 0, same trainer code path)."""
+    """One way of training: ``method`` None trains on real cases only (rate 0, same trainer code path)."""
 
     name: str
     method: str | None
     mix: str | None = None
-    new_masks: bool = False   # the arm draws new lesion masks (needs a mask generator and a target share)
+    new_masks: bool = False     # the arm draws new lesion masks with a mask generator
+    rare_share: bool = False    # its synthetic lesions carry the benchmark's target share of the rarest class
+    rare_focus: bool = False    # real cases only, foreground patches biased towards the rarest lesion class
 
 
 ARMS = {arm.name: arm for arm in (
     Arm("real", None),
-    Arm("copypaste", "copypaste"),
+    Arm("real_balanced", None, rare_focus=True),
+    Arm("copypaste", "copypaste", rare_share=True),
     Arm("lefusion", "lefusion", "retexture=1"),
-    Arm("lefusion_masks", "lefusion", "retexture=0.25,newmask=0.25,normal=0.5", new_masks=True),
+    Arm("lefusion_masks", "lefusion", "retexture=0.25,newmask=0.25,normal=0.5", new_masks=True, rare_share=True),
 )}
 CONTROL = "real"
+DEFAULT_RARE_SHARE = 0.3   # share of the rarest lesion class among the synthetic lesion voxels of the rebalancing arms
 
 
 NNUNET_SCHEDULE = (1000, 250, 50)   # nnU-Net's own epochs, training and validation iterations per epoch
@@ -78,11 +82,17 @@ class Preset:
 CPU_BF16_SPEEDUP = 40 / 28   # the cpu preset's fp32 vs bf16 epoch seconds on this project's AMX CPU (one DA worker)
 STEP_OVERHEAD = 1.05   # an iteration over a bare training step: validation steps, data loading (AMD EPYC: 3.0 vs 2.9 s)
 
+PHANTOM_ARMS = ("real", "copypaste", "lefusion", "lefusion_masks")   # the phantom benchmark's arms (no real_balanced)
+
 PRESETS = {p.name: p for p in (
-    Preset("cpu", tuple(ARMS), 3, 40, 40, 0.5, 100, 30, 2, 0.52, {"copypaste": 1.0, "lefusion": 10.0,
-                                                                  "lefusion_masks": 17.0},
+    Preset("cpu", PHANTOM_ARMS, 3, 40, 40, 0.5, 100, 30, 2, 0.52, {"copypaste": 1.0, "lefusion": 10.0,
+                                                                   "lefusion_masks": 17.0},
            "2-core CPU, 40 training cases, bf16 where the CPU has it (timed with OMP_NUM_THREADS=2 "
            "nnUNet_n_proc_DA=0)", cpu_bf16=True),
+    Preset("real_cpu", tuple(ARMS), 5, None, 0, 0.5, 40, 50, 5, 1.2, {"copypaste": 1.0, "lefusion": 20.0,
+                                                                       "lefusion_masks": 30.0},
+           "2-core CPU, fp32, real cases cropped to the heart (a run within an hour; give --test-dataset and "
+           "--split-fold)"),
     Preset("full", tuple(ARMS), 3, None, 40, 2.0, None, None, None, 0.15, {"copypaste": 0.5, "lefusion": 2.0,
                                                                            "lefusion_masks": 6.0},
            "GPU, every training case"),

@@ -10,7 +10,7 @@ import numpy as np
 
 from nnunet_lefusion.benchmark.metrics import Structure
 from nnunet_lefusion.benchmark.plan import CONTROL
-from nnunet_lefusion.benchmark.stats import bootstrap, paired
+from nnunet_lefusion.benchmark.stats import bootstrap, paired, run_level, run_level_values
 from nnunet_lefusion.nnunet.cache import atomic_write_text
 
 
@@ -28,21 +28,90 @@ def table(results: list[dict], key: str, arms: tuple[str, ...], seeds: int) -> d
 
 
 def figure_keys(scored: list[Structure], detected: list[Structure]) -> list[str]:
-    """Every summarised figure: Dice on cases with the structure, Dice by the Emidec convention, HD95, and
-    lesion-wise sensitivity and false positives per case."""
+    """Every summarised per-case figure: Dice by nnU-Net's convention (over every case), on the cases with the
+    structure, by the Emidec convention, HD95, lesion-wise sensitivity and false lesions per case (per class and
+    all classes together)."""
     keys = [f"{kind}_{s.key}{suffix}" for s in scored
-            for kind, suffix in (("dice", ""), ("dice", "_emidec"), ("hd95", ""))]
-    return keys + [f"{kind}_{s.key}" for s in detected for kind in ("sensitivity", "false")]
+            for kind, suffix in (("dice", "_nnunet"), ("dice", ""), ("dice", "_emidec"), ("hd95", ""))]
+    return keys + [f"{kind}_{s.key}" for s in detected for kind in ("sensitivity", "false")] + ["false_all"]
 
 
 def with_detection_rates(results: list[dict], detected: list[Structure]) -> list[dict]:
-    """Add per-case sensitivity (found / reference lesions; NaN without lesions) to every row."""
+    """Add per-case sensitivity (found / reference lesions; NaN without lesions) and ``false_all`` (false lesions
+    of every detected class) to every row."""
     for r in results:
         for row in r["cases"]:
             for s in detected:
                 lesions = row[f"lesions_{s.key}"]
                 row[f"sensitivity_{s.key}"] = row[f"found_{s.key}"] / lesions if lesions else float("nan")
+            row["false_all"] = sum(row[f"false_{s.key}"] for s in detected)
     return results
+
+
+def lesion_f1(result: dict, structure: Structure) -> float:
+    """Lesion-wise F1 of one run, its counts pooled over its test cases: found reference lesions are true
+    positives, missed ones false negatives, predicted lesions touching no reference lesion false positives."""
+    found = sum(row[f"found_{structure.key}"] for row in result["cases"])
+    missed = sum(row[f"lesions_{structure.key}"] for row in result["cases"]) - found
+    false = sum(row[f"false_{structure.key}"] for row in result["cases"])
+    return 2 * found / (2 * found + missed + false) if found + missed + false else float("nan")
+
+
+RUN_KEYS = ("dice_{}_nnunet", "f1_{}", "false_all", "dice_{}", "dice_{}_emidec")
+
+
+def run_level_keys(scored: list[Structure], detected: list[Structure]) -> list[str]:
+    """The run-level figures: per lesion class nnU-Net-convention Dice and lesion F1, false lesions per case, and
+    the two other Dice conventions."""
+    lesions = [s.key for s in detected]
+    keys = [k.format(s) for k in RUN_KEYS[:2] for s in lesions] + [RUN_KEYS[2]]
+    return keys + [k.format(s) for k in RUN_KEYS[3:] for s in lesions]
+
+
+def summarise_runs(results: list[dict], arms: tuple[str, ...], seeds: int, keys: list[str],
+                   detected: list[Structure]) -> dict:
+    """Per run-level figure: each arm's per-run values, mean, t-interval and hierarchical bootstrap interval, and
+    its paired difference to the control over runs (the unit of evidence is the trained model)."""
+    summary = {}
+    for key in keys:
+        if key.startswith("f1_"):
+            structure = next(s for s in detected if key == f"f1_{s.key}")
+            values = {arm: np.full(seeds, np.nan) for arm in arms}
+            for r in results:
+                values[r["arm"]][r["seed"]] = lesion_f1(r, structure)
+            estimate = run_level_values
+        else:
+            values, estimate = table(results, key, arms, seeds), run_level
+        summary[key] = {arm: {"estimate": estimate(values[arm]).to_dict(),
+                              **({} if arm == CONTROL else
+                                 {"vs_" + CONTROL: estimate(values[arm], values[CONTROL]).to_dict()})}
+                        for arm in arms}
+    return summary
+
+
+def run_cell(estimate: dict, signed: bool = False) -> str:
+    if estimate["mean"] is None:
+        return "-"
+    sign = "+" if signed else ""
+    interval = "" if estimate["t_low"] is None else f" [{estimate['t_low']:{sign}.3f}, {estimate['t_high']:{sign}.3f}]"
+    p = "" if estimate.get("p") is None else f" p={estimate['p']:.3f}"
+    return f"{estimate['mean']:{sign}.3f}{interval}{p}"
+
+
+def run_markdown(summary: dict, arms: tuple[str, ...], keys: list[str]) -> str:
+    """Run-level table: per arm the mean over runs [95 % t-interval], per arm the paired difference to the
+    control over runs [t-interval] with the paired t-test's p, then every run's own value."""
+    lines = ["| arm | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {arm} | " + " | ".join(run_cell(summary[k][arm]["estimate"]) for k in keys) + " |" for arm in arms]
+    lines += [f"| {arm} - {CONTROL} | " + " | ".join(run_cell(summary[k][arm]["vs_" + CONTROL], True) for k in keys)
+              + " |" for arm in arms[1:]]
+    lines += ["", "Per run (seed 0, 1, ...):", "", "| arm | " + " | ".join(keys) + " |",
+              "|---" * (len(keys) + 1) + "|"]
+    for arm in arms:
+        cells = [" / ".join("-" if v is None else f"{v:.3f}" for v in summary[k][arm]["estimate"]["per_run"])
+                 for k in keys]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summarise(results: list[dict], arms: tuple[str, ...], seeds: int, keys: list[str], cv: bool) -> dict:
@@ -147,18 +216,34 @@ def run_times(results: list[dict]) -> dict:
     return {"per_run": per_run, "timed_runs": len(timed), "timed_seconds": round(sum(timed), 1)}
 
 
+POSTPROCESSED = "_postprocessed"   # suffix of the figures after nnU-Net's postprocessing
+
+
 def write_outputs(out: Path, info: dict, results: list[dict], arms: tuple[str, ...], seeds: int,
-                  scored: list[Structure], detected: list[Structure], cv: bool) -> tuple[str, dict]:
-    """summary.json, per_case.csv, table.md and benchmark.png in ``out``; returns the Markdown table and the
-    figures."""
-    results = with_detection_rates(results, detected)
+                  scored: list[Structure], detected: list[Structure], cv: bool) -> tuple[str, dict[str, dict]]:
+    """summary.json, per_case.csv, table.md and benchmark.png in ``out``, for the predictions as they are and, where
+    every run has them, after nnU-Net's postprocessing; returns the Markdown tables and the run-level figures
+    (keys ``""`` and :data:`POSTPROCESSED`)."""
+    variants = {"": results}
+    if results and all("cases_postprocessed" in r for r in results):
+        variants[POSTPROCESSED] = [{**r, "cases": r["cases_postprocessed"]} for r in results]
     keys = figure_keys(scored, detected)
-    summary = summarise(results, arms, seeds, keys, cv)
     headline = [k for k in keys if k.startswith("dice_") and not k.endswith("_emidec")] + \
         [k for k in keys if k.startswith(("sensitivity_", "false_"))]
-    text = markdown(summary, arms, headline)
-    atomic_write_text(out / "summary.json", json.dumps({**info, "figures": summary}, indent=1))
-    write_csv(results, out / "per_case.csv")
+    sections, figures, runs = [], {}, {}
+    for suffix, variant in variants.items():
+        variant = with_detection_rates(variant, detected)
+        summary = summarise(variant, arms, seeds, keys, cv)
+        runs[suffix] = summarise_runs(variant, arms, seeds, run_level_keys(scored, detected), detected)
+        figures.update({"figures" + suffix: summary, "run_figures" + suffix: runs[suffix]})
+        what = "after nnU-Net's postprocessing" if suffix else "as predicted"
+        sections.append(f"## {what}\n\nRun level (the unit is the trained model):\n\n"
+                        + run_markdown(runs[suffix], arms, list(runs[suffix]))
+                        + "\nCase level (cases x runs pooled):\n\n" + markdown(summary, arms, headline))
+        if not suffix:
+            write_csv(variant, out / "per_case.csv")
+            write_png(summary, variant, arms, scored, out / "benchmark.png")
+    text = "\n".join(sections)
+    atomic_write_text(out / "summary.json", json.dumps({**info, **figures}, indent=1))
     atomic_write_text(out / "table.md", text)
-    write_png(summary, results, arms, scored, out / "benchmark.png")
-    return text, summary
+    return text, runs

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from nnunet_lefusion.benchmark.environment import describe
 from nnunet_lefusion.benchmark.metrics import Structure, case_figures
 from nnunet_lefusion.benchmark.plan import ARMS, NNUNET_SCHEDULE, Arm, Preset, draw_training_cases, run_list
 from nnunet_lefusion.errors import LeFusionError
@@ -54,6 +55,7 @@ class Setup:
     rate: float
     device: str
     cv: bool
+    split_fold: int | None       # every seed trains on this fold of the dataset's own splits_final.json
     cpu_bf16: bool               # nnU-Net's steps in bf16: the preset asks for it and the CPU has it natively
     roles: LesionLabels
     scored: list[Structure]
@@ -120,6 +122,11 @@ def prepare(setup: Setup, test_dataset: Path | None) -> None:
         pairs = _raw_pairs(test_raw)
         splits = []
         for k in range(setup.seeds):
+            if setup.split_fold is not None:   # the same cases for every seed: seeds differ by nnU-Net's randomness
+                train, val = DatasetContext(ctx.dataset, ctx.configuration, setup.split_fold,
+                                            ctx.plans_identifier).split
+                splits.append({"train": sorted(train), "val": sorted(val), "test": sorted(pairs)})
+                continue
             train = draw_training_cases(pool, setup.train_cases, k)
             rest = draw_training_cases([c for c in pool if c not in train], 5, k)   # nnU-Net's own validation
             if not rest:
@@ -215,6 +222,9 @@ class Run:
         ctx, preset = self.setup.ctx, self.setup.preset
         self.folder.mkdir(parents=True, exist_ok=True)
         dataset, fold = str(ctx.dataset), str(self.seed)
+        started = self.folder / "environment.json"   # what the run started on (a resumed run may differ)
+        if not started.is_file():
+            atomic_write_text(started, json.dumps(describe(self.setup.device, self.setup.cpu_bf16)))
         if self.arm.method and not self._stage_done("cache"):
             progress.set_postfix_str(f"{self.arm.name} seed {self.seed}: synthesize")
             count = max(1, round(len(self.setup.splits[self.seed]["train"]) * preset.synthetic_per_case))
@@ -233,20 +243,65 @@ class Run:
         progress.set_postfix_str(f"{self.arm.name} seed {self.seed}: predict")
         start = time.perf_counter()
         predictions = self._predict()
+        postprocessed = None if self.setup.cv else self._postprocess(predictions)
         stage_seconds = {"synthesize": self._stage_seconds("cache"), "train": round(self.epoch_seconds(), 1),
                          "predict": round(time.perf_counter() - start, 1)}
+        epochs, iterations = run_schedule(preset)
+        environment = json.loads(started.read_text())
+        finished = describe(self.setup.device, self.trained_in_bf16())
+        atomic_write_text(self.folder / METRICS_FILE, json.dumps({
+            "environment": {**environment, "precision": finished["precision"]},
+            **({"environment_at_end": finished} if finished["commit"] != environment["commit"]
+               or finished["processor"] != environment["processor"] else {}),
+            "arm": self.arm.name, "seed": self.seed, "trainer": self.trainer,
+            "training_cases": self.setup.splits[self.seed]["train"], "cases": self._score(predictions),
+            **({} if postprocessed is None else {"cases_postprocessed": self._score(postprocessed),
+                                                 "postprocessing": self._postprocessing_steps()}),
+            "curves": self.curves(),
+            "seconds": stage_seconds, "cpu_bf16": self.trained_in_bf16(), "epochs": epochs,
+            "iterations": iterations}))
+
+    def _score(self, predictions: Path) -> list[dict]:
+        """Every figure of every test case of this run's predictions."""
         rows = []
         for case in self.setup.splits[self.seed]["test"]:
             reference, header = read_volume(self.setup.test_labels[case])
-            predicted, _ = read_volume(predictions / f"{case}{ctx.dataset_json['file_ending']}")
+            predicted, _ = read_volume(predictions / f"{case}{self.setup.ctx.dataset_json['file_ending']}")
             rows.append({"case": case, **case_figures(reference, predicted, header.GetSpacing()[::-1],
                                                       self.setup.scored, self.setup.detected)})
-        epochs, iterations = run_schedule(preset)
-        atomic_write_text(self.folder / METRICS_FILE, json.dumps({
-            "arm": self.arm.name, "seed": self.seed, "trainer": self.trainer,
-            "training_cases": self.setup.splits[self.seed]["train"], "cases": rows, "curves": self.curves(),
-            "seconds": stage_seconds, "cpu_bf16": self.trained_in_bf16(), "epochs": epochs,
-            "iterations": iterations}))
+        return rows
+
+    def _model_folder(self) -> Path:
+        found = sorted((self.folder / "nnUNet_results").rglob(f"fold_{self.seed}/checkpoint_final.pth"))
+        if not found:
+            raise LeFusionError(f"{self.arm.name} seed {self.seed}: no final checkpoint under {self.folder}")
+        return found[0].parent.parent
+
+    def _postprocess(self, predictions: Path) -> Path:
+        """nnU-Net's postprocessing, decided on this run's validation cases (never the test cases) as
+        ``nnUNetv2_determine_postprocessing`` decides it, applied to the test predictions."""
+        final, partial = self.folder / "predictions_postprocessed", self.folder / "predictions_postprocessed.partial"
+        if final.is_dir():
+            return final
+        model = self._model_folder()
+        validation = model / f"fold_{self.seed}" / "validation"
+        files = ["-plans_json", str(model / "plans.json"), "-dataset_json", str(model / "dataset.json"), "-np", "1"]
+        if not (validation / "postprocessing.pkl").is_file():
+            gt = self.setup.out / "nnUNet_preprocessed" / self.setup.ctx.dataset / "gt_segmentations"
+            self._call("decide postprocessing", ["nnUNetv2_determine_postprocessing", "-i", str(validation),
+                                                 "-ref", str(gt), *files])
+        shutil.rmtree(partial, ignore_errors=True)
+        self._call("apply postprocessing", ["nnUNetv2_apply_postprocessing", "-i", str(predictions), "-o",
+                                            str(partial), "-pp_pkl_file", str(validation / "postprocessing.pkl"),
+                                            *files])
+        partial.rename(final)
+        return final
+
+    def _postprocessing_steps(self) -> dict:
+        """What nnU-Net decided (from its postprocessing.json: the functions and their arguments)."""
+        decided = self._model_folder() / f"fold_{self.seed}" / "validation" / "postprocessing.json"
+        found = json.loads(decided.read_text()) if decided.is_file() else {}
+        return {k: found.get(k) for k in ("postprocessing_fns", "postprocessing_kwargs")}
 
     def _predict(self) -> Path:
         """nnU-Net's predictor on this seed's test cases, into a fresh folder renamed when complete."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -59,3 +59,84 @@ def paired(arm: np.ndarray, control: np.ndarray, seed: int = 0, rounds: int = BO
     observed = abs(per_case.mean())
     p = (1 + np.count_nonzero(np.abs((signs * per_case).mean(axis=1)) >= observed - 1e-12)) / (rounds + 1)
     return Estimate(estimate.mean, estimate.low, estimate.high, estimate.n, float(p))
+
+
+@dataclass(frozen=True)
+class RunLevel:
+    """A figure whose unit is the trained model: one value per run, their mean with a 95 % t-interval across runs
+    and a hierarchical bootstrap interval (runs resampled, then cases within each run); for a paired difference to
+    the control also the paired t-test's two-sided p-value over runs."""
+
+    per_run: list[float | None]
+    mean: float
+    t_low: float
+    t_high: float
+    boot_low: float
+    boot_high: float
+    runs: int
+    p: float | None = None
+
+    def to_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in vars(self).items()}
+
+
+def t_interval(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean of ``values`` (NaN skipped) and its 95 % Student-t interval; the interval is NaN for fewer than 2."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(values.mean())
+    if values.size < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
+    return mean, mean - half, mean + half
+
+
+def _hierarchical(values: np.ndarray, seed: int, rounds: int) -> tuple[float, float]:
+    """95 % interval of the mean over runs of per-run case means, resampling runs and then cases within each run
+    (``values``: cases x runs, NaN = no value)."""
+    values = np.asarray(values, dtype=float)
+    runs = [values[np.isfinite(values[:, j]), j] for j in range(values.shape[1])]
+    runs = [r for r in runs if r.size]
+    if len(runs) < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = np.empty(rounds)
+    for b in range(rounds):
+        picked = rng.integers(0, len(runs), size=len(runs))
+        means[b] = np.mean([runs[j][rng.integers(0, runs[j].size, size=runs[j].size)].mean() for j in picked])
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def run_level_values(per_run: np.ndarray, control: np.ndarray | None = None) -> RunLevel:
+    """Run-level estimate of one value per run (NaN = none), or of its paired difference to ``control``'s runs (the
+    arms of a run share its training and test cases): mean, 95 % t-interval and the paired t-test's p-value."""
+    per_run = np.asarray(per_run, dtype=float)
+    if control is not None:
+        per_run = per_run - np.asarray(control, dtype=float)
+    mean, low, high = t_interval(per_run)
+    finite = per_run[np.isfinite(per_run)]
+    p = None
+    if control is not None and finite.size >= 2:
+        from scipy import stats
+
+        p = float(stats.ttest_1samp(finite, 0.0).pvalue) if finite.std() > 0 else float(finite[0] == 0)
+    return RunLevel([float(v) if np.isfinite(v) else None for v in per_run], mean, low, high, math.nan, math.nan,
+                    int(finite.size), p)
+
+
+def run_level(values: np.ndarray, control: np.ndarray | None = None, seed: int = 0,
+              rounds: int = 2_000) -> RunLevel:
+    """:func:`run_level_values` of a (cases x runs) table of per-case values (a run's value: its case mean), or of
+    the paired difference to the ``control``'s table of the same shape, with the hierarchical bootstrap interval."""
+    values = np.asarray(values, dtype=float).reshape(len(values), -1)
+    if control is not None:
+        values = values - np.asarray(control, dtype=float).reshape(values.shape)
+    per_run = _nanmean_rows(values.T)
+    estimate = run_level_values(per_run, None if control is None else np.zeros_like(per_run))  # already paired
+    low, high = _hierarchical(values, seed, rounds)
+    return replace(estimate, boot_low=low, boot_high=high)

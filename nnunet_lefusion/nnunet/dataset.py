@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import load_pickle
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset, nnUNetDatasetBlosc2
 
 from nnunet_lefusion.errors import LeFusionError
@@ -103,7 +104,8 @@ class SyntheticMixDataset(nnUNetBaseDataset):
     get_identifiers = staticmethod(nnUNetDatasetBlosc2.get_identifiers)
 
     def __init__(self, real: nnUNetBaseDataset, cache_folder: Path | None, variants: dict[str, list[str]],
-                 rate: float, counters: LoadCounters, labels: LesionLabels | None = None, watch: bool = False):
+                 rate: float, counters: LoadCounters, labels: LesionLabels | None = None, watch: bool = False,
+                 rare_focus: float = 0.0):
         super().__init__(real.source_folder, list(real.identifiers), real.folder_with_segs_from_previous_stage)
         self.real = real
         self.rate = rate
@@ -117,6 +119,8 @@ class SyntheticMixDataset(nnUNetBaseDataset):
         self._manifest_key: tuple | None = None
         self._manifest_read = 0.0
         self._voxels: dict[str, dict[str, int]] = {}  # identifier -> lesion voxels (per process, cases never change)
+        self.rare_focus = rare_focus
+        self._rare_cases = rare_cases(real, labels.lesions[-1]) if rare_focus > 0 and labels is not None else []
         if self.watch:
             self._refresh()
 
@@ -174,6 +178,19 @@ class SyntheticMixDataset(nnUNetBaseDataset):
                 self.counters.count(True, self._lesion_voxels(syn_id, seg), syn_id)
                 seg_prev = self.real.load_case(source)[2] if self.folder_with_segs_from_previous_stage else None
                 return data, seg, seg_prev, properties
+        if self._rare_cases and np.random.uniform() < self.rare_focus:
+            identifier = self._rare_cases[np.random.randint(len(self._rare_cases))]
         case = self.real.load_case(identifier)
         self.counters.count(False, self._lesion_voxels(identifier, case[1]))
         return case
+
+
+def rare_cases(dataset: nnUNetBaseDataset, label: int) -> list[str]:
+    """The cases of ``dataset`` whose segmentation holds ``label``, from the foreground locations nnU-Net's
+    preprocessing stored in each case's properties (no image is read)."""
+    held = []
+    for identifier in dataset.identifiers:
+        locations = load_pickle(os.path.join(dataset.source_folder, f"{identifier}.pkl"))["class_locations"]
+        if len(locations.get(label, ())) > 0:
+            held.append(identifier)
+    return held
