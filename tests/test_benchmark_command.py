@@ -181,3 +181,37 @@ def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes
     again = run_cli("nnUNetv2_lefusion_benchmark", *cmd[1:], "-part_id", "0", env=env)   # all done: nothing to run
     assert "estimated time: 0.0 h for the 0 of 1 run(s) of part 0 of 2" in again.stdout
     assert real_done.stat().st_mtime_ns == finished
+
+
+def test_the_report_gives_run_level_figures_with_and_without_postprocessing(tmp_path):
+    from nnunet_lefusion.benchmark.report import POSTPROCESSED, write_outputs
+
+    structures = [Structure("infarct", (3,)), Structure("no_reflow", (4,))]
+    results = []
+    for arm, dice_nr in (("real", 0.2), ("real_balanced", 0.3)):
+        for seed in range(5):
+            cases = []
+            for case in range(4):
+                reference = np.zeros((3, 12, 12), np.uint8)
+                reference[1, 2:8, 2:8] = 3
+                if case < 2:   # two cases with no-reflow, two without
+                    reference[1, 4:6, 4:6] = 4
+                prediction = reference.copy()
+                if case == 3 and arm == "real_balanced":   # a false alarm on a case without no-reflow
+                    prediction[1, 9:11, 9:11] = 4
+                cases.append({"case": f"c{case}", **case_figures(reference, prediction, (10.0, 1.0, 1.0),
+                                                                 structures, structures)})
+            results.append({"arm": arm, "seed": seed, "cases": cases, "cases_postprocessed": cases[:], "curves": {},
+                            "lesion_voxels_per_load": {"4": dice_nr * 10}})
+    text, runs = write_outputs(tmp_path, {}, results, ("real", "real_balanced"), 5, structures, structures, False)
+    assert set(runs) == {"", POSTPROCESSED} and "after nnU-Net's postprocessing" in text
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    nnunet = summary["run_figures"]["dice_no_reflow_nnunet"]
+    # real: perfect on the two cases with no-reflow, no value on the others; real_balanced: a 0 on case 3
+    assert nnunet["real"]["estimate"]["per_run"] == [1.0] * 5
+    assert nnunet["real_balanced"]["estimate"]["per_run"] == pytest.approx([2 / 3] * 5)
+    assert nnunet["real_balanced"]["vs_real"]["mean"] == pytest.approx(-1 / 3)
+    assert summary["run_figures"]["dice_no_reflow"]["real_balanced"]["vs_real"]["mean"] == pytest.approx(0.0)
+    assert summary["run_figures"]["false_all"]["real_balanced"]["vs_real"]["mean"] == pytest.approx(0.25)
+    assert summary["run_figures"]["f1_no_reflow"]["real_balanced"]["estimate"]["per_run"] == pytest.approx([0.8] * 5)
+    assert summary["lesion_voxels_per_load"] == {"real": {"4": 2.0}, "real_balanced": {"4": 3.0}}

@@ -216,6 +216,17 @@ def run_times(results: list[dict]) -> dict:
     return {"per_run": per_run, "timed_runs": len(timed), "timed_seconds": round(sum(timed), 1)}
 
 
+def exposure(results: list[dict], arms: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Per arm, the lesion voxels per training-case load of each lesion label, averaged over its runs: how much of
+    each class the arm's training saw (the rebalancing arms are meant to see about as much of the rarest)."""
+    found = {}
+    for arm in arms:
+        runs = [r.get("lesion_voxels_per_load") or {} for r in results if r["arm"] == arm]
+        labels = sorted({label for run in runs for label in run})
+        found[arm] = {label: round(float(np.mean([run.get(label, 0.0) for run in runs])), 1) for label in labels}
+    return found
+
+
 POSTPROCESSED = "_postprocessed"   # suffix of the figures after nnU-Net's postprocessing
 
 
@@ -243,7 +254,12 @@ def write_outputs(out: Path, info: dict, results: list[dict], arms: tuple[str, .
         if not suffix:
             write_csv(variant, out / "per_case.csv")
             write_png(summary, variant, arms, scored, out / "benchmark.png")
+    seen = exposure(results, arms)
+    sections.append("## What training saw\n\nLesion voxels per training-case load, per label (mean over runs): "
+                    + "; ".join(f"{arm} " + ", ".join(f"{k}: {v:g}" for k, v in per.items())
+                                for arm, per in seen.items()) + "\n")
     text = "\n".join(sections)
-    atomic_write_text(out / "summary.json", json.dumps({**info, **figures}, indent=1))
+    atomic_write_text(out / "summary.json", json.dumps({**info, **figures, "lesion_voxels_per_load": seen},
+                                                       indent=1))
     atomic_write_text(out / "table.md", text)
     return text, runs

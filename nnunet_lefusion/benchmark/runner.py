@@ -257,7 +257,7 @@ class Run:
             "training_cases": self.setup.splits[self.seed]["train"], "cases": self._score(predictions),
             **({} if postprocessed is None else {"cases_postprocessed": self._score(postprocessed),
                                                  "postprocessing": self._postprocessing_steps()}),
-            "curves": self.curves(),
+            "curves": self.curves(), "lesion_voxels_per_load": self.lesion_voxels_per_load(),
             "seconds": stage_seconds, "cpu_bf16": self.trained_in_bf16(), "epochs": epochs,
             "iterations": iterations}))
 
@@ -323,6 +323,21 @@ class Run:
         partial.rename(final)
         shutil.rmtree(inputs)
         return final
+
+    def lesion_voxels_per_load(self) -> dict[str, float]:
+        """Lesion voxels per training-case load, per lesion label, real and synthetic loads together, over the whole
+        training (from the trainer's statistics): what each arm's training saw of each class."""
+        found = sorted((self.folder / "nnUNet_results").rglob("lefusion_stats.json"))
+        if not found:
+            return {}
+        epochs = json.loads(found[0].read_text())["epochs"]
+        loads = sum(e["loads"] for e in epochs)
+        totals: dict[str, int] = {}
+        for entry in epochs:
+            for kind in ("real", "synthetic"):
+                for label, count in entry["lesion_voxels"][kind].items():
+                    totals[label] = totals.get(label, 0) + count
+        return {label: round(count / loads, 1) for label, count in totals.items()} if loads else {}
 
     def curves(self) -> dict[str, list[float]]:
         """nnU-Net's logged training loss, validation loss and pseudo Dice per epoch."""

@@ -95,20 +95,23 @@ def t_interval(values: np.ndarray) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def _hierarchical(values: np.ndarray, seed: int, rounds: int) -> tuple[float, float]:
-    """95 % interval of the mean over runs of per-run case means, resampling runs and then cases within each run
-    (``values``: cases x runs, NaN = no value)."""
-    values = np.asarray(values, dtype=float)
-    runs = [values[np.isfinite(values[:, j]), j] for j in range(values.shape[1])]
-    runs = [r for r in runs if r.size]
-    if len(runs) < 2:
+def _hierarchical(values: np.ndarray, control: np.ndarray | None, seed: int, rounds: int) -> tuple[float, float]:
+    """95 % interval of the mean over runs of per-run case means (minus the control's, on the same resampled cases),
+    resampling runs and then cases within each run (tables: cases x runs, NaN = no value)."""
+    n_cases, n_runs = values.shape
+    if n_runs < 2:
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
     means = np.empty(rounds)
     for b in range(rounds):
-        picked = rng.integers(0, len(runs), size=len(runs))
-        means[b] = np.mean([runs[j][rng.integers(0, runs[j].size, size=runs[j].size)].mean() for j in picked])
-    low, high = np.percentile(means, [2.5, 97.5])
+        runs = rng.integers(0, n_runs, size=n_runs)
+        cases = rng.integers(0, n_cases, size=(n_runs, n_cases))
+        picked = values[cases, runs[:, None]]
+        per_run = _nanmean_rows(picked)
+        if control is not None:
+            per_run = per_run - _nanmean_rows(control[cases, runs[:, None]])
+        means[b] = np.nanmean(per_run) if np.isfinite(per_run).any() else np.nan
+    low, high = np.nanpercentile(means, [2.5, 97.5])
     return float(low), float(high)
 
 
@@ -132,11 +135,11 @@ def run_level_values(per_run: np.ndarray, control: np.ndarray | None = None) -> 
 def run_level(values: np.ndarray, control: np.ndarray | None = None, seed: int = 0,
               rounds: int = 2_000) -> RunLevel:
     """:func:`run_level_values` of a (cases x runs) table of per-case values (a run's value: its case mean), or of
-    the paired difference to the ``control``'s table of the same shape, with the hierarchical bootstrap interval."""
+    the paired difference of run values to the ``control``'s table of the same shape (each run's mean minus the
+    control run's mean, so a case that has a value in one arm only still counts in it), with the hierarchical
+    bootstrap interval."""
     values = np.asarray(values, dtype=float).reshape(len(values), -1)
-    if control is not None:
-        values = values - np.asarray(control, dtype=float).reshape(values.shape)
-    per_run = _nanmean_rows(values.T)
-    estimate = run_level_values(per_run, None if control is None else np.zeros_like(per_run))  # already paired
-    low, high = _hierarchical(values, seed, rounds)
+    control = None if control is None else np.asarray(control, dtype=float).reshape(values.shape)
+    estimate = run_level_values(_nanmean_rows(values.T), None if control is None else _nanmean_rows(control.T))
+    low, high = _hierarchical(values, control, seed, rounds)
     return replace(estimate, boot_low=low, boot_high=high)
