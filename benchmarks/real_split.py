@@ -4,13 +4,18 @@ every case cropped to a heart field of view.
 The crop is an **oracle crop**: the box of the case's foreground labels plus ``--margin`` millimetres in-plane, all
 slices kept, made alike for training and test cases from their reference labels (a deployed model would need a
 localiser to find the heart). Cases are stratified by what they hold (normal, infarct only, infarct with no-reflow)
-so that train and test have the same mix. A few training cases, again stratified, are nnU-Net's validation cases
-(fold 0 of the training dataset's ``splits_final.json``: the benchmark's ``--split-fold 0``): the generators train on
-fold 0's training cases and never see a validation or a test case. The split is recorded in
-``split_<train>_<test>.json`` beside the two datasets.
+so that train and test have the same mix. The training dataset's cases are split again, stratified, into
+- V, nnU-Net's validation cases (``--val-cases``; they decide nnU-Net's postprocessing),
+- P, the probe cases (``--probe-cases``), written as a third raw dataset: the short probes that choose the synthesis
+  settings are scored on them, never on the test cases,
+- G, the rest, on which the lesion generators (sampler and mask generator) are trained,
+and ``splits_final.json`` of the training dataset gets fold 0 = (G + P, V), the benchmark's training split
+(``--split-fold 0``), and fold 1 = (G, V), the generators' and the probes' (``-f 1``, ``--split-fold 1``). So the
+generators never see a validation, probe or test case. The split is recorded in ``split_<train>_<test>.json``.
 
 Run: ``PYTHONPATH=. .venv/bin/python -m benchmarks.real_split ../shared/emidec_dev/Dataset201_EmidecPNG
---train-id 202 --test-id 203 [--test-fraction 0.3] [--val-cases 5] [--seed 0] [--margin 20]`` (writes into
+--train-id 202 --test-id 203 --probe-id 204 [--test-fraction 0.3] [--val-cases 5] [--probe-cases 10] [--seed 0]
+[--margin 20]`` (writes into
 ``$nnUNet_raw`` and the splits file into ``$nnUNet_preprocessed``).
 """
 from __future__ import annotations
@@ -90,7 +95,9 @@ def main() -> None:
     parser.add_argument("--test-id", type=int, default=203)
     parser.add_argument("--name", default="EmidecPNG")
     parser.add_argument("--test-fraction", type=float, default=0.3)
+    parser.add_argument("--probe-id", type=int, default=204)
     parser.add_argument("--val-cases", type=int, default=5, help="nnU-Net validation cases among the training cases")
+    parser.add_argument("--probe-cases", type=int, default=10, help="probe test cases among the training cases")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--margin", type=float, default=20.0, help="in-plane margin around the labels, mm")
     args = parser.parse_args()
@@ -99,20 +106,23 @@ def main() -> None:
     strata = {ident: stratum(sitk.GetArrayFromImage(sitk.ReadImage(str(c[2])))) for ident, c in cases.items()}
     train, test = stratified_split(strata, args.test_fraction, args.seed)
     fit, val = stratified_split({c: strata[c] for c in train}, args.val_cases / len(train), args.seed + 1)
+    generators, probe = stratified_split({c: strata[c] for c in fit}, args.probe_cases / len(fit), args.seed + 2)
     dataset_json = json.loads((args.source / "dataset.json").read_text())
     names = {}
-    for part, ident, chosen in (("train", args.train_id, train), ("test", args.test_id, test)):
+    for part, ident, chosen in (("train", args.train_id, train), ("test", args.test_id, test),
+                                ("probe", args.probe_id, probe)):
         target = raw / f"Dataset{ident:03d}_{args.name}{part.capitalize()}"
         write_dataset(target, [cases[c] for c in chosen], dataset_json, args.margin)
         names[part] = target.name
     splits = Path(os.environ["nnUNet_preprocessed"]) / names["train"] / "splits_final.json"
     splits.parent.mkdir(parents=True, exist_ok=True)
-    splits.write_text(json.dumps([{"train": fit, "val": val}], indent=1))
+    splits.write_text(json.dumps([{"train": fit, "val": val}, {"train": generators, "val": val}], indent=1))
     record = {"source": str(args.source), "seed": args.seed, "test_fraction": args.test_fraction,
-              "margin_mm": args.margin, "datasets": names, "train": train, "test": test, "fold_0": {"train": fit,
-                                                                                                     "val": val},
+              "margin_mm": args.margin, "datasets": names, "train": train, "test": test, "probe": probe,
+              "folds": [{"train": fit, "val": val}, {"train": generators, "val": val}],
               "strata": {part: {s: sum(strata[c] == s for c in chosen) for s in STRATA}
-                         for part, chosen in (("train", fit), ("val", val), ("test", test))}}
+                         for part, chosen in (("generators", generators), ("probe", probe), ("val", val),
+                                              ("test", test))}}
     (raw / f"split_{args.train_id:03d}_{args.test_id:03d}.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record["strata"]), names)
 
