@@ -151,9 +151,9 @@ def _enclose_inner_lesions(seg: np.ndarray, image: np.ndarray, pasted: np.ndarra
     for outer, inner in zip(labels.lesions, labels.lesions[1:]):
         outside = host & ~lesion_region(seg, labels, outer)
         exposed = pasted & (seg == inner) & ndimage.binary_dilation(outside, structure=IN_PLANE)
-        sources = seg == outer
         if not exposed.any():
             continue
+        sources = seg == outer
         seg[exposed] = outer
         if sources.any():
             nearest = ndimage.distance_transform_edt(~sources, sampling=spacing, return_distances=False,
