@@ -9,7 +9,8 @@ case (retexture, newmask, normal) it prints the mean and standard deviation of t
 the synthetic mean to the real one and the 1-Wasserstein distance between the pooled intensities, both in units of
 the real lesion's standard deviation; the organ (healthy tissue) is a reference row. For the innermost lesion it
 prints the share of its in-plane neighbours that are healthy organ (``masks.inner_lesion_exposure``: real
-no-reflow lies inside the infarct, next to the cavity) and each class's share of the lesion voxels.
+no-reflow lies inside the infarct, next to the cavity; mean, median and maximum over cases), each class's share of
+the lesion voxels, and how many lesion voxels of the source cases a synthetic case gives another lesion class.
 """
 from __future__ import annotations
 
@@ -47,9 +48,16 @@ def main() -> None:
     labels = recorded_labels(manifest, ctx.dataset_json)
     kinds = sorted({info.get("kind", "?") for info in manifest.cases.values()})
     groups = {"real": load_cases(ctx.data_folder, sorted(manifest.training_cases), args.channel)}
+    sources = dict(zip(sorted(manifest.training_cases), (seg for _, seg in groups["real"])))
+    relabelled = []  # per synthetic case: lesion voxels of its source given another lesion class
     for kind in kinds:
         ids = sorted(i for i, info in manifest.cases.items() if info.get("kind", "?") == kind)
         groups[f"synthetic {kind}"] = load_cases(args.cache, ids, args.channel)
+        for identifier, (_, seg) in zip(ids, groups[f"synthetic {kind}"]):
+            source = sources.get(manifest.cases[identifier]["source"])
+            if source is not None:
+                relabelled.append(int((np.isin(source, labels.lesions) & np.isin(seg, labels.lesions)
+                                       & (seg != source)).sum()))
     groups["synthetic (all)"] = [case for name in groups if name != "real" for case in groups[name]]
 
     structures = [(f"organ {labels.organ}", labels.organ)] + [(f"lesion {v}", (v,)) for v in labels.lesions]
@@ -71,19 +79,22 @@ def main() -> None:
             print(f"{name:<14} | {group:<22} | {sample.size:>8} | {sample.mean():>6.2f} | {sample.std():>5.2f} | "
                   f"{gap:>+8.2f} | {w1:>7.2f}")
     inner = labels.lesions[-1]
-    print(f"\nlesion {inner} (innermost): share of its in-plane neighbours that are healthy organ, mean over cases "
-          f"with it; lesion-voxel share per class")
+    print(f"\nlesion {inner} (innermost): share of its in-plane neighbours that are healthy organ (mean / median / "
+          f"max over cases with it); lesion-voxel share per class")
     exposure = {}
     for group, cases in groups.items():
         shares = [e for e in (inner_lesion_exposure(seg, labels) for _, seg in cases) if e is not None]
         counts = {v: sum(int((seg == v).sum()) for _, seg in cases) for v in labels.lesions}
         total = max(sum(counts.values()), 1)
         exposure[group] = float(np.mean(shares)) if shares else float("nan")
-        print(f"  {group:<22} exposure {exposure[group]:.3f} ({len(shares)} cases); shares "
+        spread = f"{np.median(shares):.3f} / {max(shares):.3f}" if shares else "- / -"
+        print(f"  {group:<22} exposure {exposure[group]:.3f} / {spread} ({len(shares)} cases); shares "
               + ", ".join(f"{v}: {counts[v] / total:.1%}" for v in labels.lesions))
     gap, w1 = gaps.get((f"lesion {inner}", "synthetic (all)"), (float("nan"), float("nan")))
     print(f"lesion {inner}, synthetic vs real: mean gap {gap:+.2f} s.d., W1 {w1:.2f} s.d., healthy-organ exposure "
           f"{exposure['synthetic (all)']:.3f} vs {exposure['real']:.3f}")
+    print(f"source lesion voxels given another lesion class (0 for copy-paste and retexture): {sum(relabelled)}, "
+          f"in {np.count_nonzero(relabelled)} of {len(relabelled)} synthetic cases")
 
 
 if __name__ == "__main__":

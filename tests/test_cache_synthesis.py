@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
+from nnunet_lefusion.masks import inner_lesion_exposure
 from nnunet_lefusion.nnunet.cache import Manifest, default_cache_folder
 from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.preprocess import load_raw_case
@@ -142,6 +143,29 @@ def test_plan_puts_lesions_on_normal_cases_and_raises_the_rare_class(phantom_dat
     # below its (here unreachable) target, label 4 is asked of every pasted lesion; the shortfall is said
     assert all(c["lesion_voxels"].get("4", 0) > 0 for c in manifest.cases.values())
     assert "lesion voxels, synthetic" in res.stdout and "short of its target share 90%" in res.stdout
+
+
+def test_copypaste_target_share_alone_keeps_lesions_and_nesting_in_the_preprocessed_grid(phantom_dataset, tmp_path):
+    """``--target-share`` without ``--mix`` makes copy-paste's kinds. In the grid nnU-Net trains on, no lesion
+    voxel of a source case changes class, and pasted no-reflow borders healthy organ no more than on real cases."""
+    ctx = DatasetContext(phantom_dataset, "3d_fullres", 0)
+    labels = resolve_lesion_labels(ctx.dataset_json)
+    cache = tmp_path / "share"
+    run_cli("nnUNetv2_lefusion_synthesize", "-d", "990", "-n", "8", "--target-share", "4=0.3", "--cache", str(cache))
+    manifest = Manifest.load(cache)
+    assert {c["kind"] for c in manifest.cases.values()} == {"newmask", "normal"}
+    real = {i: blosc2.open(str(ctx.data_folder / f"{i}_seg.b2nd"), mode="r")[:][0] for i in manifest.training_cases}
+    real_exposure = [e for e in (inner_lesion_exposure(s, labels) for s in real.values()) if e is not None]
+    exposure = []
+    for identifier, info in manifest.cases.items():
+        seg = blosc2.open(str(cache / f"{identifier}_seg.b2nd"), mode="r")[:][0]
+        source = real[info["source"]]
+        for label in labels.lesions:
+            assert not ((source == label) & np.isin(seg, labels.lesions) & (seg != label)).any()
+        exposure.append(inner_lesion_exposure(seg, labels))
+    exposure = [e for e in exposure if e is not None]
+    assert real_exposure and len(exposure) >= 6
+    assert np.median(exposure) <= np.median(real_exposure) + 0.01 and max(exposure) <= max(real_exposure) + 0.03
 
 
 def test_preview_and_nifti_export_of_an_existing_cache(cache_3d, tmp_path):

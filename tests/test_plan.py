@@ -48,3 +48,17 @@ def test_the_tracker_asks_for_labels_below_their_target_share():
     assert tracker.below_target() is None
     tracker.totals.update({3: 90, 4: 10})
     assert tracker.below_target() == (4,)
+
+
+def test_a_plan_without_mix_takes_the_kinds_the_method_makes():
+    """``--target-share`` alone: copy-paste (newmask, normal) spreads over its targets, LeFusion re-textures."""
+    plan = SynthesisPlan.parse(None, "4=0.3")
+    assert plan.mix is None and not plan.new_masks
+    pools = {"retexture": 6, "newmask": 6, "normal": 2}
+    copypaste = plan.with_method_mix(("newmask", "normal"), pools)
+    assert copypaste.mix == {"newmask": 6.0, "normal": 2.0} and copypaste.target_share == {4: 0.3}
+    assert copypaste.allocate(4).count("normal") == 1
+    assert plan.with_method_mix(("retexture", "newmask", "normal"), pools).mix == {"retexture": 1.0}
+    assert plan.with_method_mix(("newmask", "normal"), {**pools, "normal": 0}).mix == {"newmask": 6.0}
+    given = SynthesisPlan.parse("normal=1", "4=0.3")
+    assert given.with_method_mix(("newmask", "normal"), pools) is given

@@ -26,7 +26,7 @@ def check_flags(args: argparse.Namespace, plan: SynthesisPlan | None) -> None:
             raise LeFusionError(f"{', '.join(given)} only apply to --method lefusion, not {args.method}")
     if args.candidates is not None and not args.target_share:
         raise LeFusionError("--candidates only applies with --target-share (it picks among proposals to meet it)")
-    if args.method == "copypaste" and plan and plan.mix.get("retexture", 0) > 0:
+    if args.method == "copypaste" and plan and (plan.mix or {}).get("retexture", 0) > 0:
         raise LeFusionError("--method copypaste makes newmask and normal cases, not retexture (that is lefusion's)")
     if args.method == "lefusion" and args.mask_generator and not (plan and plan.new_masks):
         raise LeFusionError("--mask-generator makes new lesion masks, which only newmask/normal cases use: add "

@@ -161,13 +161,6 @@ def _pools(cases: list[RawCase], labels: LesionLabels) -> dict[str, list[RawCase
     return {"retexture": pathological, "newmask": pathological, "normal": normal}
 
 
-def default_plan(synthesizer: Synthesizer, pools: dict[str, list[RawCase]]) -> SynthesisPlan:
-    """Without ``--mix``: every training case that the synthesizer can use, in proportion to the pools."""
-    if "retexture" in synthesizer.kinds:
-        return SynthesisPlan(mix={"retexture": 1.0})
-    return SynthesisPlan(mix={k: float(len(pools[k])) for k in synthesizer.kinds if pools[k]})
-
-
 @dataclass
 class Slot:
     """One case of a run: its number in the cache, its kind, the pool place it starts at and its seed."""
@@ -313,7 +306,8 @@ def prepare_synthesis(ctx: DatasetContext, labels: LesionLabels, method: str, pl
         raise LeFusionError(f"no training case of fold {ctx.fold} contains a lesion label {list(labels.lesions)}")
     synthesizer = make_synthesizer(method, cases, labels, options)
     pools = _pools(cases, labels)
-    plan = (plan or default_plan(synthesizer, pools)).validate(labels)
+    plan = (plan or SynthesisPlan()).with_method_mix(synthesizer.kinds, {k: len(v) for k, v in pools.items()})
+    plan.validate(labels)
     for kind in plan.mix:
         if kind not in synthesizer.kinds and plan.mix[kind] > 0:
             raise LeFusionError(f"method {method} cannot make {kind!r} cases (it makes {', '.join(synthesizer.kinds)})")

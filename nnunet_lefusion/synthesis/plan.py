@@ -8,7 +8,8 @@ the synthetic lesion-voxel shares closest to the target.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -34,9 +35,10 @@ def _parse_pairs(text: str, what: str) -> dict[str, float]:
 
 @dataclass
 class SynthesisPlan:
-    """Share of each kind among the synthetic cases, and the wanted share of each lesion label's voxels."""
+    """Share of each kind among the synthetic cases (None: the kinds the method makes, ``with_method_mix``), and
+    the wanted share of each lesion label's voxels."""
 
-    mix: dict[str, float] = field(default_factory=lambda: {"retexture": 1.0})
+    mix: dict[str, float] | None = None
     target_share: dict[int, float] = field(default_factory=dict)
     candidates: int = 8
 
@@ -56,13 +58,23 @@ class SynthesisPlan:
     @property
     def new_masks(self) -> bool:
         """True when some of the cases get new lesion masks (and so need a mask generator)."""
-        return any(self.mix.get(kind, 0) > 0 for kind in NEW_MASK_KINDS)
+        return any((self.mix or {}).get(kind, 0) > 0 for kind in NEW_MASK_KINDS)
+
+    def with_method_mix(self, kinds: Sequence[str], pool_sizes: Mapping[str, int]) -> "SynthesisPlan":
+        """This plan, its unset mix made what a method of ``kinds`` makes: retexture where the method can, else each
+        of its kinds in proportion to the training cases it can take as targets (``pool_sizes``)."""
+        if self.mix is not None:
+            return self
+        if "retexture" in kinds:
+            return replace(self, mix={"retexture": 1.0})
+        return replace(self, mix={k: float(pool_sizes[k]) for k in kinds if pool_sizes[k]})
 
     def validate(self, labels: LesionLabels | None = None) -> "SynthesisPlan":
-        unknown = set(self.mix) - set(KINDS)
-        shares = self.mix.values()
-        if unknown or not self.mix or any(not 0 <= v < math.inf for v in shares) or sum(shares) <= 0:  # NaN too
-            raise LeFusionError(f"--mix takes non-negative shares of {', '.join(KINDS)}, got {self.mix}")
+        if self.mix is not None:
+            shares = self.mix.values()
+            if set(self.mix) - set(KINDS) or not self.mix or any(not 0 <= v < math.inf for v in shares) \
+                    or sum(shares) <= 0:  # NaN too
+                raise LeFusionError(f"--mix takes non-negative shares of {', '.join(KINDS)}, got {self.mix}")
         if any(not 0 < v < 1 for v in self.target_share.values()) or sum(self.target_share.values()) >= 1 + 1e-9:
             raise LeFusionError(f"--target-share values must lie in (0, 1) and sum to <= 1, got {self.target_share}")
         if labels is not None and set(self.target_share) - set(labels.lesions):
