@@ -5,6 +5,7 @@
 #   _r000_short control -> synthetic cases per minute, online/r000 epoch-time ratio, peak GPU memory (headline last).
 #
 #   bash benchmarks/gpu_check.sh [--dry-run] [--wheels DIR] [--work DIR] [--steps N] [--epochs N] [--iterations N]
+#                                [--fast-cases N] [--official-cases N] [--online-cases N] [--device cuda|cpu]
 #   bash benchmarks/gpu_check.sh --install-only --wheels DIR      # install a first part of the wheels, run nothing
 #   bash benchmarks/gpu_check.sh --fetch-wheels [--wheels DIR]     # here, with a package index: fill DIR
 #
@@ -24,6 +25,8 @@ EPOCHS=4
 ITERATIONS=40
 FAST_CASES=16
 OFFICIAL_CASES=2
+ONLINE_CASES=4
+DEVICE=cuda  # cpu: a slow smoke run of the same steps on a machine without a GPU
 DRY_RUN=0
 FETCH=0
 INSTALL_ONLY=0
@@ -45,7 +48,11 @@ while (($#)); do
         --steps) STEPS=$2; shift ;;
         --epochs) EPOCHS=$2; shift ;;
         --iterations) ITERATIONS=$2; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        --fast-cases) FAST_CASES=$2; shift ;;
+        --official-cases) OFFICIAL_CASES=$2; shift ;;
+        --online-cases) ONLINE_CASES=$2; shift ;;
+        --device) DEVICE=$2; shift ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -99,7 +106,7 @@ train() {  # train RESULTS_NAME TRAINER [VAR=VALUE ...]: a short nnU-Net run int
     local settings=(nnUNet_results="$WORK/results_$name" LEFUSION_EPOCHS="$EPOCHS" LEFUSION_ITERS="$ITERATIONS"
                     LEFUSION_VAL_ITERS=5 "$@")
     (export "${settings[@]}"; CLI_ENV="${settings[*]}" cli nnUNetv2_train nnunetv2.run.run_training:run_training_entry \
-        "$DATASET" 3d_fullres 0 -tr "$trainer" -device cuda)
+        "$DATASET" 3d_fullres 0 -tr "$trainer" -device "$DEVICE")
 }
 
 echo "gpu_check: work folder $WORK, wheels $WHEELS, sampler $STEPS steps, nnU-Net $EPOCHS epochs x $ITERATIONS iterations"
@@ -114,9 +121,9 @@ fi
 ((INSTALL_ONLY)) && exit 0
 run rm -rf "$WORK"
 run mkdir -p "$WORK" "$RAW"
-run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+[[ $DEVICE == cpu ]] || run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 run "$PY" -c "import torch, nnunetv2; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-if ((!DRY_RUN)); then  # GPU memory of all processes every 0.5 s, for the peak per stage
+if ((!DRY_RUN)) && [[ $DEVICE != cpu ]]; then  # GPU memory of all processes every 0.5 s, for the peak per stage
     nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 500 > "$WORK/gpu_memory.csv" &
     POLLER=$!
     trap 'kill $POLLER 2> /dev/null || true' EXIT
@@ -126,21 +133,23 @@ cli nnUNetv2_lefusion_register nnunet_lefusion.cli.register:main
 SAMPLER=$WORK/sampler
 CHECKPOINT=$SAMPLER/checkpoint_final.pt
 SYNTH=(-d "$DATASET" -c 3d_fullres -f 0 --method lefusion --checkpoint "$CHECKPOINT" --mask-generator rule
-       --mix retexture=0.5,newmask=0.25,normal=0.25 -device cuda)
+       --mix retexture=0.5,newmask=0.25,normal=0.25 -device "$DEVICE")
 stage phantom cli nnUNetv2_lefusion_phantom nnunet_lefusion.cli.phantom:main -d "$DATASET" -n 30 --seed 7 --fov heart
 stage plan_and_preprocess cli nnUNetv2_plan_and_preprocess \
     nnunetv2.experiment_planning.plan_and_preprocess_entrypoints:plan_and_preprocess_entry \
     -d "$DATASET" -c 3d_fullres -np 8 -npfp 8
 stage train_sampler cli nnUNetv2_lefusion_train_sampler nnunet_lefusion.cli.train_sampler:main -d "$DATASET" -f 0 \
     --config small --roi 10 48 48 --bf16 --batch-size 24 --lr 2e-4 --histogram-scale 16 --cond-drop 0.1 \
-    --steps "$STEPS" --checkpoint-every 100 -device cuda -o "$SAMPLER"
+    --steps "$STEPS" --checkpoint-every 100 -device "$DEVICE" -o "$SAMPLER"
 stage synthesize_fast cli nnUNetv2_lefusion_synthesize nnunet_lefusion.cli.synthesize:main "${SYNTH[@]}" \
     --sampling fast -n "$FAST_CASES" --cache "$WORK/cache_fast" --preview "$WORK/preview"
-stage synthesize_official cli nnUNetv2_lefusion_synthesize nnunet_lefusion.cli.synthesize:main "${SYNTH[@]}" \
+((OFFICIAL_CASES == 0)) || stage synthesize_official cli nnUNetv2_lefusion_synthesize nnunet_lefusion.cli.synthesize:main "${SYNTH[@]}" \
     --sampling official -n "$OFFICIAL_CASES" --cache "$WORK/cache_official"
 stage train_cache train cache nnUNetTrainerLeFusion_short LEFUSION_CACHE="$WORK/cache_fast"
 stage train_online train online nnUNetTrainerLeFusion_short LEFUSION_MODE=online LEFUSION_METHOD=lefusion \
-    LEFUSION_CHECKPOINT="$CHECKPOINT" LEFUSION_MASK_GENERATOR=rule LEFUSION_CACHE="$WORK/cache_online"
+    LEFUSION_CASES_PER_EPOCH="$ONLINE_CASES" \
+    LEFUSION_CHECKPOINT="$CHECKPOINT" LEFUSION_MASK_GENERATOR=rule LEFUSION_MIX=retexture=0.5,newmask=0.25,normal=0.25 \
+    LEFUSION_CACHE="$WORK/cache_online"
 stage train_r000 train r000 nnUNetTrainerLeFusion_r000_short
 
 run "$PY" "$REPO/benchmarks/gpu_check_report.py" "$WORK" --fast-cases "$FAST_CASES" \

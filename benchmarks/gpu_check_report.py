@@ -25,7 +25,8 @@ def stage_times(work: Path) -> dict[str, tuple[float, float]]:
 def peak_memory_mib(work: Path, start: float, end: float) -> int | None:
     """The most GPU memory nvidia-smi saw in use between start and end, in MiB (None without samples)."""
     peak = None
-    for line in (work / "gpu_memory.csv").read_text().splitlines():
+    samples = work / "gpu_memory.csv"
+    for line in (samples.read_text().splitlines() if samples.exists() else []):
         stamp, used = (field.strip() for field in line.split(","))
         when = datetime.datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
         if start <= when <= end:
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     online = json.loads(next((args.work / "results_online").rglob("lefusion_stats.json")).read_text())
     made = sum(e.get("produced", 0) for e in online["epochs"])
     fast = args.fast_cases / seconds["synthesize_fast"] * 60
-    official = args.official_cases / seconds["synthesize_official"] * 60
+    official = args.official_cases / seconds["synthesize_official"] * 60 if args.official_cases else float("nan")
     print(f"sampler training: {args.steps / seconds['train_sampler']:.2f} steps/s (with ROI extraction)")
     for run in epochs:
         print(f"nnU-Net epoch time, {run}: median {medians[run]:.2f} s over epochs {epochs[run]}")

@@ -40,6 +40,10 @@ def test_dry_run_prints_each_command_in_order_and_runs_none(tmp_path):
     assert "-device cuda" in sampler and "--bf16" in sampler
     assert sum("nnUNetv2_train " in c and "-device cuda" in c for c in commands) == 3
     assert not work.exists()
+    smoke = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--device", "cpu", "--official-cases", "0"],
+                           capture_output=True, text=True, timeout=60)
+    assert smoke.returncode == 0 and "nvidia-smi" not in smoke.stdout and "--sampling official" not in smoke.stdout
+    assert "-device cuda" not in smoke.stdout and smoke.stdout.count("-device cpu") == 5
     bad = subprocess.run(["bash", str(SCRIPT), "--no-such-option"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown option" in bad.stderr
 
