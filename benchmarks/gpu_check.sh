@@ -109,7 +109,8 @@ train() {  # train RESULTS_NAME TRAINER [VAR=VALUE ...]: a short nnU-Net run int
         "$DATASET" 3d_fullres 0 -tr "$trainer" -device "$DEVICE")
 }
 
-echo "gpu_check: work folder $WORK, wheels $WHEELS, sampler $STEPS steps, nnU-Net $EPOCHS epochs x $ITERATIONS iterations"
+echo "gpu_check on $DEVICE: work folder $WORK, wheels $WHEELS, sampler $STEPS steps," \
+    "nnU-Net $EPOCHS epochs x $ITERATIONS iterations"
 run mkdir -p "$SITE"
 if ((DRY_RUN)) || compgen -G "$WHEELS/*.whl" > /dev/null; then
     run "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
@@ -143,7 +144,8 @@ stage train_sampler cli nnUNetv2_lefusion_train_sampler nnunet_lefusion.cli.trai
     --steps "$STEPS" --checkpoint-every 100 -device "$DEVICE" -o "$SAMPLER"
 stage synthesize_fast cli nnUNetv2_lefusion_synthesize nnunet_lefusion.cli.synthesize:main "${SYNTH[@]}" \
     --sampling fast -n "$FAST_CASES" --cache "$WORK/cache_fast" --preview "$WORK/preview"
-((OFFICIAL_CASES == 0)) || stage synthesize_official cli nnUNetv2_lefusion_synthesize nnunet_lefusion.cli.synthesize:main "${SYNTH[@]}" \
+((OFFICIAL_CASES == 0)) || stage synthesize_official cli nnUNetv2_lefusion_synthesize \
+    nnunet_lefusion.cli.synthesize:main "${SYNTH[@]}" \
     --sampling official -n "$OFFICIAL_CASES" --cache "$WORK/cache_official"
 stage train_cache train cache nnUNetTrainerLeFusion_short LEFUSION_CACHE="$WORK/cache_fast"
 stage train_online train online nnUNetTrainerLeFusion_short LEFUSION_MODE=online LEFUSION_METHOD=lefusion \
