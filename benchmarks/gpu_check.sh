@@ -132,6 +132,9 @@ fi
 cli nnUNetv2_lefusion_register nnunet_lefusion.cli.register:main
 
 SAMPLER=$WORK/sampler
+BF16=(--bf16)
+BATCH=24
+[[ $DEVICE != cpu ]] || { BF16=(); BATCH=4; }  # a CPU without bf16 hardware only emulates it, many times slower
 CHECKPOINT=$SAMPLER/checkpoint_final.pt
 SYNTH=(-d "$DATASET" -c 3d_fullres -f 0 --method lefusion --checkpoint "$CHECKPOINT" --mask-generator rule
        --mix retexture=0.5,newmask=0.25,normal=0.25 -device "$DEVICE")
@@ -140,7 +143,7 @@ stage plan_and_preprocess cli nnUNetv2_plan_and_preprocess \
     nnunetv2.experiment_planning.plan_and_preprocess_entrypoints:plan_and_preprocess_entry \
     -d "$DATASET" -c 3d_fullres -np 8 -npfp 8
 stage train_sampler cli nnUNetv2_lefusion_train_sampler nnunet_lefusion.cli.train_sampler:main -d "$DATASET" -f 0 \
-    --config small --roi 10 48 48 --bf16 --batch-size 24 --lr 2e-4 --histogram-scale 16 --cond-drop 0.1 \
+    --config small --roi 10 48 48 "${BF16[@]}" --batch-size "$BATCH" --lr 2e-4 --histogram-scale 16 --cond-drop 0.1 \
     --steps "$STEPS" --checkpoint-every 100 -device "$DEVICE" -o "$SAMPLER"
 stage synthesize_fast cli nnUNetv2_lefusion_synthesize nnunet_lefusion.cli.synthesize:main "${SYNTH[@]}" \
     --sampling fast -n "$FAST_CASES" --cache "$WORK/cache_fast" --preview "$WORK/preview"
