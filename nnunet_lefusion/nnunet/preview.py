@@ -25,13 +25,58 @@ def _lesion_slice(seg: np.ndarray, lesions: tuple[int, ...]) -> int:
     return int(np.argmax(counts)) if counts.any() else seg.shape[0] // 2
 
 
-def write_previews(ctx: DatasetContext, folder: Path, labels: LesionLabels, out: Path, limit: int | None = None) -> int:
-    """One PNG per synthetic case: its source case and the synthetic case at the slice with the most synthetic
-    lesion, lesion outlines drawn (first channel, nnU-Net's preprocessed grid). Returns the number written."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def organ_box(planes: list[np.ndarray], labels: LesionLabels, margin: float = 0.25,
+              min_margin: int = 8) -> tuple[slice, slice]:
+    """The in-plane box that holds the organ and its lesions on every given label plane, widened on each side by
+    ``margin`` times its larger side (at least ``min_margin`` pixels) and clipped to the plane; the whole plane when
+    no plane shows the organ."""
+    host = np.any([np.isin(plane, labels.host) for plane in planes], axis=0)
+    if not host.any():
+        return slice(0, host.shape[0]), slice(0, host.shape[1])
+    rows, cols = np.nonzero(host.any(axis=1))[0], np.nonzero(host.any(axis=0))[0]
+    pad = max(min_margin, int(round(margin * max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1))))
+    return (slice(max(rows[0] - pad, 0), min(rows[-1] + 1 + pad, host.shape[0])),
+            slice(max(cols[0] - pad, 0), min(cols[-1] + 1 + pad, host.shape[1])))
+
+
+def preview_figure(panels: list[tuple[np.ndarray, np.ndarray, str]], labels: LesionLabels):
+    """A figure with one panel per (image plane, label plane, title), all cropped to the organ's box (see
+    ``organ_box``) so that a lesion of a few dozen pixels stays visible on a large field of view; axes are in the
+    plane's pixel coordinates. Lesion outlines in yellow, red, cyan, magenta (outer to inner class)."""
+    plt = _pyplot()
+    rows, cols = organ_box([label for _, label, _ in panels], labels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.2), squeeze=False)
+    for ax, (image, label, title) in zip(axes[0], panels):
+        plane = np.asarray(image, dtype=np.float32)[rows, cols]
+        low, high = np.percentile(plane, [0.5, 99.5])
+        extent = (cols.start - 0.5, cols.stop - 0.5, rows.stop - 0.5, rows.start - 0.5)
+        ax.imshow(plane, cmap="gray", vmin=low, vmax=high, interpolation="nearest", extent=extent)
+        for value, colour in zip(labels.lesions, ("yellow", "red", "cyan", "magenta")):
+            mask = np.asarray(label)[rows, cols] == value
+            if mask.any():
+                ax.contour(np.arange(cols.start, cols.stop), np.arange(rows.start, rows.stop), mask, levels=[0.5],
+                           colors=colour, linewidths=0.8)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def write_previews(ctx: DatasetContext, folder: Path, labels: LesionLabels, out: Path, limit: int | None = None) -> int:
+    """One PNG per synthetic case: its source case and the synthetic case at the slice with the most synthetic
+    lesion, zoomed on the organ, lesion outlines drawn (first channel, nnU-Net's preprocessed grid). Returns the
+    number written."""
+    plt = _pyplot()
 
     manifest = Manifest.load(folder)
     real_cases, synthetic_cases = _datasets(ctx, folder, manifest)
@@ -42,19 +87,9 @@ def write_previews(ctx: DatasetContext, folder: Path, labels: LesionLabels, out:
         data, seg = synthetic_cases.load_case(identifier)[:2]
         real_data, real_seg = real_cases.load_case(info["source"])[:2]
         z = _lesion_slice(np.asarray(seg[0]), labels.lesions)
-        fig, axes = plt.subplots(1, 2, figsize=(8, 4.2))
-        for ax, image, label, title in ((axes[0], real_data, real_seg, f"real {info['source']}"),
-                                        (axes[1], data, seg, f"{identifier} ({info.get('kind', info.get('method'))})")):
-            plane = np.asarray(image[0][z], dtype=np.float32)
-            low, high = np.percentile(plane, [0.5, 99.5])
-            ax.imshow(plane, cmap="gray", vmin=low, vmax=high, interpolation="nearest")
-            for value, colour in zip(labels.lesions, ("yellow", "red", "cyan", "magenta")):
-                mask = np.asarray(label[0][z]) == value
-                if mask.any():
-                    ax.contour(mask, levels=[0.5], colors=colour, linewidths=0.8)
-            ax.set_title(title, fontsize=8)
-            ax.axis("off")
-        fig.tight_layout()
+        fig = preview_figure([(real_data[0][z], real_seg[0][z], f"real {info['source']}"),
+                              (data[0][z], seg[0][z], f"{identifier} ({info.get('kind', info.get('method'))})")],
+                             labels)
         tmp = out / f".{identifier}.tmp.png"
         fig.savefig(tmp, dpi=90)
         plt.close(fig)
