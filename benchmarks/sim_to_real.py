@@ -1,0 +1,225 @@
+"""Sim-to-real: how well nnU-Net trained on phantom cases only segments real DE-MRI, and the intensity statistics
+that explain it.
+
+nnU-Net 2d is trained on ``-n`` heart-FOV phantom cases (fold ``all``, the control trainer
+``nnUNetTrainerLeFusion_r000_short`` for ``--epochs`` x ``--iterations``), then predicts the real cases of a raw
+dataset (Emidec labels) cropped to a heart field of view: the box of the reference labels plus ``--margin`` voxels
+in-plane, all slices (an oracle crop). It prints per-case-mean Dice of cavity (1), myocardium (2) and infarct (3+4,
+cases that have one), headline last, and the same intensity statistics on phantom and real crops: each tissue's
+median as a percentile of its crop, the crop's 5th/95th percentiles over the healthy myocardium's median, and the
+contrast to the whole healthy myocardium (median difference over its s.d.). A PNG shows phantom and real crops side
+by side and a prediction on a real case.
+
+Run: ``OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m benchmarks.sim_to_real --real RAW [-n 60] [--seed 0]
+[--epochs 10] [--iterations 50] [--limit N] [--work-dir work_runs/sim_to_real] [--png benchmarks/results/sim_to_real.png]``.
+Re-running with the same ``--work-dir`` rebuilds the phantom and the model (the phantom may have changed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from benchmarks.common import BIN  # noqa: E402
+from benchmarks.real_split import crop  # noqa: E402
+from nnunet_lefusion.nnunet.context import training_cases  # noqa: E402
+from nnunet_lefusion.phantom import write_dataset  # noqa: E402
+
+DATASET_ID = 961
+TRAINER = "nnUNetTrainerLeFusion_r000_short"
+TISSUES = {"cavity": (1,), "myocardium": (2,), "infarct": (3,), "no_reflow": (4,)}
+DICE = {"cavity": (1,), "myocardium": (2,), "infarct (3+4)": (3, 4)}
+
+
+def heart_crop(label: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """(z, y, x): all slices, and the in-plane box of the foreground labels grown by ``margin`` voxels."""
+    nonzero = np.nonzero(label)
+    box = [slice(0, label.shape[0])]
+    for axis in (1, 2):
+        box.append(slice(max(int(nonzero[axis].min()) - margin, 0),
+                         min(int(nonzero[axis].max()) + 1 + margin, label.shape[axis])))
+    return tuple(box)
+
+
+def crop_statistics(image: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    """Each tissue's median as a percentile of the crop, the crop's 5th/95th percentiles over the healthy
+    myocardium's median, and each tissue's contrast to healthy myocardium (median difference / its sd)."""
+    flat = np.sort(image.ravel())
+    myo = image[label == 2]
+    level, sd = float(np.median(myo)), float(myo.std())
+    stats = {"p5/myo": float(np.percentile(flat, 5)) / level, "p95/myo": float(np.percentile(flat, 95)) / level}
+    for name, values in TISSUES.items():
+        region = image[np.isin(label, values)]
+        if region.size >= 10:
+            median = float(np.median(region))
+            stats[f"pct_{name}"] = 100.0 * np.searchsorted(flat, median) / flat.size
+            if name != "myocardium":
+                stats[f"contrast_{name}"] = (median - level) / sd
+    return stats
+
+
+def dice(prediction: np.ndarray, reference: np.ndarray, values: tuple[int, ...]) -> float:
+    """Dice of the union of ``values``; NaN where the reference has none of them."""
+    p, r = np.isin(prediction, values), np.isin(reference, values)
+    return 2.0 * (p & r).sum() / (p.sum() + r.sum()) if r.any() else math.nan
+
+
+def _run(cmd: list[str], env: dict, log: Path) -> None:
+    with log.open("a") as out:
+        subprocess.run([str(BIN / cmd[0]), *cmd[1:]], env=env, check=True, stdout=out, stderr=subprocess.STDOUT)
+
+
+def train_on_phantom(work: Path, num_cases: int, seed: int, epochs: int, iterations: int, env: dict) -> None:
+    """Write the phantom (heart FOV), plan and preprocess it for 2d, train fold ``all``."""
+    for key in ("nnUNet_preprocessed", "nnUNet_results"):
+        shutil.rmtree(work / key, ignore_errors=True)
+        (work / key).mkdir(parents=True)
+    write_dataset(DATASET_ID, num_cases, seed, work / "nnUNet_raw", fov="heart", overwrite=True)
+    log = work / "nnunet.log"
+    _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2", "-npfp", "2"], env, log)
+    train_env = {**env, "LEFUSION_EPOCHS": str(epochs), "LEFUSION_ITERS": str(iterations), "LEFUSION_VAL_ITERS": "2"}
+    _run(["nnUNetv2_train", str(DATASET_ID), "2d", "all", "-tr", TRAINER, "-device", "cpu"], train_env, log)
+
+
+def write_real_crops(real: Path, out: Path, margin: int, limit: int | None) -> list[str]:
+    """Crop the real cases to the heart FOV into ``out``/images (``_0000``) and ``out``/labels; their identifiers."""
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "images").mkdir(parents=True)
+    (out / "labels").mkdir()
+    names = []
+    for ident, image_path, label_path in training_cases(real)[:limit]:
+        label = sitk.ReadImage(str(label_path))
+        box = heart_crop(sitk.GetArrayFromImage(label), margin)
+        sitk.WriteImage(crop(label, box), str(out / "labels" / f"{ident}.nii.gz"))
+        sitk.WriteImage(sitk.Cast(crop(sitk.ReadImage(str(image_path)), box), sitk.sitkFloat32),
+                        str(out / "images" / f"{ident}_0000.nii.gz"))
+        names.append(ident)
+    return names
+
+
+def phantom_crops(work: Path, margin: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The training phantom's cases cropped like the real ones."""
+    raw = next((work / "nnUNet_raw").glob(f"Dataset{DATASET_ID:03d}_*"))
+    cases = []
+    for ident, image_path, label_path in training_cases(raw):
+        image, label = (sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in (image_path, label_path))
+        box = heart_crop(label, margin)
+        cases.append((ident, image[box].astype(np.float32), label[box]))
+    return cases
+
+
+def summarise(rows: list[dict[str, float]], keys: list[str]) -> dict[str, float]:
+    """Median over the cases of each key (cases without it left out)."""
+    out = {}
+    for key in keys:
+        values = [r[key] for r in rows if key in r and math.isfinite(r[key])]
+        out[key] = float(np.median(values)) if values else math.nan
+    return out
+
+
+def write_picture(phantom: list, real: list, predictions: dict, path: Path) -> None:
+    """Row 1: phantom crops; row 2: real crops; row 3: a real case, its reference and the prediction."""
+    def mid(label: np.ndarray) -> int:
+        lesion = np.isin(label, (3, 4)).sum(axis=(1, 2))
+        return int(np.argmax(lesion if lesion.any() else (label > 0).sum(axis=(1, 2))))
+
+    fig, axes = plt.subplots(3, 4, figsize=(10, 7.8))
+    for row, cases in zip(axes[:2], (phantom, real)):
+        for ax, (name, image, label) in zip(row, cases):
+            z = mid(label)
+            ax.imshow(image[z], cmap="gray", interpolation="nearest")
+            ax.set_title(f"{'phantom' if cases is phantom else 'real'} {name}", fontsize=8)
+    name, image, label = real[0]
+    z = mid(label)
+    axes[2][0].imshow(image[z], cmap="gray", interpolation="nearest")
+    axes[2][0].set_title(f"real {name} slice {z}", fontsize=8)
+    for ax, (title, lab) in zip(axes[2][1:3], (("reference", label), ("prediction (phantom-trained)",
+                                                                       predictions[name]))):
+        ax.imshow(image[z], cmap="gray", interpolation="nearest")
+        for value, colour in ((1, "tab:blue"), (2, "tab:green"), (3, "yellow"), (4, "red")):
+            if (lab[z] == value).any():
+                ax.contour(lab[z] == value, levels=[0.5], colors=colour, linewidths=0.8)
+        ax.set_title(title, fontsize=8)
+    axes[2][3].set_visible(False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--real", type=Path, required=True, help="real raw dataset with Emidec labels")
+    parser.add_argument("-n", dest="num_cases", type=int, default=60, help="phantom training cases (default 60)")
+    parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--iterations", type=int, default=50, help="iterations per epoch (default 50)")
+    parser.add_argument("--margin", type=int, default=16, help="in-plane crop margin, voxels (default 16)")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N real cases only")
+    parser.add_argument("--work-dir", type=Path, default=Path("work_runs/sim_to_real"))
+    parser.add_argument("--png", type=Path, default=None, help="phantom/real crops and a prediction")
+    parser.add_argument("--stats-only", action="store_true", help="intensity statistics only, no training")
+    args = parser.parse_args()
+
+    work = args.work_dir.resolve()
+    env = {**os.environ, **{k: str(work / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}}
+    env.setdefault("nnUNet_n_proc_DA", "2")
+    (work / "nnUNet_raw").mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    if args.stats_only:
+        write_dataset(DATASET_ID, args.num_cases, args.seed, work / "nnUNet_raw", fov="heart", overwrite=True)
+    else:
+        train_on_phantom(work, args.num_cases, args.seed, args.epochs, args.iterations, env)
+    trained = time.time()
+    names = write_real_crops(args.real, work / "real_crops", args.margin, args.limit)
+    real = [(n, sitk.GetArrayFromImage(sitk.ReadImage(str(work / "real_crops" / "images" / f"{n}_0000.nii.gz"))),
+             sitk.GetArrayFromImage(sitk.ReadImage(str(work / "real_crops" / "labels" / f"{n}.nii.gz"))))
+            for n in names]
+    phantom = phantom_crops(work, args.margin)
+
+    keys = ["p5/myo", "p95/myo", *(f"pct_{t}" for t in TISSUES), *(f"contrast_{t}" for t in TISSUES
+                                                                  if t != "myocardium")]
+    print(f"\nintensity statistics of heart crops (label box + {args.margin} voxels), median over cases; "
+          "pct: tissue median as a percentile of its crop; contrast: (median - healthy myocardium median) / its sd")
+    print(f"{'statistic':22s} {'phantom':>9s} {'real':>9s}")
+    ph, re = (summarise([crop_statistics(i, lab) for _, i, lab in cases], keys) for cases in (phantom, real))
+    for key in keys:
+        print(f"{key:22s} {ph[key]:9.2f} {re[key]:9.2f}")
+    if args.stats_only:
+        return
+
+    predicted = work / "predictions"
+    shutil.rmtree(predicted, ignore_errors=True)
+    _run(["nnUNetv2_predict", "-i", str(work / "real_crops" / "images"), "-o", str(predicted), "-d",
+          str(DATASET_ID), "-c", "2d", "-f", "all", "-tr", TRAINER, "-device", "cpu", "--disable_tta",
+          "-npp", "1", "-nps", "1"], env, work / "nnunet.log")
+    predictions = {n: sitk.GetArrayFromImage(sitk.ReadImage(str(predicted / f"{n}.nii.gz"))) for n in names}
+    scores = {k: [dice(predictions[n], lab, v) for n, _, lab in real] for k, v in DICE.items()}
+    if args.png:
+        write_picture(phantom[:4], real[:4], predictions, args.png)
+    print(f"\nnnU-Net 2d trained on {args.num_cases} phantom cases (seed {args.seed}, heart FOV, {args.epochs} x "
+          f"{args.iterations} iterations, {trained - start:.0f} s), predicting {len(real)} real cases of "
+          f"{args.real.name} (oracle heart crop), mean Dice over the cases that have the structure:")
+    for key, values in scores.items():
+        finite = [v for v in values if math.isfinite(v)]
+        print(f"  {key:15s} {np.mean(finite):.3f}  ({len(finite)} cases)")
+    print("sim-to-real Dice: " + ", ".join(f"{k} {np.nanmean(v):.3f}" for k, v in scores.items()))
+
+
+if __name__ == "__main__":
+    main()
