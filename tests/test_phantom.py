@@ -88,9 +88,11 @@ def test_intensities_are_12_bit_with_emidec_contrast(cases):
         assert img.min() >= 0 and img.max() <= MAX_INTENSITY and np.array_equal(img, np.rint(img))
         myocardium = np.median(img[lab == 2])
         if fov == "thorax":
-            assert (img < 0.25 * myocardium).mean() > 0.2, "no dark air/lung around the body"
-        fat = ndimage.binary_dilation(lab > 0, iterations=2) & (lab == 0)
-        assert np.percentile(img[fat], 99) > 1.3 * myocardium, "no bright epicardial fat rim"
+            assert (img < 0.25 * myocardium).mean() > 0.2, "no air around the body"
+    # epicardial fat in places, as on Emidec (99th percentile of the 2-voxel ring: median 1.34 x myocardium)
+    rims = [np.percentile(c.image[ndimage.binary_dilation(c.label > 0, iterations=2) & (c.label == 0)], 99)
+            / np.median(c.image[c.label == 2]) for c, _, _ in cases]
+    assert 1.25 < np.median(rims) < 1.6, "no bright epicardial fat"
 
 
 def test_infarcts_are_patchy_with_soft_borders(cases):
