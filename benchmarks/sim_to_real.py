@@ -17,7 +17,6 @@ Re-running with the same ``--work-dir`` rebuilds the phantom and the model (the 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -31,44 +30,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from benchmarks.common import BIN  # noqa: E402
 from benchmarks.real_split import crop  # noqa: E402
 from nnunet_lefusion.nnunet.context import training_cases  # noqa: E402
 from nnunet_lefusion.phantom import write_dataset  # noqa: E402
+from nnunet_lefusion.realism import CROP_MARGIN, EMIDEC_CROP, crop_statistics, heart_crop  # noqa: E402
 
 DATASET_ID = 961
 TRAINER = "nnUNetTrainerLeFusion_r000_short"
-TISSUES = {"cavity": (1,), "myocardium": (2,), "infarct": (3,), "no_reflow": (4,)}
 DICE = {"cavity": (1,), "myocardium": (2,), "infarct (3+4)": (3, 4)}
-
-
-def heart_crop(label: np.ndarray, margin: int) -> tuple[slice, ...]:
-    """(z, y, x): all slices, and the in-plane box of the foreground labels grown by ``margin`` voxels."""
-    nonzero = np.nonzero(label)
-    box = [slice(0, label.shape[0])]
-    for axis in (1, 2):
-        box.append(slice(max(int(nonzero[axis].min()) - margin, 0),
-                         min(int(nonzero[axis].max()) + 1 + margin, label.shape[axis])))
-    return tuple(box)
-
-
-def crop_statistics(image: np.ndarray, label: np.ndarray) -> dict[str, float]:
-    """Each tissue's median as a percentile of the crop, the crop's 5th/95th percentiles over the healthy
-    myocardium's median, and each tissue's contrast to healthy myocardium (median difference / its sd)."""
-    flat = np.sort(image.ravel())
-    myo = image[label == 2]
-    level, sd = float(np.median(myo)), float(myo.std())
-    stats = {"p5/myo": float(np.percentile(flat, 5)) / level, "p95/myo": float(np.percentile(flat, 95)) / level}
-    for name, values in TISSUES.items():
-        region = image[np.isin(label, values)]
-        if region.size >= 10:
-            median = float(np.median(region))
-            stats[f"pct_{name}"] = 100.0 * np.searchsorted(flat, median) / flat.size
-            if name != "myocardium":
-                stats[f"contrast_{name}"] = (median - level) / sd
-    return stats
 
 
 def dice(prediction: np.ndarray, reference: np.ndarray, values: tuple[int, ...]) -> float:
@@ -83,7 +54,7 @@ def _run(cmd: list[str], env: dict, log: Path) -> None:
 
 
 def train_on_phantom(work: Path, num_cases: int, seed: int, epochs: int, iterations: int, env: dict) -> None:
-    """Write the phantom (heart FOV), plan and preprocess it for 2d, train fold ``all``."""
+    """Write the phantom (heart FOV), plan and preprocess it for 2d, train fold 0 (its validation: in domain)."""
     for key in ("nnUNet_preprocessed", "nnUNet_results"):
         shutil.rmtree(work / key, ignore_errors=True)
         (work / key).mkdir(parents=True)
@@ -91,16 +62,17 @@ def train_on_phantom(work: Path, num_cases: int, seed: int, epochs: int, iterati
     log = work / "nnunet.log"
     _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2", "-npfp", "2"], env, log)
     train_env = {**env, "LEFUSION_EPOCHS": str(epochs), "LEFUSION_ITERS": str(iterations), "LEFUSION_VAL_ITERS": "2"}
-    _run(["nnUNetv2_train", str(DATASET_ID), "2d", "all", "-tr", TRAINER, "-device", "cpu"], train_env, log)
+    _run(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu"], train_env, log)
 
 
-def write_real_crops(real: Path, out: Path, margin: int, limit: int | None) -> list[str]:
-    """Crop the real cases to the heart FOV into ``out``/images (``_0000``) and ``out``/labels; their identifiers."""
+def write_real_crops(real: Path, out: Path, margin: int, every: int) -> list[str]:
+    """Crop every ``every``-th real case to the heart FOV into ``out``/images (``_0000``) and ``out``/labels; their
+    identifiers."""
     shutil.rmtree(out, ignore_errors=True)
     (out / "images").mkdir(parents=True)
     (out / "labels").mkdir()
     names = []
-    for ident, image_path, label_path in training_cases(real)[:limit]:
+    for ident, image_path, label_path in training_cases(real)[::every]:
         label = sitk.ReadImage(str(label_path))
         box = heart_crop(sitk.GetArrayFromImage(label), margin)
         sitk.WriteImage(crop(label, box), str(out / "labels" / f"{ident}.nii.gz"))
@@ -110,9 +82,9 @@ def write_real_crops(real: Path, out: Path, margin: int, limit: int | None) -> l
     return names
 
 
-def phantom_crops(work: Path, margin: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """The training phantom's cases cropped like the real ones."""
-    raw = next((work / "nnUNet_raw").glob(f"Dataset{DATASET_ID:03d}_*"))
+def phantom_crops(root: Path, dataset_id: int, margin: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """A phantom dataset's cases under raw folder ``root``, cropped like the real ones."""
+    raw = next(root.glob(f"Dataset{dataset_id:03d}_*"))
     cases = []
     for ident, image_path, label_path in training_cases(raw):
         image, label = (sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in (image_path, label_path))
@@ -162,18 +134,41 @@ def write_picture(phantom: list, real: list, predictions: dict, path: Path) -> N
     plt.close(fig)
 
 
+def predict(images: Path, out: Path, env: dict, log: Path) -> dict[str, np.ndarray]:
+    """The phantom-trained model's label maps for the ``_0000`` images in ``images``, by case identifier."""
+    shutil.rmtree(out, ignore_errors=True)
+    _run(["nnUNetv2_predict", "-i", str(images), "-o", str(out), "-d", str(DATASET_ID), "-c", "2d", "-f", "0",
+          "-tr", TRAINER, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env, log)
+    return {p.name[:-len(".nii.gz")]: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in out.glob("*.nii.gz")}
+
+
+def report_dice(title: str, cases: list, predictions: dict[str, np.ndarray]) -> dict[str, float]:
+    """Print and return the per-case-mean Dice of each structure over the cases that have it."""
+    print(title)
+    means = {}
+    for key, values in DICE.items():
+        scores = [dice(predictions[n], lab, values) for n, _, lab in cases]
+        finite = [v for v in scores if math.isfinite(v)]
+        means[key] = float(np.mean(finite)) if finite else math.nan
+        print(f"  {key:15s} {means[key]:.3f}  ({len(finite)} cases)")
+    return means
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--real", type=Path, required=True, help="real raw dataset with Emidec labels")
-    parser.add_argument("-n", dest="num_cases", type=int, default=60, help="phantom training cases (default 60)")
+    parser.add_argument("-n", dest="num_cases", type=int, default=75,
+                        help="phantom cases (default 75: fold 0 trains on 60, validates on 15)")
     parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=50, help="iterations per epoch (default 50)")
-    parser.add_argument("--margin", type=int, default=16, help="in-plane crop margin, voxels (default 16)")
-    parser.add_argument("--limit", type=int, default=None, help="use the first N real cases only")
+    parser.add_argument("--margin", type=int, default=CROP_MARGIN,
+                        help=f"in-plane crop margin, voxels (default {CROP_MARGIN})")
+    parser.add_argument("--every", type=int, default=1, help="use every k-th real case (default 1: all)")
     parser.add_argument("--work-dir", type=Path, default=Path("work_runs/sim_to_real"))
     parser.add_argument("--png", type=Path, default=None, help="phantom/real crops and a prediction")
     parser.add_argument("--stats-only", action="store_true", help="intensity statistics only, no training")
+    parser.add_argument("--reuse", action="store_true", help="keep the phantom and model of --work-dir")
     args = parser.parse_args()
 
     work = args.work_dir.resolve()
@@ -183,42 +178,42 @@ def main() -> None:
     start = time.time()
     if args.stats_only:
         write_dataset(DATASET_ID, args.num_cases, args.seed, work / "nnUNet_raw", fov="heart", overwrite=True)
-    else:
+    elif not args.reuse:
         train_on_phantom(work, args.num_cases, args.seed, args.epochs, args.iterations, env)
     trained = time.time()
-    names = write_real_crops(args.real, work / "real_crops", args.margin, args.limit)
+    names = write_real_crops(args.real, work / "real_crops", args.margin, args.every)
     real = [(n, sitk.GetArrayFromImage(sitk.ReadImage(str(work / "real_crops" / "images" / f"{n}_0000.nii.gz"))),
              sitk.GetArrayFromImage(sitk.ReadImage(str(work / "real_crops" / "labels" / f"{n}.nii.gz"))))
             for n in names]
-    phantom = phantom_crops(work, args.margin)
+    phantom = phantom_crops(work / "nnUNet_raw", DATASET_ID, args.margin)
 
-    keys = ["p5/myo", "p95/myo", *(f"pct_{t}" for t in TISSUES), *(f"contrast_{t}" for t in TISSUES
-                                                                  if t != "myocardium")]
     print(f"\nintensity statistics of heart crops (label box + {args.margin} voxels), median over cases; "
           "pct: tissue median as a percentile of its crop; contrast: (median - healthy myocardium median) / its sd")
     print(f"{'statistic':22s} {'phantom':>9s} {'real':>9s}")
-    ph, re = (summarise([crop_statistics(i, lab) for _, i, lab in cases], keys) for cases in (phantom, real))
-    for key in keys:
+    ph, re = (summarise([crop_statistics(i, lab) for _, i, lab in cases], list(EMIDEC_CROP))
+              for cases in (phantom, real))
+    for key in EMIDEC_CROP:
         print(f"{key:22s} {ph[key]:9.2f} {re[key]:9.2f}")
+    gaps = {k: abs(ph[k] - re[k]) for k in EMIDEC_CROP if k.startswith("contrast_")}
+    print("contrast medians within 0.4 of the real ones: " + ", ".join(
+        f"{k[len('contrast_'):]} {'yes' if v <= 0.4 else 'NO'} ({v:.2f})" for k, v in gaps.items()))
     if args.stats_only:
         return
 
-    predicted = work / "predictions"
-    shutil.rmtree(predicted, ignore_errors=True)
-    _run(["nnUNetv2_predict", "-i", str(work / "real_crops" / "images"), "-o", str(predicted), "-d",
-          str(DATASET_ID), "-c", "2d", "-f", "all", "-tr", TRAINER, "-device", "cpu", "--disable_tta",
-          "-npp", "1", "-nps", "1"], env, work / "nnunet.log")
-    predictions = {n: sitk.GetArrayFromImage(sitk.ReadImage(str(predicted / f"{n}.nii.gz"))) for n in names}
-    scores = {k: [dice(predictions[n], lab, v) for n, _, lab in real] for k, v in DICE.items()}
+    log = work / "nnunet.log"
+    validation = next((work / "nnUNet_results").glob("Dataset*")) / f"{TRAINER}__nnUNetPlans__2d" / "fold_0" / "validation"
+    in_domain = [case for case in phantom_crops(work / "nnUNet_raw", DATASET_ID, margin=10 ** 6)
+                 if (validation / f"{case[0]}.nii.gz").is_file()]
+    report_dice(f"\nin domain: nnU-Net's fold-0 validation, {len(in_domain)} phantom cases:", in_domain,
+                {n: sitk.GetArrayFromImage(sitk.ReadImage(str(validation / f"{n}.nii.gz"))) for n, _, _ in in_domain})
+    predictions = predict(work / "real_crops" / "images", work / "predictions", env, log)
     if args.png:
         write_picture(phantom[:4], real[:4], predictions, args.png)
-    print(f"\nnnU-Net 2d trained on {args.num_cases} phantom cases (seed {args.seed}, heart FOV, {args.epochs} x "
-          f"{args.iterations} iterations, {trained - start:.0f} s), predicting {len(real)} real cases of "
-          f"{args.real.name} (oracle heart crop), mean Dice over the cases that have the structure:")
-    for key, values in scores.items():
-        finite = [v for v in values if math.isfinite(v)]
-        print(f"  {key:15s} {np.mean(finite):.3f}  ({len(finite)} cases)")
-    print("sim-to-real Dice: " + ", ".join(f"{k} {np.nanmean(v):.3f}" for k, v in scores.items()))
+    scores = report_dice(f"\nnnU-Net 2d trained on {args.num_cases} phantom cases (seed {args.seed}, heart FOV, "
+                         f"{args.epochs} x {args.iterations} iterations, {trained - start:.0f} s), predicting "
+                         f"{len(real)} real cases of {args.real.name} (oracle heart crop), mean Dice over the cases "
+                         "that have the structure:", real, predictions)
+    print("sim-to-real Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
 
 if __name__ == "__main__":

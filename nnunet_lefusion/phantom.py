@@ -125,20 +125,20 @@ class _Tissue:
     def cnrs(self) -> tuple[float, float, float]:
         """CNRs of blood pool, infarct and no-reflow."""
         infarct = float(np.clip(self.cnr_blood + self.infarct_offset, 1.8, 5.0))
-        low, high = max(0.6, infarct - 1.5), infarct - 0.6
+        low, high = max(0.8, infarct - 1.3), infarct - 0.5
         return self.cnr_blood, infarct, low + self.no_reflow_place * (high - low)
 
     @classmethod
     def sample(cls, rng: np.random.Generator) -> "_Tissue":
         u = rng.uniform
-        level, noise, cnr_blood = u(0.36, 0.64) * MAX_INTENSITY, u(0.03, 0.05), u(1.6, 3.4)
+        level, noise, cnr_blood = u(0.36, 0.64) * MAX_INTENSITY, u(0.03, 0.05), u(2.0, 4.0)
         blood = _MYOCARDIUM + cnr_blood * noise
-        return cls(level=level, noise=noise, cnr_blood=cnr_blood, infarct_offset=u(-0.5, 1.0),
+        return cls(level=level, noise=noise, cnr_blood=cnr_blood, infarct_offset=u(-0.2, 1.3),
                    no_reflow_place=u(0.0, 1.0),
                    patchiness=u(0.4, 0.8),
                    border=u(4.0, 8.0), blood=blood, rv_blood=blood * u(0.95, 1.05), aorta=blood * u(0.9, 1.05),
-                   lung=u(0.8, 0.95), fat=min(u(1.3, 1.7), 0.9 * MAX_INTENSITY / level), muscle=u(1.0, 1.15),
-                   liver=u(1.05, 1.25), stomach=u(0.9, 1.2), marrow=u(1.1, 1.4), csf=u(0.7, 0.9), soft=u(1.0, 1.2))
+                   lung=u(0.85, 1.0), fat=min(u(1.35, 1.8), 0.9 * MAX_INTENSITY / level), muscle=u(1.02, 1.18),
+                   liver=u(1.1, 1.3), stomach=u(0.95, 1.25), marrow=u(1.1, 1.4), csf=u(0.7, 0.9), soft=u(1.05, 1.25))
 
 
 @dataclass
