@@ -1,22 +1,23 @@
 """Sim-to-real: how well nnU-Net trained on phantom cases only segments real DE-MRI, and the intensity statistics
 that explain it.
 
-nnU-Net 2d is trained on ``-n`` heart-FOV phantom cases (fold ``all``, the control trainer
-``nnUNetTrainerLeFusion_r000_short`` for ``--epochs`` x ``--iterations``), then predicts the real cases of a raw
-dataset (Emidec labels) cropped to a heart field of view: the box of the reference labels plus ``--margin`` voxels
-in-plane, all slices (an oracle crop). It prints per-case-mean Dice of cavity (1), myocardium (2) and infarct (3+4,
-cases that have one), headline last, and the same intensity statistics on phantom and real crops: each tissue's
-median as a percentile of its crop, the crop's 5th/95th percentiles over the healthy myocardium's median, and the
-contrast to the whole healthy myocardium (median difference over its s.d.). A PNG shows phantom and real crops side
-by side and a prediction on a real case.
+nnU-Net 2d is trained on heart-FOV phantom cases (``-n`` cases, fold 0: 80 % train, the rest its in-domain
+validation; the control trainer ``nnUNetTrainerLeFusion_r000_short`` for ``--epochs`` x ``--iterations``), then
+predicts the real cases of a raw dataset (Emidec labels) cropped to a heart field of view: the box of the reference
+labels plus ``--margin`` voxels in-plane, all slices (an oracle crop). It prints the intensity statistics of phantom
+and real crops (``nnunet_lefusion.realism.crop_statistics``: each tissue's median as a percentile of its crop, the
+crop's 5th/95th percentiles over healthy myocardium's median, each tissue's contrast to healthy myocardium), then
+per-case-mean Dice of cavity (1), myocardium (2) and infarct (3+4, cases that have one), in domain and on the real
+cases, headline last. ``--png`` shows phantom and real crops side by side and a prediction on a real case.
 
-Run: ``OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m benchmarks.sim_to_real --real RAW [-n 60] [--seed 0]
-[--epochs 10] [--iterations 50] [--limit N] [--work-dir work_runs/sim_to_real] [--png benchmarks/results/sim_to_real.png]``.
-Re-running with the same ``--work-dir`` rebuilds the phantom and the model (the phantom may have changed).
+Run: ``OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m benchmarks.sim_to_real --real RAW [-n 75] [--seed 0]
+[--epochs 10] [--iterations 50] [--batch-size B] [--every K] [--work-dir work_runs/sim_to_real] [--png PNG] [--stats-only]
+[--reuse]``. Without ``--reuse`` the phantom in ``--work-dir`` is made afresh; the model always is.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -53,15 +54,22 @@ def _run(cmd: list[str], env: dict, log: Path) -> None:
         subprocess.run([str(BIN / cmd[0]), *cmd[1:]], env=env, check=True, stdout=out, stderr=subprocess.STDOUT)
 
 
-def train_on_phantom(work: Path, num_cases: int, seed: int, epochs: int, iterations: int, env: dict) -> None:
-    """Write the phantom (heart FOV), plan and preprocess it for 2d, train fold 0 (its validation: in domain)."""
-    for key in ("nnUNet_preprocessed", "nnUNet_results"):
-        shutil.rmtree(work / key, ignore_errors=True)
-        (work / key).mkdir(parents=True)
-    write_dataset(DATASET_ID, num_cases, seed, work / "nnUNet_raw", fov="heart", overwrite=True)
+def train_on_phantom(work: Path, args: argparse.Namespace, env: dict) -> None:
+    """Write the phantom (heart FOV) and plan and preprocess it for 2d (unless ``--reuse``), then train fold 0 (its
+    validation: in domain) at ``--batch-size``."""
     log = work / "nnunet.log"
-    _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2", "-npfp", "2"], env, log)
-    train_env = {**env, "LEFUSION_EPOCHS": str(epochs), "LEFUSION_ITERS": str(iterations), "LEFUSION_VAL_ITERS": "2"}
+    shutil.rmtree(work / "nnUNet_results", ignore_errors=True)
+    if not args.reuse:
+        shutil.rmtree(work / "nnUNet_preprocessed", ignore_errors=True)
+        write_dataset(DATASET_ID, args.num_cases, args.seed, work / "nnUNet_raw", fov="heart", overwrite=True)
+        _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2", "-npfp", "2"], env, log)
+    if args.batch_size:
+        plans_file = next((work / "nnUNet_preprocessed").glob("Dataset*")) / "nnUNetPlans.json"
+        plans = json.loads(plans_file.read_text())
+        plans["configurations"]["2d"]["batch_size"] = args.batch_size
+        plans_file.write_text(json.dumps(plans, indent=1))
+    train_env = {**env, "LEFUSION_EPOCHS": str(args.epochs), "LEFUSION_ITERS": str(args.iterations),
+                 "LEFUSION_VAL_ITERS": "2"}
     _run(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu"], train_env, log)
 
 
@@ -168,7 +176,9 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("work_runs/sim_to_real"))
     parser.add_argument("--png", type=Path, default=None, help="phantom/real crops and a prediction")
     parser.add_argument("--stats-only", action="store_true", help="intensity statistics only, no training")
-    parser.add_argument("--reuse", action="store_true", help="keep the phantom and model of --work-dir")
+    parser.add_argument("--batch-size", type=int, default=None, help="override nnU-Net's planned 2d batch size")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the phantom and its preprocessed data in --work-dir (train again)")
     args = parser.parse_args()
 
     work = args.work_dir.resolve()
@@ -178,8 +188,8 @@ def main() -> None:
     start = time.time()
     if args.stats_only:
         write_dataset(DATASET_ID, args.num_cases, args.seed, work / "nnUNet_raw", fov="heart", overwrite=True)
-    elif not args.reuse:
-        train_on_phantom(work, args.num_cases, args.seed, args.epochs, args.iterations, env)
+    else:
+        train_on_phantom(work, args, env)
     trained = time.time()
     names = write_real_crops(args.real, work / "real_crops", args.margin, args.every)
     real = [(n, sitk.GetArrayFromImage(sitk.ReadImage(str(work / "real_crops" / "images" / f"{n}_0000.nii.gz"))),

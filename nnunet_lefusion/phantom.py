@@ -12,11 +12,17 @@ partial volume), then blurred, textured and multiplied by a coil bias field. Lab
 
 Intensities follow Emidec rather than a textbook LGE image: healthy myocardium is mid-grey (36-64 % of the 12-bit
 range) and the contrasts are low, drawn per case in units of the remote myocardium's standard deviation (CNR, see
-``nnunet_lefusion.realism``): blood pool 1.8-4.2, infarct within +-1 of the blood pool (2.2-5.5), no-reflow
-1.0-2.3 and at least 1.1 below the infarct. Infarcts are patchy, and their enhancement fades over a few millimetres
-into the healthy wall. Blood pool, infarct and no-reflow are rendered as enhancement maps over healthy myocardium
-whose amplitudes are solved so that each region's median (noise included) lands on its drawn CNR; spatially
-correlated Rician noise fills the myocardial standard deviation up to its drawn level (4-8 % of the median).
+``nnunet_lefusion.realism``): blood pool 2.0-4.0, infarct -0.2 to +1.3 from the blood pool (1.8-5.0), no-reflow
+0.5-1.3 below the infarct (0.8-2.9). Infarcts are patchy, and their enhancement fades over a few millimetres into the
+healthy wall. Blood pool, infarct and no-reflow are rendered as enhancement maps over healthy myocardium whose
+amplitudes are solved so that each region's median (noise included) lands on its drawn CNR; spatially correlated
+Rician noise fills the myocardial standard deviation up to its drawn level (3-5 % of the median).
+
+The surroundings are calibrated on real Emidec heart crops (the label box plus 16 voxels, ``realism.EMIDEC_CROP``):
+healthy myocardium is one of the darker tissues there (median near the 36th percentile of the crop), because lung
+is only a little darker than myocardium on Emidec's scale (0.85-1.0 x) and chest wall, mediastinum and liver are a
+little brighter (1.02-1.3 x), epicardial fat (1.35-1.8 x) lies in patches rather than as a closed rim, and the right
+ventricle's blood is as bright as the left's.
 """
 from __future__ import annotations
 
@@ -125,7 +131,8 @@ class _Tissue:
     def cnrs(self) -> tuple[float, float, float]:
         """CNRs of blood pool, infarct and no-reflow."""
         infarct = float(np.clip(self.cnr_blood + self.infarct_offset, 1.8, 5.0))
-        low, high = max(0.8, infarct - 1.3), infarct - 0.5
+        high = min(2.9, infarct - 0.5)
+        low = min(max(0.8, infarct - 1.3), high)
         return self.cnr_blood, infarct, low + self.no_reflow_place * (high - low)
 
     @classmethod
