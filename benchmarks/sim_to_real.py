@@ -11,8 +11,8 @@ per-case-mean Dice of cavity (1), myocardium (2) and infarct (3+4, cases that ha
 cases, headline last. ``--png`` shows phantom and real crops side by side and a prediction on a real case.
 
 Run: ``OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m benchmarks.sim_to_real --real RAW [-n 75] [--seed 0]
-[--epochs 10] [--iterations 50] [--batch-size B] [--every K] [--work-dir work_runs/sim_to_real] [--png PNG] [--stats-only]
-[--reuse]``. Without ``--reuse`` the phantom in ``--work-dir`` is made afresh; the model always is.
+[--epochs 10] [--iterations 50] [--batch-size B] [--every K] [--work-dir work_runs/sim_to_real] [--png PNG]
+[--stats-only] [--reuse]``. Without ``--reuse`` the phantom in ``--work-dir`` is made afresh; the model always is.
 """
 from __future__ import annotations
 
@@ -211,7 +211,8 @@ def main() -> None:
         return
 
     log = work / "nnunet.log"
-    validation = next((work / "nnUNet_results").glob("Dataset*")) / f"{TRAINER}__nnUNetPlans__2d" / "fold_0" / "validation"
+    results = next((work / "nnUNet_results").glob("Dataset*"))
+    validation = results / f"{TRAINER}__nnUNetPlans__2d" / "fold_0" / "validation"
     in_domain = [case for case in phantom_crops(work / "nnUNet_raw", DATASET_ID, margin=10 ** 6)
                  if (validation / f"{case[0]}.nii.gz").is_file()]
     report_dice(f"\nin domain: nnU-Net's fold-0 validation, {len(in_domain)} phantom cases:", in_domain,
@@ -219,10 +220,11 @@ def main() -> None:
     predictions = predict(work / "real_crops" / "images", work / "predictions", env, log)
     if args.png:
         write_picture(phantom[:4], real[:4], predictions, args.png)
+    batch = args.batch_size or "as planned"
     scores = report_dice(f"\nnnU-Net 2d trained on {args.num_cases} phantom cases (seed {args.seed}, heart FOV, "
-                         f"{args.epochs} x {args.iterations} iterations, {trained - start:.0f} s), predicting "
-                         f"{len(real)} real cases of {args.real.name} (oracle heart crop), mean Dice over the cases "
-                         "that have the structure:", real, predictions)
+                         f"{args.epochs} x {args.iterations} iterations, batch {batch}, {trained - start:.0f} s), "
+                         f"predicting {len(real)} real cases of {args.real.name} (oracle heart crop), mean Dice over "
+                         "the cases that have the structure:", real, predictions)
     print("sim-to-real Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
 
