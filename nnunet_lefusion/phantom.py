@@ -12,11 +12,17 @@ partial volume), then blurred, textured and multiplied by a coil bias field. Lab
 
 Intensities follow Emidec rather than a textbook LGE image: healthy myocardium is mid-grey (36-64 % of the 12-bit
 range) and the contrasts are low, drawn per case in units of the remote myocardium's standard deviation (CNR, see
-``nnunet_lefusion.realism``): blood pool 1.8-4.2, infarct within +-1 of the blood pool (2.2-5.5), no-reflow
-1.0-2.3 and at least 1.1 below the infarct. Infarcts are patchy, and their enhancement fades over a few millimetres
-into the healthy wall. Blood pool, infarct and no-reflow are rendered as enhancement maps over healthy myocardium
-whose amplitudes are solved so that each region's median (noise included) lands on its drawn CNR; spatially
-correlated Rician noise fills the myocardial standard deviation up to its drawn level (4-8 % of the median).
+``nnunet_lefusion.realism``): blood pool 2.0-4.0, infarct -0.2 to +1.3 from the blood pool (1.8-5.0), no-reflow
+0.5-1.3 below the infarct (0.8-2.9). Infarcts are patchy, and their enhancement fades over a few millimetres into the
+healthy wall. Blood pool, infarct and no-reflow are rendered as enhancement maps over healthy myocardium whose
+amplitudes are solved so that each region's median (noise included) lands on its drawn CNR; spatially correlated
+Rician noise fills the myocardial standard deviation up to its drawn level (3-5 % of the median).
+
+The surroundings are calibrated on real Emidec heart crops (the label box plus 16 voxels, ``realism.EMIDEC_CROP``):
+healthy myocardium is one of the darker tissues there (median near the 36th percentile of the crop), because lung
+is only a little darker than myocardium on Emidec's scale (0.85-1.0 x) and chest wall, mediastinum and liver are a
+little brighter (1.02-1.3 x), epicardial fat (1.35-1.8 x) lies in patches rather than as a closed rim, and the right
+ventricle's blood is as bright as the left's.
 """
 from __future__ import annotations
 
@@ -124,21 +130,22 @@ class _Tissue:
 
     def cnrs(self) -> tuple[float, float, float]:
         """CNRs of blood pool, infarct and no-reflow."""
-        infarct = float(np.clip(self.cnr_blood + self.infarct_offset, 2.2, 5.5))
-        low, high = 1.0, min(2.3, infarct - 1.1)
+        infarct = float(np.clip(self.cnr_blood + self.infarct_offset, 1.8, 5.0))
+        high = min(2.9, infarct - 0.5)
+        low = min(max(0.8, infarct - 1.3), high)
         return self.cnr_blood, infarct, low + self.no_reflow_place * (high - low)
 
     @classmethod
     def sample(cls, rng: np.random.Generator) -> "_Tissue":
         u = rng.uniform
-        level, noise, cnr_blood = u(0.36, 0.64) * MAX_INTENSITY, u(0.04, 0.08), u(1.8, 4.2)
+        level, noise, cnr_blood = u(0.36, 0.64) * MAX_INTENSITY, u(0.03, 0.05), u(2.0, 4.0)
         blood = _MYOCARDIUM + cnr_blood * noise
-        return cls(level=level, noise=noise, cnr_blood=cnr_blood, infarct_offset=u(-1.0, 1.0),
+        return cls(level=level, noise=noise, cnr_blood=cnr_blood, infarct_offset=u(-0.2, 1.3),
                    no_reflow_place=u(0.0, 1.0),
                    patchiness=u(0.4, 0.8),
-                   border=u(4.0, 8.0), blood=blood, rv_blood=blood * u(0.9, 1.0), aorta=blood * u(0.7, 1.0),
-                   lung=u(0.06, 0.18), fat=min(u(1.6, 2.2), 0.9 * MAX_INTENSITY / level), muscle=u(0.7, 0.95),
-                   liver=u(0.8, 1.1), stomach=u(0.4, 0.9), marrow=u(1.1, 1.5), csf=u(0.3, 0.6), soft=u(0.6, 0.9))
+                   border=u(4.0, 8.0), blood=blood, rv_blood=blood * u(0.95, 1.05), aorta=blood * u(0.9, 1.05),
+                   lung=u(0.85, 1.0), fat=min(u(1.35, 1.8), 0.9 * MAX_INTENSITY / level), muscle=u(1.02, 1.18),
+                   liver=u(1.1, 1.3), stomach=u(0.95, 1.25), marrow=u(1.1, 1.4), csf=u(0.7, 0.9), soft=u(1.05, 1.25))
 
 
 @dataclass
@@ -206,9 +213,9 @@ class _Heart:
                    epi_shape=_Periodic(rng, {1: 0.04, 2: 0.05, 3: 0.03}),
                    rv_size=(radius * rng.uniform(0.6, 0.85), radius * rng.uniform(1.1, 1.4)),
                    rv_lift=radius * rng.uniform(0.0, 0.25), rv_end=rng.uniform(0.75, 0.95),
-                   rv_wall=rng.uniform(2.0, 3.5), fat=rng.uniform(0.5, 3.5),
+                   rv_wall=rng.uniform(2.0, 3.5), fat=rng.uniform(1.0, 4.0),
                    fat_shape=_Periodic(rng, {1: 0.8, 2: 0.6, 4: 0.4}),
-                   papillary=(rng.uniform(2.5, 4.5), np.deg2rad(rng.uniform(120, 150)),
+                   papillary=(rng.uniform(1.5, 3.5), np.deg2rad(rng.uniform(120, 150)),
                               np.deg2rad(rng.uniform(220, 255))))
 
     @property
@@ -262,7 +269,7 @@ class _Heart:
         dx = f["px"] + 0.3 * f["epi_scale"] + 0.7 * a
         dy = f["py"] + self.rv_lift
         rv_sd = _ellipse_sd(dx, dy, a, b)
-        fat_width = self.fat * np.clip(1.0 + self.fat_shape(phi), 0.0, None) * (1.5 - 0.5 * u)
+        fat_width = self.fat * np.clip(0.2 + self.fat_shape(phi), 0.0, None) * (1.5 - 0.5 * u)
         fat = np.maximum(_occ(rho - f["epi"] - fat_width, h), _occ(rv_sd - self.rv_wall - fat_width, h))
         _paint(img, fat * (f["epi_scale"] > 0), t.fat)
         _paint(img, _occ(rv_sd - self.rv_wall, h), _MYOCARDIUM)

@@ -5,6 +5,10 @@ the remote myocardium, divided by the remote myocardium's standard deviation (th
 rule): healthy-myocardium voxels whose in-plane neighbours are healthy myocardium too, at least 5 mm from any
 lesion, so that partial volume with fat, blood or the lesion does not pass for noise. The same measures run on any
 nnU-Net dataset whose labels name a host organ, a blood pool and lesions.
+
+A network sees a whole heart crop, not per-structure statistics: :func:`crop_statistics` says where each Emidec
+tissue sits in the crop's histogram, how far the crop spreads below and above healthy myocardium, and each tissue's
+contrast to the whole healthy myocardium. ``EMIDEC_CROP`` holds those figures measured on 66 real Emidec cases.
 """
 from __future__ import annotations
 
@@ -58,6 +62,42 @@ TARGETS = (
     Target("heterogeneity", 1.2, 4.0, "sd of the infarct / sd of remote myocardium", per_case=False),
     Target("border_mm", 2.0, 8.0, "20-80 % width (mm) of the infarct's edge", per_case=False),
 )
+
+
+CROP_MARGIN = 16      # voxels around the box of the heart labels: the heart field of view a model is shown
+CROP_TISSUES = {"cavity": 1, "myocardium": 2, "infarct": 3, "no_reflow": 4}   # Emidec label values
+# median over 66 Emidec development cases (PNG export) of crop_statistics (benchmarks/sim_to_real.py --stats-only)
+EMIDEC_CROP = {"p5/myo": 0.87, "p95/myo": 1.25, "pct_cavity": 69.1, "pct_myocardium": 35.9, "pct_infarct": 76.7,
+               "pct_no_reflow": 54.7, "contrast_cavity": 1.98, "contrast_infarct": 2.07, "contrast_no_reflow": 1.43}
+
+
+def heart_crop(label: np.ndarray, margin: int = CROP_MARGIN) -> tuple[slice, ...]:
+    """(z, y, x): all slices, and the in-plane box of the foreground labels grown by ``margin`` voxels."""
+    nonzero = np.nonzero(label)
+    box = [slice(0, label.shape[0])]
+    for axis in (1, 2):
+        box.append(slice(max(int(nonzero[axis].min()) - margin, 0),
+                         min(int(nonzero[axis].max()) + 1 + margin, label.shape[axis])))
+    return tuple(box)
+
+
+def crop_statistics(image: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    """For a heart crop with Emidec labels: the crop's 5th/95th percentiles over healthy myocardium's median
+    (``p5/myo``, ``p95/myo``), each tissue's median as a percentile of the crop (``pct_<tissue>``) and its contrast to
+    healthy myocardium, median difference over the myocardium's sd (``contrast_<tissue>``); tissues with fewer than
+    10 voxels are left out."""
+    flat = np.sort(image.ravel())
+    myocardium = image[label == CROP_TISSUES["myocardium"]]
+    level, sd = float(np.median(myocardium)), float(myocardium.std())
+    stats = {"p5/myo": float(np.percentile(flat, 5)) / level, "p95/myo": float(np.percentile(flat, 95)) / level}
+    for name, value in CROP_TISSUES.items():
+        region = image[label == value]
+        if region.size >= 10:
+            median = float(np.median(region))
+            stats[f"pct_{name}"] = 100.0 * np.searchsorted(flat, median) / flat.size
+            if name != "myocardium":
+                stats[f"contrast_{name}"] = (median - level) / sd
+    return stats
 
 
 def _in_plane_distance(mask: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:

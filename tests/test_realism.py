@@ -14,7 +14,8 @@ from scipy import ndimage
 
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.phantom import write_dataset
-from nnunet_lefusion.realism import REMOTE_MM, TARGETS, case_statistics, remote_myocardium
+from nnunet_lefusion.realism import (REMOTE_MM, TARGETS, case_statistics, crop_statistics, heart_crop,
+                                     remote_myocardium)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACING = (10.0, 1.25, 1.25)
@@ -47,6 +48,27 @@ def test_known_contrasts_are_measured_back():
                           ("infarct_minus_blood", 1.0), ("infarct_minus_no_reflow", 2.5)):
         assert stats[key] == pytest.approx(expected, abs=0.15), key
     assert stats["heterogeneity"] == pytest.approx(1.0, abs=0.1)   # noise only: not patchy
+
+
+def test_heart_crop_is_the_label_box_plus_a_margin_clipped_to_the_image():
+    label = np.zeros((3, 40, 50), np.uint8)
+    label[1, 10:20, 30:45] = 2
+    assert heart_crop(label, 4) == (slice(0, 3), slice(6, 24), slice(26, 49))
+    assert heart_crop(label, 12) == (slice(0, 3), slice(0, 32), slice(18, 50))
+
+
+def test_crop_statistics_measure_known_levels_back():
+    image, label = ring_case()
+    stats = crop_statistics(image, label)
+    for key, expected in (("contrast_cavity", 3.0), ("contrast_infarct", 4.0), ("contrast_no_reflow", 1.5)):
+        assert stats[key] == pytest.approx(expected, abs=0.15), key
+    # background (0) is the darkest tissue, then myocardium, no-reflow, cavity, infarct
+    background = (label == 0).mean() * 100
+    order = [stats[f"pct_{t}"] for t in ("myocardium", "no_reflow", "cavity", "infarct")]
+    assert background < order[0] and order == sorted(order)
+    assert stats["p5/myo"] < 0.05 and stats["p95/myo"] == pytest.approx(1.2, abs=0.08)
+    label[label >= 3] = 2
+    assert "contrast_infarct" not in crop_statistics(image, label)
 
 
 def test_remote_myocardium_keeps_off_lesions_and_other_tissue():
