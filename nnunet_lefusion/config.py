@@ -92,13 +92,6 @@ class TrainerSettings:
             return None
         return SynthesisPlan.parse(self.mix, self.target_share, self.candidates)
 
-    def synthesizer_options(self, default_device: str):
-        """The :class:`SynthesizerOptions` of these settings (device: ``device`` or ``default_device``)."""
-        from nnunet_lefusion.nnunet.synthesize import SynthesizerOptions
-
-        return SynthesizerOptions(self.checkpoint, self.sampling, self.device or default_device, self.mask_generator,
-                                  self.histogram_matching)
-
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -17,6 +17,7 @@ from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.nnunet.cache import CASE_FILES, MANIFEST, Manifest
 from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.dataset import SyntheticMixDataset
+from nnunet_lefusion.nnunet.online import synthesizer_options
 from nnunet_lefusion.nnunet.trainer import nnUNetTrainerLeFusion
 from nnunet_lefusion.synthesis.plan import SynthesisPlan
 from tests.nnunet_helpers import latest_training_log, run_cli
@@ -35,7 +36,7 @@ def test_online_settings_and_validation(clean_env, tmp_path):
     s = load_settings(cfg)
     assert (s.mode, s.online_cases_per_epoch, s.pool_max, s.method) == ("online", 3, 5, "copypaste")
     assert s.synthesis_plan().mix == {"newmask": 1.0, "normal": 1.0}
-    assert s.synthesizer_options("cuda:1").device == "cuda:1"
+    assert synthesizer_options(s, "cuda:1").device == "cuda:1"
     clean_env.setenv("LEFUSION_POOL_MAX", "7")
     clean_env.setenv("LEFUSION_TIME_SHARE", "0.25")
     clean_env.setenv("LEFUSION_HISTOGRAM_MATCHING", "false")

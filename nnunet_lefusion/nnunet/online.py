@@ -60,6 +60,12 @@ def online_labels(ctx: DatasetContext, folder: Path) -> LesionLabels:
                             f"cache first with nnUNetv2_lefusion_synthesize --lesion-labels") from None
 
 
+def synthesizer_options(settings: TrainerSettings, default_device: str) -> SynthesizerOptions:
+    """The :class:`SynthesizerOptions` of ``settings`` (device: the settings' or ``default_device``)."""
+    return SynthesizerOptions(settings.checkpoint, settings.sampling, settings.device or default_device,
+                              settings.mask_generator, settings.histogram_matching)
+
+
 def online_generators(ctx: DatasetContext, labels: LesionLabels, settings: TrainerSettings,
                       device: str) -> tuple[SynthesizerOptions, list[dict]]:
     """The synthesizer options of ``settings`` (shipped weights where none are given) and the generators' records;
@@ -68,7 +74,7 @@ def online_generators(ctx: DatasetContext, labels: LesionLabels, settings: Train
     plan = settings.synthesis_plan()
     if plan is not None:
         plan.validate(labels)
-    options = with_shipped_generators(settings.method, settings.synthesizer_options(device), labels, plan)
+    options = with_shipped_generators(settings.method, synthesizer_options(settings, device), labels, plan)
     check_generator_files(settings.method, options, labels)
     generators = generator_records(settings.method, options)
     check_no_leak(generators, ctx.held_out_hashes(), ctx.fold, "online synthesis refused")
