@@ -1,4 +1,5 @@
-"""Run-time settings of the LeFusion trainer: a YAML file with environment-variable overrides."""
+"""Run-time settings of the LeFusion trainer: a YAML file with environment-variable overrides, read once into one
+frozen :class:`TrainerSettings` (the trainer classes read no environment variable of their own)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ METHODS = ("copypaste", "lefusion")
 SAMPLING = ("fast", "official")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainerSettings:
     """What the trainer injects: ``rate`` is the probability that a loaded training case is synthetic.
 
@@ -27,6 +28,8 @@ class TrainerSettings:
     ``cpu_bf16``: on a CPU device, train and validate under bf16 autocast, as nnU-Net autocasts on CUDA (it runs
     in fp32 on a CPU); about 1.9x faster per iteration on CPUs with AMX, slower than fp32 on CPUs that only emulate
     bf16 (no AVX512-BF16 or AMX).
+    ``epochs`` / ``iterations`` / ``val_iterations``: the schedule of the short-run trainers (``*_short``: tests,
+    demo, benchmark presets); the other trainers keep nnU-Net's.
     """
 
     rate: float = 0.5
@@ -48,16 +51,20 @@ class TrainerSettings:
     device: str | None = None  # None: the trainer's device
     seed: int = 0
     cpu_bf16: bool = False
+    # the short-run trainers' schedule
+    epochs: int = 1
+    iterations: int = 10
+    val_iterations: int = 2
 
     def validate(self) -> "TrainerSettings":
+        """These settings, checked; ``LeFusionError`` naming the first bad one."""
         if not 0.0 <= self.rate <= 1.0:
             raise LeFusionError(f"rate must be in [0, 1], got {self.rate}")
         if self.mode not in MODES:
             raise LeFusionError(f"mode must be one of {MODES}, got {self.mode!r}")
-        for key in ("mix", "target_share"):
-            value = getattr(self, key)
-            if isinstance(value, dict):  # YAML mapping {retexture: 0.5, ...}
-                setattr(self, key, ",".join(f"{k}={v}" for k, v in value.items()))
+        for key in ("epochs", "iterations", "val_iterations"):
+            if getattr(self, key) < 1:
+                raise LeFusionError(f"{key} must be a positive integer, got {getattr(self, key)}")
         if self.online_cases_per_epoch < 0:
             raise LeFusionError(f"online_cases_per_epoch must be >= 0, got {self.online_cases_per_epoch}")
         if not 0.0 <= self.online_time_share < 1.0:
@@ -85,13 +92,6 @@ class TrainerSettings:
             return None
         return SynthesisPlan.parse(self.mix, self.target_share, self.candidates)
 
-    def synthesizer_options(self, default_device: str):
-        """The :class:`SynthesizerOptions` of these settings (device: ``device`` or ``default_device``)."""
-        from nnunet_lefusion.nnunet.synthesize import SynthesizerOptions
-
-        return SynthesizerOptions(self.checkpoint, self.sampling, self.device or default_device, self.mask_generator,
-                                  self.histogram_matching)
-
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -112,8 +112,12 @@ _ENV = {"rate": ("LEFUSION_RATE", float), "mode": ("LEFUSION_MODE", str), "cache
         "sampling": ("LEFUSION_SAMPLING", str), "mask_generator": ("LEFUSION_MASK_GENERATOR", str),
         "histogram_matching": ("LEFUSION_HISTOGRAM_MATCHING", _bool), "mix": ("LEFUSION_MIX", str),
         "target_share": ("LEFUSION_TARGET_SHARE", str), "candidates": ("LEFUSION_CANDIDATES", int),
-        "device": ("LEFUSION_DEVICE", str), "seed": ("LEFUSION_SEED", int), "cpu_bf16": ("LEFUSION_CPU_BF16", _bool)}
+        "device": ("LEFUSION_DEVICE", str), "seed": ("LEFUSION_SEED", int), "cpu_bf16": ("LEFUSION_CPU_BF16", _bool),
+        "epochs": ("LEFUSION_EPOCHS", int), "iterations": ("LEFUSION_ITERS", int),
+        "val_iterations": ("LEFUSION_VAL_ITERS", int)}
 ENV_VARIABLES = tuple(env for env, _ in _ENV.values()) + (CONFIG_ENV,)
+# what may differ when a training is continued (nnUNetv2_train --c): how and how long it runs, not what it learns from
+RESUMABLE = ("device", "cpu_bf16", "epochs", "iterations", "val_iterations")
 
 
 def _typed(key: str, value, path) -> object:
@@ -122,8 +126,8 @@ def _typed(key: str, value, path) -> object:
         return None
     cast = _ENV[key][1]
     if cast is str:
-        if isinstance(value, dict) and key in ("mix", "target_share"):
-            return value
+        if isinstance(value, dict) and key in ("mix", "target_share"):  # YAML mapping {retexture: 0.5, ...}
+            return ",".join(f"{k}={v}" for k, v in value.items())
         if isinstance(value, (dict, list)):
             raise LeFusionError(f"LeFusion config {path}: {key} must be a string, got {value!r}")
         return str(value)
@@ -163,3 +167,11 @@ def load_settings(default_file: str | os.PathLike | None = None) -> TrainerSetti
     except TypeError as exc:
         raise LeFusionError(f"bad LeFusion settings: {exc}") from None
     return settings.validate()
+
+
+def write_settings(settings: TrainerSettings, path: str | os.PathLike) -> Path:
+    """Write ``settings`` as the YAML file that :func:`load_settings` reads (``LEFUSION_CONFIG=path``); its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(settings.validate().to_dict(), sort_keys=False))
+    return path

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import yaml
 
 from nnunet_lefusion.benchmark.metrics import Structure, case_figures, dice, detection, hd95
 from nnunet_lefusion.benchmark.plan import PRESETS, STEP_OVERHEAD, estimate_seconds
@@ -128,7 +129,8 @@ def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes
     out = tmp_path / "bench"
     cmd = [str(BIN / "nnUNetv2_lefusion_benchmark"), "-d", "990", "-c", "3d_fullres", "-o", str(out),
            "--preset", "tiny", "--train-cases", "5", "-device", "cpu", "-num_parts", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0"}
+    # a user's LEFUSION_* variable does not reach the runs: each run hands its trainer its own settings file
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0", "LEFUSION_RATE": "0.9"}
     # both parts start together (they share the test set and the linked preprocessed folder); part 1 (copypaste)
     # is killed in its training, with its nnU-Net child (the whole job, as kill -9 of a process group or a
     # scheduler does: the child alone would go on training beside the resumed run)
@@ -172,7 +174,12 @@ def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes
     organ = summary["figures"]["dice_organ"]["real"]["estimate"]
     assert organ["n"] == 3 and 0 <= organ["mean"] <= 1
     assert "| real |" in (out / "table.md").read_text() and (out / "benchmark.png").stat().st_size > 10_000
-    assert (out / "runs" / "copypaste" / "seed_0" / "cache" / "manifest.json").is_file()
+    run_folder = out / "runs" / "copypaste" / "seed_0"
+    assert (run_folder / "cache" / "manifest.json").is_file()
+    settings = yaml.safe_load((run_folder / "lefusion.yaml").read_text())
+    assert (settings["rate"], settings["mode"], settings["cache"]) == (0.5, "cache", str(run_folder / "cache"))
+    (recorded,) = run_folder.glob("nnUNet_results/*/nnUNetTrainerLeFusion_short__*/fold_0/lefusion_settings.json")
+    assert json.loads(recorded.read_text())["settings"] == settings
     times = summary["run_seconds"]  # each run's synthesis, training and prediction time, kept across the kill
     assert times["timed_runs"] == 2 and all(v > 0 for v in times["per_run"].values())
     assert abs(times["timed_seconds"] - sum(times["per_run"].values())) < 0.2

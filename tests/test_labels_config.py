@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from nnunet_lefusion.config import load_settings
+from dataclasses import FrozenInstanceError
+
+from nnunet_lefusion.config import ENV_VARIABLES, TrainerSettings, load_settings, write_settings
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
 
@@ -54,3 +56,24 @@ def test_settings_yaml_then_environment(tmp_path, monkeypatch):
     cfg.write_text("rat: 0.3\n")
     with pytest.raises(LeFusionError, match="unknown keys"):
         load_settings(cfg)
+
+
+def test_one_frozen_settings_object_with_the_short_run_schedule(tmp_path, monkeypatch):
+    for var in ENV_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    written = TrainerSettings(rate=0.25, mode="online", method="lefusion", mix="retexture=1", epochs=3, iterations=7,
+                              val_iterations=1, cpu_bf16=True)
+    path = write_settings(written, tmp_path / "run" / "lefusion.yaml")
+    monkeypatch.setenv("LEFUSION_CONFIG", str(path))
+    assert load_settings() == written, "the file holds everything the trainer reads"
+    with pytest.raises(FrozenInstanceError):
+        written.rate = 1.0
+    monkeypatch.setenv("LEFUSION_ITERS", "12")
+    monkeypatch.setenv("LEFUSION_EPOCHS", "0")
+    with pytest.raises(LeFusionError, match="epochs must be a positive integer"):
+        load_settings()
+    monkeypatch.delenv("LEFUSION_EPOCHS")
+    assert (load_settings().epochs, load_settings().iterations) == (3, 12)
+    (tmp_path / "mapping.yaml").write_text("mix: {newmask: 0.5, normal: 0.5}\n")
+    monkeypatch.setenv("LEFUSION_CONFIG", str(tmp_path / "mapping.yaml"))
+    assert load_settings().mix == "newmask=0.5,normal=0.5"

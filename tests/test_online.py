@@ -12,12 +12,12 @@ import torch
 from nnunetv2.run.run_training import get_trainer_from_args
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
-from nnunet_lefusion.config import ENV_VARIABLES, TrainerSettings, load_settings
+from nnunet_lefusion.config import ENV_VARIABLES, load_settings
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.nnunet.cache import CASE_FILES, MANIFEST, Manifest
 from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.dataset import SyntheticMixDataset
-from nnunet_lefusion.nnunet.online import OnlineProducer
+from nnunet_lefusion.nnunet.online import synthesizer_options
 from nnunet_lefusion.nnunet.trainer import nnUNetTrainerLeFusion
 from nnunet_lefusion.synthesis.plan import SynthesisPlan
 from tests.nnunet_helpers import latest_training_log, run_cli
@@ -36,7 +36,7 @@ def test_online_settings_and_validation(clean_env, tmp_path):
     s = load_settings(cfg)
     assert (s.mode, s.online_cases_per_epoch, s.pool_max, s.method) == ("online", 3, 5, "copypaste")
     assert s.synthesis_plan().mix == {"newmask": 1.0, "normal": 1.0}
-    assert s.synthesizer_options("cuda:1").device == "cuda:1"
+    assert synthesizer_options(s, "cuda:1").device == "cuda:1"
     clean_env.setenv("LEFUSION_POOL_MAX", "7")
     clean_env.setenv("LEFUSION_TIME_SHARE", "0.25")
     clean_env.setenv("LEFUSION_HISTOGRAM_MATCHING", "false")
@@ -72,31 +72,6 @@ def test_stream_of_kinds_follows_the_mix():
     assert order[:4].count("retexture") == 2
 
 
-def test_budget_shares_ranks_spreads_cases_and_keeps_the_time_share():
-    settings = TrainerSettings(mode="online", online_cases_per_epoch=5).validate()
-    assert [OnlineProducer(None, Path("."), None, settings, "cpu", r, 2).quota for r in range(2)] == [3, 2]
-    producer = OnlineProducer(None, Path("."), None, settings, "cpu")
-
-    def fake_produce(epoch: int, seconds: float = 1.0) -> None:
-        producer.made_epoch += 1
-        producer.made_total += 1
-        producer.synthesis_time += seconds
-        producer.synthesis_time_total += seconds
-
-    producer.produce = fake_produce
-    made = []
-    for step in range(1, 11):
-        producer.after_step(1.0, step, 10, 0)
-        made.append(producer.made_epoch)
-    assert made == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5], "a rank's share, spread over the epoch"
-    producer.settings = TrainerSettings(mode="online", online_cases_per_epoch=0, online_time_share=0.2).validate()
-    producer.quota = 0
-    producer.epoch_start()
-    for step in range(1, 21):
-        producer.after_step(1.0, step, 20, 1)
-    assert producer.made_epoch == 5 and producer.synthesis_time <= 0.2 * (producer.synthesis_time + 20)
-
-
 def make_trainer(dataset: str, configuration: str = "3d_fullres"):
     return get_trainer_from_args(dataset, configuration, 0, nnUNetTrainerLeFusion.__name__,
                                  device=torch.device("cpu"))
@@ -113,7 +88,11 @@ def test_producer_fills_a_bounded_pool_that_the_dataset_follows(phantom_dataset,
     assert isinstance(tr, SyntheticMixDataset) and type(val) is nnUNetDatasetBlosc2 and tr.watch
     assert Manifest.load(cache).cases == {}, "an online run may start from an empty cache"
     assert all("lefusion" not in tr.load_case(i)[3] for i in tr.identifiers), "empty pool: every load is real"
-    producer = trainer.lefusion_online
+    producer = trainer.lefusion_source
+    cases = [c for pool in producer.pools.values() for c in pool]
+    assert cases and all(isinstance(a, np.memmap) for c in cases for a in (c.image, c.seg)), \
+        "the training cases are memory-mapped, not held in the process's memory"
+    scratch = producer.scratch
     made = [producer.produce(epoch=0) for _ in range(3)]
     manifest = Manifest.load(cache)
     assert manifest.online_ids() == made[1:] and set(manifest.cases) == set(made[1:]), "the oldest was retired"
@@ -142,14 +121,15 @@ def test_producer_fills_a_bounded_pool_that_the_dataset_follows(phantom_dataset,
     for identifier in val.identifiers:
         assert "lefusion" not in val.load_case(identifier)[3]
     producer.close()
+    assert not scratch.exists(), "the mapped cases are removed at the end"
     # A second start (resume) keeps the pool, adds its own run entry and deletes files no manifest lists.
     orphan = cache / "Case_P001__syn0099.pkl"
     orphan.write_bytes(b"left by a killed run")
     again = make_trainer(phantom_dataset)
     again.get_tr_and_val_datasets()
     assert not orphan.exists() and set(Manifest.load(cache).cases) == set(made[1:])
-    assert len(Manifest.load(cache).runs) == 2 and again.lefusion_online.initial_ids == set(made[1:])
-    again.lefusion_online.close()
+    assert len(Manifest.load(cache).runs) == 2 and again.lefusion_source.initial_ids == set(made[1:])
+    again.lefusion_source.close()
 
 
 SHORT = {"LEFUSION_EPOCHS": "2", "LEFUSION_VAL_ITERS": "1", "LEFUSION_ITERS": "8", "LEFUSION_MODE": "online",

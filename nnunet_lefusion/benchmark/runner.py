@@ -29,6 +29,7 @@ from tqdm import tqdm
 from nnunet_lefusion.benchmark.environment import describe
 from nnunet_lefusion.benchmark.metrics import Structure, case_figures
 from nnunet_lefusion.benchmark.plan import ARMS, NNUNET_SCHEDULE, Arm, Preset, draw_training_cases, run_list
+from nnunet_lefusion.config import ENV_VARIABLES, TrainerSettings, write_settings
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.nnunet.cache import atomic_write_text
@@ -38,6 +39,7 @@ from nnunet_lefusion.precision import CPU_BF16_LOG_LINE
 from nnunet_lefusion.training.roi_data import read_volume
 
 METRICS_FILE = "metrics.json"
+SETTINGS_YAML = "lefusion.yaml"   # the trainer's settings of a run (LEFUSION_CONFIG)
 _PR_SET_PDEATHSIG = 1
 _OWN_FILES = {"splits_final.json", "lefusion_cache", "lefusion.yaml"}
 
@@ -167,16 +169,25 @@ class Run:
     def done(self) -> bool:
         return (self.folder / METRICS_FILE).is_file()
 
-    def env(self) -> dict[str, str]:
+    @property
+    def settings_file(self) -> Path:
+        return self.folder / SETTINGS_YAML
+
+    def settings(self) -> TrainerSettings:
+        """The trainer's settings of this run: its arm's rate, its cache, the preset's schedule and precision."""
         preset = self.setup.preset
-        env = {**os.environ, "nnUNet_preprocessed": str(self.setup.out / "nnUNet_preprocessed"),
-               "nnUNet_results": str(self.folder / "nnUNet_results"), "LEFUSION_CACHE": str(self.folder / "cache"),
-               "LEFUSION_RATE": "0" if self.arm.method is None else str(self.setup.rate),
-               "LEFUSION_MODE": "cache", "LEFUSION_CPU_BF16": str(int(self.setup.cpu_bf16)), "nnUNet_compile": "false"}
-        env.pop("LEFUSION_CONFIG", None)
-        if preset.short:
-            env.update(LEFUSION_EPOCHS=str(preset.epochs), LEFUSION_ITERS=str(preset.iterations),
-                       LEFUSION_VAL_ITERS=str(preset.val_iterations))
+        schedule = {"epochs": preset.epochs, "iterations": preset.iterations,
+                    "val_iterations": preset.val_iterations} if preset.short else {}
+        return TrainerSettings(rate=0.0 if self.arm.method is None else self.setup.rate, mode="cache",
+                               cache=str(self.folder / "cache"), cpu_bf16=self.setup.cpu_bf16, **schedule)
+
+    def env(self) -> dict[str, str]:
+        """The environment of this run's commands: its nnU-Net folders and its settings file (written by
+        :meth:`execute`); the caller's ``LEFUSION_*`` variables are left out, so they cannot change a run."""
+        env = {k: v for k, v in os.environ.items() if k not in ENV_VARIABLES}
+        env.update(nnUNet_preprocessed=str(self.setup.out / "nnUNet_preprocessed"),
+                   nnUNet_results=str(self.folder / "nnUNet_results"), nnUNet_compile="false",
+                   LEFUSION_CONFIG=str(self.settings_file))
         return env
 
     def _call(self, stage: str, cmd: list[str]) -> float:
@@ -221,6 +232,7 @@ class Run:
         continues from nnU-Net's latest checkpoint)."""
         ctx, preset = self.setup.ctx, self.setup.preset
         self.folder.mkdir(parents=True, exist_ok=True)
+        write_settings(self.settings(), self.settings_file)
         dataset, fold = str(ctx.dataset), str(self.seed)
         started = self.folder / "environment.json"   # what the run started on (a resumed run may differ)
         if not started.is_file():

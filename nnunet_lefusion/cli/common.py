@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Callable
 
+from nnunet_lefusion.device import check_device, default_device  # noqa: F401 (the commands' helpers)
 from nnunet_lefusion.errors import LeFusionError
 
 
@@ -40,45 +41,12 @@ def seed_value(text: str) -> int:
     return value
 
 
-def default_device() -> str:
-    """nnU-Net's rule: CUDA when there is a GPU, else the CPU."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def add_device_argument(parser, nnunet: bool = False) -> None:
     """``-device`` as in nnU-Net (``--device`` kept as an alias), defaulting to :func:`default_device`;
     ``nnunet``: the device is handed to nnU-Net's commands, which take cpu, cuda or mps only."""
     parser.add_argument("-device", "--device", dest="device", default=None,
                         help=("cpu, cuda or mps (the GPU: CUDA_VISIBLE_DEVICES)" if nnunet else "cpu, cuda or cuda:i")
                         + " (default: cuda when available, else cpu)")
-
-
-def check_device(name: str | None, nnunet: bool = False) -> str:
-    """The device to use: ``name`` (from :func:`add_device_argument`) or :func:`default_device`; a
-    ``LeFusionError`` for a name torch does not know, a device this machine lacks, or (``nnunet``) one nnU-Net's
-    ``-device`` does not take."""
-    import torch
-
-    device = name or default_device()
-    if nnunet and device not in ("cpu", "cuda", "mps"):
-        raise LeFusionError(f"-device {device}: nnU-Net takes cpu, cuda or mps (pick the GPU with "
-                            f"CUDA_VISIBLE_DEVICES)")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise LeFusionError(f"unknown device {device!r}: use cpu, cuda or cuda:i") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise LeFusionError(f"-device {device}: CUDA is not available on this machine; use -device cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise LeFusionError(f"-device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise LeFusionError(f"-device {device}: MPS is not available on this machine; use -device cpu")
-    elif parsed.type not in ("cpu", "cuda", "mps"):
-        raise LeFusionError(f"unsupported device {device!r}: use cpu, cuda or cuda:i")
-    return device
 
 
 def add_parts_arguments(parser, what: str, together: str) -> None:

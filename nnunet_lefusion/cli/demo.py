@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main
+from nnunet_lefusion.config import ENV_VARIABLES, TrainerSettings, write_settings
 from nnunet_lefusion.errors import LeFusionError
 
 DATASET_ID = 990
@@ -58,10 +59,11 @@ def main(argv: list[str] | None = None) -> None:
         raise LeFusionError(f"--work-dir {args.work_dir} exists and is not a folder")
 
     work = Path(args.work_dir).resolve()
-    env = dict(os.environ,
-               nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
-               nnUNet_results=str(work / "nnUNet_results"), LEFUSION_RATE=str(args.rate),
-               LEFUSION_EPOCHS="1", LEFUSION_ITERS=str(args.iterations), LEFUSION_VAL_ITERS="2")
+    settings = write_settings(TrainerSettings(rate=args.rate, epochs=1, iterations=args.iterations, val_iterations=2),
+                              work / "lefusion.yaml")
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARIABLES}   # the flags above are the settings
+    env.update(nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
+               nnUNet_results=str(work / "nnUNet_results"), LEFUSION_CONFIG=str(settings))
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
     cfg, trainer = args.configuration, "nnUNetTrainerLeFusion_short"

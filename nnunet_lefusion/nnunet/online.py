@@ -3,11 +3,12 @@
 * **Where.** In nnU-Net's main process of each rank, the one that holds the GPU, between training steps
   (``nnUNetTrainerLeFusion.train_step``). Never in the data-augmentation workers: they are forked after CUDA was
   initialised and cannot use it, and each would hold its own model copy.
-* **Budget.** Per epoch a rank makes its share of ``online_cases_per_epoch`` (``n // world + (rank < n % world)``),
-  spread over the epoch: after step ``i`` of ``I`` it has made ``ceil(share * i / I)`` cases. With
-  ``online_time_share`` ``s`` > 0 it also starts a case only while this epoch's synthesis time, plus the mean time
-  of a case, stays within ``s`` of the epoch's synthesis + training-step time (with ``online_cases_per_epoch`` 0
-  only this limit applies). Cases the time limit skips are not made up later.
+* **Budget.** Per epoch a rank makes its share of ``online_cases_per_epoch``, spread over the epoch, at most one
+  case per training step, within ``online_time_share`` of the time (:mod:`nnunet_lefusion.nnunet.online_budget`). A
+  rank whose share is 0 makes nothing. A case that fails (out of memory, full disk, a sampler error) is logged and
+  skipped; training goes on.
+* **Memory.** The fold's training cases, which the synthesizer draws from, are memory-mapped from a scratch folder
+  (``$TMPDIR``), removed at the end: no rank holds them all in its memory.
 * **Writing.** A case is made like ``nnUNetv2_lefusion_synthesize`` makes one (``prepare_synthesis``,
   ``choose_proposals``, ``render_many``) and stored through the same ``store_case``: nnU-Net's preprocessor,
   Blosc2 files under temporary names renamed into place, then listed in the manifest under the cache lock. Case
@@ -23,7 +24,10 @@
 """
 from __future__ import annotations
 
+import functools
 import math
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +39,8 @@ from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.nnunet.cache import MANIFEST, ONLINE, Manifest, recorded_labels
 from nnunet_lefusion.nnunet.cache_lock import Writer
 from nnunet_lefusion.nnunet.context import DatasetContext
+from nnunet_lefusion.nnunet.online_budget import RankBudget
+from nnunet_lefusion.nnunet.preprocess import mapped_raw_case
 from nnunet_lefusion.nnunet.provenance import check_no_leak
 from nnunet_lefusion.nnunet.synthesize import (Slot, SynthesizerOptions, check_generator_files, choose_proposals,
                                                generator_paths, generator_records, prepare_folder, prepare_synthesis,
@@ -54,6 +60,12 @@ def online_labels(ctx: DatasetContext, folder: Path) -> LesionLabels:
                             f"cache first with nnUNetv2_lefusion_synthesize --lesion-labels") from None
 
 
+def synthesizer_options(settings: TrainerSettings, default_device: str) -> SynthesizerOptions:
+    """The :class:`SynthesizerOptions` of ``settings`` (device: the settings' or ``default_device``)."""
+    return SynthesizerOptions(settings.checkpoint, settings.sampling, settings.device or default_device,
+                              settings.mask_generator, settings.histogram_matching)
+
+
 def online_generators(ctx: DatasetContext, labels: LesionLabels, settings: TrainerSettings,
                       device: str) -> tuple[SynthesizerOptions, list[dict]]:
     """The synthesizer options of ``settings`` (shipped weights where none are given) and the generators' records;
@@ -62,29 +74,46 @@ def online_generators(ctx: DatasetContext, labels: LesionLabels, settings: Train
     plan = settings.synthesis_plan()
     if plan is not None:
         plan.validate(labels)
-    options = with_shipped_generators(settings.method, settings.synthesizer_options(device), labels, plan)
+    options = with_shipped_generators(settings.method, synthesizer_options(settings, device), labels, plan)
     check_generator_files(settings.method, options, labels)
     generators = generator_records(settings.method, options)
     check_no_leak(generators, ctx.held_out_hashes(), ctx.fold, "online synthesis refused")
     return options, generators
 
 
+def ddp_case_limit_s() -> float:
+    """Half the timeout of the DDP process group (no limit without DDP): the longest one case may take."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return math.inf
+    try:  # the group's own timeout (nnU-Net sets none: the backend's default)
+        device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+        timeout = dist.group.WORLD._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError):
+        timeout = dist.distributed_c10d.default_pg_timeout
+    return timeout.total_seconds() / 2
+
+
 class OnlineProducer:
-    """One rank's producer of synthetic cases during training (see the module documentation)."""
+    """One rank's producer of synthetic cases during training: the online synthetic-case source (see the module
+    documentation)."""
+
+    watch = True  # the dataset follows the manifest as cases come and go
 
     def __init__(self, ctx: DatasetContext, folder: Path, labels: LesionLabels, settings: TrainerSettings,
                  device: str, rank: int = 0, world_size: int = 1, log=print) -> None:
         self.ctx, self.folder, self.labels, self.settings = ctx, Path(folder), labels, settings
-        self.device, self.rank, self.world_size, self.log = device, rank, world_size, log
-        n = settings.online_cases_per_epoch
-        self.quota = n // world_size + (1 if rank < n % world_size else 0)
+        self.device, self.rank, self.log = device, rank, log
+        self.budget = RankBudget(settings.online_cases_per_epoch, settings.online_time_share, rank, world_size,
+                                 ddp_case_limit_s())
         self.writer: Writer | None = None
         self.synthesizer = None
-        self.made_total = 0
-        self.synthesis_time_total = 0.0
+        self.scratch: Path | None = None
+        self.retired = 0
         self.kinds: dict[str, int] = {}
         self.initial_ids: set[str] = set()
-        self.epoch_start()
 
     def start(self) -> Manifest:
         """Set up the synthesizer on the fold's training cases and open (or create) the cache; its manifest."""
@@ -99,8 +128,10 @@ class OnlineProducer:
 
     def _start(self, options, generators: list[dict]) -> Manifest:
         t0 = time.perf_counter()
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"lefusion-online-rank{self.rank}-"))
         cases, self.synthesizer, self.pools, self.plan = prepare_synthesis(
-            self.ctx, self.labels, self.settings.method, self.settings.synthesis_plan(), options, progress=False)
+            self.ctx, self.labels, self.settings.method, self.settings.synthesis_plan(), options, progress=False,
+            load=functools.partial(mapped_raw_case, folder=self.scratch))
         request = {"online": True, "method": self.settings.method, "seed": self.settings.seed, "rank": self.rank,
                    "mix": self.plan.mix, "target_share": {str(k): v for k, v in self.plan.target_share.items()},
                    "candidates": self.plan.candidates, "sampling": options.mode,
@@ -109,37 +140,30 @@ class OnlineProducer:
                                               self.rank)
         self.totals = manifest.lesion_voxel_totals()
         self.initial_ids = set(manifest.cases)
+        share = self.budget.share
         self.log(f"LeFusion online: {self.settings.method} synthesizer ready on {options.device} "
                  f"({time.perf_counter() - t0:.1f} s, {len(cases)} training cases, mix {self.plan.mix}); rank "
-                 f"{self.rank} makes {self.quota} case(s) per epoch"
+                 f"{self.rank} makes " + ("cases" if share is None else f"{share} case(s) per epoch")
+                 + ", at most one per step"
                  + (f", at most {self.settings.online_time_share:.0%} of the time" if self.settings.online_time_share
                     else "") + f"; pool of at most {self.settings.pool_max} online cases in {self.folder}")
         return manifest
 
     def epoch_start(self) -> None:
-        self.made_epoch, self.retired_epoch = 0, 0
-        self.synthesis_time, self.train_time = 0.0, 0.0
-
-    def _within_time(self) -> bool:
-        share = self.settings.online_time_share
-        if share <= 0:
-            return True
-        estimate = self.synthesis_time_total / self.made_total if self.made_total else 0.0
-        spent = self.synthesis_time + estimate
-        return spent <= share * (spent + self.train_time)
+        self.retired = 0
+        self.budget.epoch_start()
 
     def after_step(self, step_time: float, steps_done: int, steps_per_epoch: int, epoch: int) -> None:
-        """Called after each training step: make the cases that are due (see the budget above)."""
-        self.train_time += step_time
-        due = math.ceil(self.quota * steps_done / max(steps_per_epoch, 1)) if self.quota else None
-        while (due is None or self.made_epoch < due) and self._within_time():
-            self.produce(epoch)
+        """Called after each training step: make the case that is due, if one is (see the budget)."""
+        self.budget.add_step(step_time)
+        if self.budget.case_due(steps_done, steps_per_epoch):
+            if self.budget.attempt(lambda: self.produce(epoch), self.log) is None:
+                _free_accelerator_memory()
 
     def produce(self, epoch: int) -> str:
         """Make one case, store it in the pool (retiring the oldest beyond ``pool_max``); its identifier."""
-        t0 = time.perf_counter()
         kind = self.plan.next_kind(self.kinds)
-        rng = np.random.default_rng([self.settings.seed, self.rank, epoch, self.made_epoch])
+        rng = np.random.default_rng([self.settings.seed, self.rank, epoch, self.budget.tried])
         seed = int(rng.integers(2 ** 31))
         index = reserve_index(self.folder)
         slot = Slot(index, kind, int(rng.integers(len(self.pools[kind]))), seed)
@@ -154,13 +178,14 @@ class OnlineProducer:
         for label, n in synthetic.provenance.get("lesion_voxels", {}).items():
             self.totals[label] = self.totals.get(label, 0) + int(n)
         self.kinds[kind] = self.kinds.get(kind, 0) + 1
-        self.made_epoch += 1
-        self.made_total += 1
-        self.retired_epoch += len(retired)
-        elapsed = time.perf_counter() - t0
-        self.synthesis_time += elapsed
-        self.synthesis_time_total += elapsed
+        self.retired += len(retired)
         return syn_id
+
+    def epoch_figures(self) -> dict[str, float]:
+        """This rank's figures of the epoch, to be summed over the ranks."""
+        b = self.budget
+        return {"produced": b.made, "failed": b.failed, "retired": self.retired, "synthesis_s": b.synthesis_time,
+                "target": b.share or 0}
 
     def pool_sizes(self) -> tuple[int, int]:
         """(online cases, all cases) the manifest lists now."""
@@ -168,13 +193,19 @@ class OnlineProducer:
         return len(manifest.online_ids()), len(manifest.cases)
 
     def close(self) -> None:
-        """Stop being a writer of the cache and free the synthesizer (and its GPU memory)."""
+        """Stop being a writer of the cache, free the synthesizer (and its GPU memory) and the mapped cases."""
         if self.writer is not None:
             self.writer.__exit__(None, None, None)
             self.writer = None
-        if self.synthesizer is not None:
-            self.synthesizer = None
-            import torch
+        self.synthesizer, self.pools = None, {}
+        _free_accelerator_memory()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
 
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

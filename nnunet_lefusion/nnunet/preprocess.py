@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 
@@ -22,6 +23,18 @@ def load_raw_case(ctx: DatasetContext, identifier: str) -> RawCase:
     except Exception as exc:  # readers raise anything from RuntimeError to ITK errors on corrupt files
         raise LeFusionError(f"cannot read case {identifier} ({files['label']}): {str(exc).splitlines()[0]}") from None
     return RawCase(identifier, image.astype(np.float32, copy=False), seg, properties)
+
+
+def mapped_raw_case(ctx: DatasetContext, identifier: str, folder: Path) -> RawCase:
+    """:func:`load_raw_case`, its arrays written to ``folder`` and memory-mapped read-only from there: a process that
+    keeps every training case (online synthesis) holds them in the page cache, not in its own memory."""
+    case = load_raw_case(ctx, identifier)
+    arrays = {}
+    for name, array in (("image", case.image), ("seg", case.seg)):
+        path = Path(folder) / f"{identifier}_{name}.npy"
+        np.save(path, array)
+        arrays[name] = np.load(path, mmap_mode="r")
+    return case.with_arrays(arrays["image"], arrays["seg"])
 
 
 def preprocess_case(ctx: DatasetContext, case: RawCase) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -13,6 +13,7 @@ import shutil
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -298,9 +299,11 @@ def start_run(ctx: DatasetContext, folder: Path, overwrite: bool, request: dict,
 
 def prepare_synthesis(ctx: DatasetContext, labels: LesionLabels, method: str, plan: SynthesisPlan | None,
                       options: SynthesizerOptions, progress: bool = True,
+                      load: Callable[[DatasetContext, str], RawCase] = load_raw_case,
                       ) -> tuple[list[RawCase], Synthesizer, dict[str, list[RawCase]], SynthesisPlan]:
-    """Read the fold's training cases and set up the synthesizer, its target pools and the checked plan."""
-    cases = [load_raw_case(ctx, i) for i in tqdm(sorted(ctx.split[0]), desc="reading training cases", unit="case",
+    """Read the fold's training cases (with ``load``) and set up the synthesizer, its target pools and the checked
+    plan."""
+    cases = [load(ctx, i) for i in tqdm(sorted(ctx.split[0]), desc="reading training cases", unit="case",
                                                  disable=not progress)]
     if not any(np.isin(c.seg, labels.lesions).any() for c in cases):
         raise LeFusionError(f"no training case of fold {ctx.fold} contains a lesion label {list(labels.lesions)}")
