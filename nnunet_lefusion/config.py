@@ -28,6 +28,8 @@ class TrainerSettings:
     ``cpu_bf16``: on a CPU device, train and validate under bf16 autocast, as nnU-Net autocasts on CUDA (it runs
     in fp32 on a CPU); about 1.9x faster per iteration on CPUs with AMX, slower than fp32 on CPUs that only emulate
     bf16 (no AVX512-BF16 or AMX).
+    ``rare_focus``: the probability that a real training-case load is redirected to a training case holding the
+    rarest lesion label (class rebalancing with real cases only; the benchmark's ``real_balanced`` arm).
     ``epochs`` / ``iterations`` / ``val_iterations``: the schedule of the short-run trainers (``*_short``: tests,
     demo, benchmark presets); the other trainers keep nnU-Net's.
     """
@@ -51,6 +53,7 @@ class TrainerSettings:
     device: str | None = None  # None: the trainer's device
     seed: int = 0
     cpu_bf16: bool = False
+    rare_focus: float = 0.0
     # the short-run trainers' schedule
     epochs: int = 1
     iterations: int = 10
@@ -58,8 +61,9 @@ class TrainerSettings:
 
     def validate(self) -> "TrainerSettings":
         """These settings, checked; ``LeFusionError`` naming the first bad one."""
-        if not 0.0 <= self.rate <= 1.0:
-            raise LeFusionError(f"rate must be in [0, 1], got {self.rate}")
+        for key in ("rate", "rare_focus"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise LeFusionError(f"{key} must be in [0, 1], got {getattr(self, key)}")
         if self.mode not in MODES:
             raise LeFusionError(f"mode must be one of {MODES}, got {self.mode!r}")
         for key in ("epochs", "iterations", "val_iterations"):
@@ -113,6 +117,7 @@ _ENV = {"rate": ("LEFUSION_RATE", float), "mode": ("LEFUSION_MODE", str), "cache
         "histogram_matching": ("LEFUSION_HISTOGRAM_MATCHING", _bool), "mix": ("LEFUSION_MIX", str),
         "target_share": ("LEFUSION_TARGET_SHARE", str), "candidates": ("LEFUSION_CANDIDATES", int),
         "device": ("LEFUSION_DEVICE", str), "seed": ("LEFUSION_SEED", int), "cpu_bf16": ("LEFUSION_CPU_BF16", _bool),
+        "rare_focus": ("LEFUSION_RARE_FOCUS", float),
         "epochs": ("LEFUSION_EPOCHS", int), "iterations": ("LEFUSION_ITERS", int),
         "val_iterations": ("LEFUSION_VAL_ITERS", int)}
 ENV_VARIABLES = tuple(env for env, _ in _ENV.values()) + (CONFIG_ENV,)

@@ -222,3 +222,32 @@ def test_the_report_gives_run_level_figures_with_and_without_postprocessing(tmp_
     assert summary["run_figures"]["false_all"]["real_balanced"]["vs_real"]["mean"] == pytest.approx(0.25)
     assert summary["run_figures"]["f1_no_reflow"]["real_balanced"]["estimate"]["per_run"] == pytest.approx([0.8] * 5)
     assert summary["lesion_voxels_per_load"] == {"real": {"4": 2.0}, "real_balanced": {"4": 3.0}}
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_with_real_balanced_and_rebalanced_copypaste(phantom_dataset, tmp_path):
+    out = tmp_path / "bench"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0"}
+    done = run_cli("nnUNetv2_lefusion_benchmark", "-d", "990", "-c", "3d_fullres", "-o", str(out), "--preset", "tiny",
+                   "--arms", "real_balanced,copypaste", "--train-cases", "5", "-device", "cpu", env=env)
+    assert done.stdout.strip().splitlines()[-1].startswith("headline (nnU-Net convention, 1 run(s) per arm")
+    runs = {arm: json.loads((out / "runs" / arm / "seed_0" / "metrics.json").read_text())
+            for arm in ("real", "real_balanced", "copypaste")}
+    # the arms of a seed train on the same cases, identifier by identifier
+    assert runs["real"]["training_cases"] == runs["real_balanced"]["training_cases"] == runs["copypaste"][
+        "training_cases"] and len(runs["real"]["training_cases"]) == 5
+    balanced_log = (out / "runs" / "real_balanced" / "seed_0" / "log.txt").read_text()
+    assert "rare_focus 0.5: a real load goes with that probability to one of the" in balanced_log
+    assert "rate 0, no synthetic cases" in balanced_log
+    copypaste_log = (out / "runs" / "copypaste" / "seed_0" / "log.txt").read_text()
+    assert "--method copypaste" in copypaste_log and "--target-share 4=0.3" in copypaste_log
+    for metrics in runs.values():   # what each run ran on, and both scorings of its predictions
+        environment = metrics["environment"]
+        assert environment["precision"] in ("fp32", "bf16 autocast") and environment["commit"]
+        assert environment["packages"]["nnunetv2"].startswith("2.8")
+        assert len(metrics["cases_postprocessed"]) == len(metrics["cases"]) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"run_figures", "run_figures_postprocessed", "lesion_voxels_per_load"} <= set(summary)
+    assert summary["arms"] == ["real", "real_balanced", "copypaste"] and len(summary["commits"]) == 1
+    f1 = summary["run_figures"]["f1_no_reflow"]["real_balanced"]["vs_real"]
+    assert f1["runs"] <= 1 and "per_run" in f1

@@ -174,12 +174,14 @@ class Run:
         return self.folder / SETTINGS_YAML
 
     def settings(self) -> TrainerSettings:
-        """The trainer's settings of this run: its arm's rate, its cache, the preset's schedule and precision."""
+        """The trainer's settings of this run: its arm's rate (``real_balanced``: the benchmark's rate as its
+        ``rare_focus``, real cases only), its cache, the preset's schedule and precision."""
         preset = self.setup.preset
         schedule = {"epochs": preset.epochs, "iterations": preset.iterations,
                     "val_iterations": preset.val_iterations} if preset.short else {}
         return TrainerSettings(rate=0.0 if self.arm.method is None else self.setup.rate, mode="cache",
-                               cache=str(self.folder / "cache"), cpu_bf16=self.setup.cpu_bf16, **schedule)
+                               cache=str(self.folder / "cache"), cpu_bf16=self.setup.cpu_bf16,
+                               rare_focus=self.setup.rate if self.arm.rare_focus else 0.0, **schedule)
 
     def env(self) -> dict[str, str]:
         """The environment of this run's commands: its nnU-Net folders and its settings file (written by

@@ -98,7 +98,9 @@ class SyntheticMixDataset(nnUNetBaseDataset):
     """Training cases of ``real``; with probability ``rate`` a load returns a synthetic case instead, drawn uniformly
     from the variants of all training cases (so ``rate`` is the share of synthetic loads however few cases have
     variants; with none every load is real). ``watch``: follow the manifest of ``cache_folder`` (online mode).
-    ``labels``: count lesion voxels of the loaded segmentations."""
+    ``labels``: count lesion voxels of the loaded segmentations. ``rare_focus``: the probability that a real load
+    is redirected to a training case, drawn uniformly, that holds the rarest lesion label (``labels.lesions[-1]``):
+    class rebalancing with real cases only, the baseline a practitioner tries first."""
 
     save_case = staticmethod(nnUNetDatasetBlosc2.save_case)
     get_identifiers = staticmethod(nnUNetDatasetBlosc2.get_identifiers)
@@ -120,7 +122,7 @@ class SyntheticMixDataset(nnUNetBaseDataset):
         self._manifest_read = 0.0
         self._voxels: dict[str, dict[str, int]] = {}  # identifier -> lesion voxels (per process, cases never change)
         self.rare_focus = rare_focus
-        self._rare_cases = rare_cases(real, labels.lesions[-1]) if rare_focus > 0 and labels is not None else []
+        self.rare_cases = rare_cases(real, labels.lesions[-1]) if rare_focus > 0 and labels is not None else []
         if self.watch:
             self._refresh()
 
@@ -178,8 +180,8 @@ class SyntheticMixDataset(nnUNetBaseDataset):
                 self.counters.count(True, self._lesion_voxels(syn_id, seg), syn_id)
                 seg_prev = self.real.load_case(source)[2] if self.folder_with_segs_from_previous_stage else None
                 return data, seg, seg_prev, properties
-        if self._rare_cases and np.random.uniform() < self.rare_focus:
-            identifier = self._rare_cases[np.random.randint(len(self._rare_cases))]
+        if self.rare_cases and np.random.uniform() < self.rare_focus:
+            identifier = self.rare_cases[np.random.randint(len(self.rare_cases))]
         case = self.real.load_case(identifier)
         self.counters.count(False, self._lesion_voxels(identifier, case[1]))
         return case

@@ -95,8 +95,14 @@ class nnUNetTrainerLeFusion(nnUNetTrainer):
             self.print_to_log_file("LeFusion: rate 0, no synthetic cases (control run)")
         labels = self._lesion_labels(manifest)
         counters = self.lefusion_stats.count_labels(labels)
-        return SyntheticMixDataset(dataset_tr, run.cache, variants, self.lefusion.rate, counters, labels,
-                                   watch=self.lefusion_source is not None and self.lefusion_source.watch)
+        dataset = SyntheticMixDataset(dataset_tr, run.cache, variants, self.lefusion.rate, counters, labels,
+                                      watch=self.lefusion_source is not None and self.lefusion_source.watch,
+                                      rare_focus=self.lefusion.rare_focus)
+        if self.lefusion.rare_focus > 0:
+            self.print_to_log_file(f"LeFusion: rare_focus {self.lefusion.rare_focus}: a real load goes with that "
+                                   f"probability to one of the {len(dataset.rare_cases)} training cases holding the "
+                                   f"rarest lesion label")
+        return dataset
 
     def _lesion_labels(self, manifest: Manifest | None):
         """The cache's lesion labels, else those named in dataset.json; None if there are none (no voxel counts)."""
