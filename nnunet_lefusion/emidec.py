@@ -113,7 +113,7 @@ def _write(cases: list[EmidecCase], folder: Path, name: str, source: Path) -> No
     generate_dataset_json(
         str(folder), channel_names={0: CHANNEL}, labels=LABELS, num_training_cases=len(cases),
         file_ending=FILE_ENDING, dataset_name=name,
-        description="Emidec DE-MRI training cases (myocardial infarction), converted by nnUNetv2_lefusion_convert_emidec",
+        description="Emidec DE-MRI training cases (myocardial infarction) in their release geometry",
         reference="https://emidec.com/dataset", license="CC BY-NC-SA 4.0",
         citation="Lalande et al., Emidec: a database usable for the automatic evaluation of myocardial infarction "
                  "from delayed-enhancement cardiac MRI, Data 5(4):89, 2020",

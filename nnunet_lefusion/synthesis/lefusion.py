@@ -142,8 +142,8 @@ class LesionSampler:
             clusters = self.clusters or HistogramClusters([[0.0] * self.model.config.cond_dim], [1])
             return choose_condition(clusters, rng, histogram=histogram)
         if self.clusters is None:
-            raise LeFusionError("this checkpoint holds no histogram clusters; give the official ones (--clusters FILE), "
-                                "a histogram or use the lesion's own (--histogram FILE / --own-histogram).")
+            raise LeFusionError("this checkpoint holds no histogram clusters; give the official ones (--clusters "
+                                "FILE), a histogram or use the lesion's own (--histogram FILE / --own-histogram).")
         return choose_condition(self.clusters, rng, cluster=cluster,
                                 present=[bool((item.label == v).any()) for v in labels.lesions],
                                 organ_level=organ_level(item.image, item.label, labels.organ))
