@@ -27,6 +27,7 @@ setup(
     entry_points={
         "console_scripts": [
             "nnUNetv2_lefusion_phantom=nnunet_lefusion.cli.phantom:main",
+            "nnUNetv2_lefusion_convert_emidec=nnunet_lefusion.cli.convert_emidec:main",
             "nnUNetv2_lefusion_register=nnunet_lefusion.cli.register:main",
             "nnUNetv2_lefusion_synthesize=nnunet_lefusion.cli.synthesize:main",
             "nnUNetv2_lefusion_train_sampler=nnunet_lefusion.cli.train_sampler:main",

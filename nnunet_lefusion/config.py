@@ -44,6 +44,7 @@ class TrainerSettings:
     # online mode: what is synthesized (as nnUNetv2_lefusion_synthesize)
     method: str = "copypaste"
     checkpoint: str | None = None
+    clusters: str | None = None  # official histogram-cluster JSON (needed with an official checkpoint)
     sampling: str = "fast"
     mask_generator: str | None = None
     histogram_matching: bool | None = None  # None: unless the sampler has a level offset
@@ -113,6 +114,7 @@ _ENV = {"rate": ("LEFUSION_RATE", float), "mode": ("LEFUSION_MODE", str), "cache
         "online_cases_per_epoch": ("LEFUSION_CASES_PER_EPOCH", int),
         "online_time_share": ("LEFUSION_TIME_SHARE", float), "pool_max": ("LEFUSION_POOL_MAX", int),
         "method": ("LEFUSION_METHOD", str), "checkpoint": ("LEFUSION_CHECKPOINT", str),
+        "clusters": ("LEFUSION_CLUSTERS", str),
         "sampling": ("LEFUSION_SAMPLING", str), "mask_generator": ("LEFUSION_MASK_GENERATOR", str),
         "histogram_matching": ("LEFUSION_HISTOGRAM_MATCHING", _bool), "mix": ("LEFUSION_MIX", str),
         "target_share": ("LEFUSION_TARGET_SHARE", str), "candidates": ("LEFUSION_CANDIDATES", int),

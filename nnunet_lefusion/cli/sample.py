@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", dest="output", required=True, help="output image file")
     parser.add_argument("--checkpoint", help="sampler checkpoint (default: the shipped "
                                              "pretrained/lefusion_sampler_phantom.pt, Emidec labels)")
+    parser.add_argument("--clusters", metavar="FILE",
+                        help="histogram clusters in the official format (hist_clusters/emidec_clusters.json of the "
+                             "LeFusion release) instead of the checkpoint's; needed for a random or --cluster "
+                             "texture with an official checkpoint, which holds none")
     parser.add_argument("--mode", choices=MODES, default="fast",
                         help="fast: 45 strided steps, resampled at low noise (128 network evaluations); official: "
                              "all 300 steps with 5/5 jumps (1,480 evaluations) (default fast)")
@@ -98,11 +102,14 @@ def main(argv: list[str] | None = None) -> None:
         raise LeFusionError(f"the output folder {output.parent} does not exist.")
     if output.resolve() in (Path(args.image).resolve(), Path(args.label).resolve()):
         raise LeFusionError(f"the output {output} must not be the input image or label.")
+    if args.clusters and (args.own_histogram or args.histogram):
+        raise LeFusionError("--clusters gives the textures of a random or --cluster draw; --histogram and "
+                            "--own-histogram do not use it")
     histogram = ("case" if args.own_histogram else args.cluster if args.cluster is not None
                  else read_histogram(args.histogram) if args.histogram else "random")
     sampler_config(args.mode, tuple(args.jumps) if args.jumps else None, args.strided_steps)  # refuse before reading
     checkpoint = args.checkpoint or shipped_file("sampler")
-    sampler = LesionSampler.load(checkpoint, check_device(args.device), args.weights)
+    sampler = LesionSampler.load(checkpoint, check_device(args.device), args.weights, args.clusters)
     image, reference = read_volume(args.image)
     label, label_image = read_volume(args.label)
     if not same_grid(reference, label_image):

@@ -17,8 +17,8 @@ from nnunet_lefusion.synthesis.plan import SynthesisPlan
 
 def check_flags(args: argparse.Namespace, plan: SynthesisPlan | None) -> None:
     """Refuse flags the chosen method would ignore, and a LeFusion run that misses what it needs."""
-    lefusion_only = {"--checkpoint": args.checkpoint, "--sampling": args.sampling, "-device": args.device,
-                     "--mask-generator": args.mask_generator,
+    lefusion_only = {"--checkpoint": args.checkpoint, "--clusters": args.clusters, "--sampling": args.sampling,
+                     "-device": args.device, "--mask-generator": args.mask_generator,
                      "--[no-]histogram-matching": args.histogram_matching}
     if args.method != "lefusion":
         given = [flag for flag, value in lefusion_only.items() if value is not None]
@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="LeFusion sampler checkpoint (--method lefusion; default: the shipped "
                              "pretrained/lefusion_sampler_phantom.pt where the lesion labels are Emidec's 3, 4 in "
                              "2); refused if it was trained on a validation case of this fold")
+    parser.add_argument("--clusters", metavar="FILE", default=None,
+                        help="LeFusion histogram clusters in the official format (hist_clusters/emidec_clusters.json "
+                             "of the LeFusion release: one 16-bin histogram per lesion class) instead of the "
+                             "checkpoint's; needed with an official checkpoint, which holds none")
     parser.add_argument("--sampling", default=None, choices=("fast", "official"),
                         help="LeFusion sampling schedule: fast (128 network evaluations, default) or the official "
                              "5/5 jumps")
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         folder, manifest = synthesize_cache(ctx, labels, args.method, args.num_cases, args.seed, args.cache,
                                             args.overwrite, plan, SynthesizerOptions(
                                                 args.checkpoint, args.sampling or "fast", device, args.mask_generator,
-                                                args.histogram_matching), args.num_parts, args.part_id)
+                                                args.histogram_matching, args.clusters), args.num_parts, args.part_id)
     if args.preview:
         written = write_previews(ctx, folder, labels, Path(args.preview), args.preview_cases)
         print(f"{written} preview pictures in {args.preview}")

@@ -1,7 +1,11 @@
 """Per-class lesion intensity histograms (the LeFusion texture condition) and their clusters."""
 from __future__ import annotations
 
+import json
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -136,6 +140,30 @@ class HistogramClusters:
                 raise LeFusionError(f"expected {num_classes} official centres (one per class), got {len(rows)}.")
             return cls([[v for row in rows for v in row]], [1])
         return cls(rows, [1] * len(rows))
+
+
+def read_official_clusters(path: str | os.PathLike, num_classes: int) -> HistogramClusters:
+    """The clusters of an official ``hist_clusters/{data_type}_clusters.json`` file: a JSON list whose first entry
+    holds ``centers``, one ``NUM_BINS``-bin histogram per centre (``HistogramClusters.from_official``: with
+    ``num_classes`` > 1, as Emidec's two, centre k is the histogram of lesion class k, all used together).
+    ``LeFusionError`` for a file that is missing, not JSON or not in that format."""
+    try:
+        loaded = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise LeFusionError(f"cannot read the histogram clusters {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, ValueError):
+        raise LeFusionError(f"the histogram clusters {path} are not JSON") from None
+    centers = loaded[0].get("centers") if isinstance(loaded, list) and loaded and isinstance(loaded[0], dict) else None
+    if not isinstance(centers, list) or not centers or not all(
+            isinstance(c, list) and len(c) == NUM_BINS and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                               and math.isfinite(v) and v >= 0 for v in c)
+            for c in centers):
+        raise LeFusionError(f"{path} is not an official histogram-cluster file: expected [{{\"centers\": [[{NUM_BINS} "
+                            f"non-negative numbers], ...]}}] (hist_clusters/emidec_clusters.json of LeFusion)")
+    try:
+        return HistogramClusters.from_official(centers, num_classes)
+    except LeFusionError as exc:
+        raise LeFusionError(f"{path}: {exc}") from None
 
 
 def cluster_histograms(histograms: np.ndarray, n_clusters: int, seed: int = 0,

@@ -63,7 +63,7 @@ def online_labels(ctx: DatasetContext, folder: Path) -> LesionLabels:
 def synthesizer_options(settings: TrainerSettings, default_device: str) -> SynthesizerOptions:
     """The :class:`SynthesizerOptions` of ``settings`` (device: the settings' or ``default_device``)."""
     return SynthesizerOptions(settings.checkpoint, settings.sampling, settings.device or default_device,
-                              settings.mask_generator, settings.histogram_matching)
+                              settings.mask_generator, settings.histogram_matching, settings.clusters)
 
 
 def online_generators(ctx: DatasetContext, labels: LesionLabels, settings: TrainerSettings,

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_lefusion.config import METHODS
+from nnunet_lefusion.diffusion.histograms import read_official_clusters
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.masks import MaskGenerator, RuleBasedMaskGenerator
@@ -47,6 +48,7 @@ class SynthesizerOptions:
     mask_generator: str | None = None  # "rule" or a learned mask-generator checkpoint
     # lesion intensities take their histogram condition exactly; None: unless the sampler has a level offset
     histogram_matching: bool | None = None
+    clusters: str | None = None  # an official histogram-cluster JSON instead of the checkpoint's clusters
 
 
 def with_shipped_generators(method: str, options: SynthesizerOptions, labels: LesionLabels,
@@ -96,15 +98,16 @@ def make_synthesizer(method: str, cases: list[RawCase], labels: LesionLabels,
 
         return LeFusionSynthesizer(options.checkpoint, labels, options.mode, options.device,
                                    mask_generator=make_mask_generator(options.mask_generator, labels, options.device),
-                                   histogram_matching=options.histogram_matching)
+                                   histogram_matching=options.histogram_matching, clusters=options.clusters)
     raise LeFusionError(f"unknown synthesis method {method!r} (available: {', '.join(METHODS)})")
 
 
 def check_generator_files(method: str, options: SynthesizerOptions, labels: LesionLabels) -> None:
     """Refuse, before any case is read, a LeFusion run without a readable sampler checkpoint, whose checkpoint or
-    mask generator is another kind of file, or whose learned mask generator draws other lesion or organ labels than
-    ``labels`` (it draws its own: they would land as the wrong classes; metadata only, the networks are checked when
-    they are built)."""
+    mask generator is another kind of file, whose histogram clusters are missing (an official checkpoint has none)
+    or not an official cluster file for ``labels``, or whose learned mask generator draws other lesion or organ
+    labels than ``labels`` (it draws its own: they would land as the wrong classes; metadata only, the networks are
+    checked when they are built)."""
     if method != "lefusion":
         return
     from nnunet_lefusion.masks.learned import MASK_KIND
@@ -116,6 +119,13 @@ def check_generator_files(method: str, options: SynthesizerOptions, labels: Lesi
     if meta is not None and meta.extras.get("kind") != SAMPLER_KIND:
         raise LeFusionError(f"--checkpoint {options.checkpoint} is not a LeFusion sampler checkpoint (kind "
                             f"{meta.extras.get('kind')!r}); a mask generator goes to --mask-generator")
+    if options.clusters:
+        read_official_clusters(options.clusters, len(labels.lesions))
+    elif meta is None:
+        raise LeFusionError(f"--checkpoint {options.checkpoint} is an official checkpoint, which holds no histogram "
+                            f"clusters: give the official ones with --clusters FILE (hist_clusters/"
+                            f"emidec_clusters.json of LeFusion; online mode: settings key clusters or "
+                            f"LEFUSION_CLUSTERS)")
     if options.mask_generator not in (None, "rule"):
         meta = read_meta(options.mask_generator)
         kind = meta.extras.get("kind") if meta is not None else None
@@ -131,7 +141,8 @@ def check_generator_files(method: str, options: SynthesizerOptions, labels: Lesi
 
 
 def generator_records(method: str, options: SynthesizerOptions) -> list[dict]:
-    """Role, path and recorded training cases (``CheckpointMeta.training_data``) of the trained generators used."""
+    """Role, path and recorded training cases (``CheckpointMeta.training_data``) of the trained generators used, and
+    of the histogram-cluster file given (its cases unrecorded)."""
     used = [("sampler", options.checkpoint), ("mask generator", options.mask_generator)] if method == "lefusion" else []
     records = []
     for role, path in used:
@@ -143,6 +154,9 @@ def generator_records(method: str, options: SynthesizerOptions) -> list[dict]:
             for seen in start.get("training_data", []):  # a fine-tuned generator also saw what it started from
                 records.append({"role": f"{role} (its initial weights, {start['file']})",
                                 "path": str(Path(path).resolve()), "training_data": seen})
+    if method == "lefusion" and options.clusters:
+        records.append({"role": "histogram clusters", "path": str(Path(options.clusters).resolve()),
+                        "training_data": None})
     return records
 
 

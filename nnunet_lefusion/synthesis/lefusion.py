@@ -18,7 +18,7 @@ import torch
 
 from nnunet_lefusion import roi
 from nnunet_lefusion.diffusion.histograms import (NUM_BINS, HistogramClusters, choose_condition, lesion_histograms,
-                                                   organ_level)
+                                                   organ_level, read_official_clusters)
 from nnunet_lefusion.diffusion.lesion_maps import is_lesion_aware
 from nnunet_lefusion.diffusion.sampler import RePaintSampler, SamplerConfig, fast_precision
 from nnunet_lefusion.diffusion.schedule import CosineSchedule
@@ -94,12 +94,15 @@ class LesionSampler:
         return is_lesion_aware(self.model.config.channels, self.model.config.out_channels)
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str = "cpu", weights: str = "ema") -> "LesionSampler":
-        """Read a sampler checkpoint; ``weights`` picks the EMA (default) or the online weights.
+    def load(cls, checkpoint: str | Path, device: str = "cpu", weights: str = "ema",
+             clusters: str | Path | None = None) -> "LesionSampler":
+        """Read a sampler checkpoint; ``weights`` picks the EMA (default) or the online weights; ``clusters``: an
+        official histogram-cluster file (``read_official_clusters``) used instead of the checkpoint's clusters.
 
         Our checkpoints (``nnUNetv2_lefusion_train_sampler``) carry labels, ROI size and histogram clusters. An
         official cardiac checkpoint (2 channels) gets the Emidec setting: labels 3/4 in myocardium 2, ROI
-        10x72x72, in-plane axes transposed, and no clusters (give a histogram or use the lesion's own).
+        10x72x72, in-plane axes transposed, and no clusters unless ``clusters`` gives the official ones (else give a
+        histogram or use the lesion's own).
         """
         loaded = load_checkpoint(checkpoint)
         meta = loaded.meta
@@ -109,13 +112,18 @@ class LesionSampler:
         if meta is None and (loaded.config.channels != 2 or loaded.config.cond_dim != 2 * NUM_BINS):
             raise LeFusionError(f"{checkpoint} is an official checkpoint but not the cardiac (Emidec) sampler; "
                                 f"only that one can be used without our metadata.")
+        labels = LesionLabels.emidec() if meta is None else LesionLabels.from_dict(meta.extras["labels"])
+        given = None if clusters is None else read_official_clusters(clusters, len(labels.lesions))
+        if given is not None and given.cond_dim != loaded.config.cond_dim:
+            raise LeFusionError(f"the histogram clusters {clusters} hold conditions of {given.cond_dim} values, but "
+                                f"the sampler {checkpoint} takes {loaded.config.cond_dim}.")
         model = loaded.build(weights).to(resolve_device(device))
         schedule = CosineSchedule(loaded.num_steps)
         if meta is None:
-            return cls(model, LesionLabels.emidec(), roi.OFFICIAL_CARDIAC_SIZE, None, schedule, str(checkpoint), True)
-        return cls(model, LesionLabels.from_dict(meta.extras["labels"]), tuple(meta.roi_size),
-                   sampler_clusters(meta), schedule, str(checkpoint), histogram_scale=stored_histogram_scale(meta),
-                   guidance=float(meta.extras.get("guidance", 1.0)), level_offset=stored_level_offset(meta))
+            return cls(model, labels, roi.OFFICIAL_CARDIAC_SIZE, given, schedule, str(checkpoint), True)
+        return cls(model, labels, tuple(meta.roi_size), given or sampler_clusters(meta), schedule, str(checkpoint),
+                   histogram_scale=stored_histogram_scale(meta), guidance=float(meta.extras.get("guidance", 1.0)),
+                   level_offset=stored_level_offset(meta))
 
     def condition(self, item: LesionRoi, labels: LesionLabels, histogram: Histogram,
                   rng: np.random.Generator) -> np.ndarray:
@@ -134,8 +142,8 @@ class LesionSampler:
             clusters = self.clusters or HistogramClusters([[0.0] * self.model.config.cond_dim], [1])
             return choose_condition(clusters, rng, histogram=histogram)
         if self.clusters is None:
-            raise LeFusionError("this checkpoint holds no histogram clusters; give a histogram or use the lesion's "
-                                "own (--histogram FILE / --own-histogram).")
+            raise LeFusionError("this checkpoint holds no histogram clusters; give the official ones (--clusters "
+                                "FILE), a histogram or use the lesion's own (--histogram FILE / --own-histogram).")
         return choose_condition(self.clusters, rng, cluster=cluster,
                                 present=[bool((item.label == v).any()) for v in labels.lesions],
                                 organ_level=organ_level(item.image, item.label, labels.organ))
@@ -238,7 +246,7 @@ class LeFusionSynthesizer:
     and ``normal``: generated lesions are drawn onto the target's organ with ``place_lesions``, keeping the lesions
     it already has (so no voxel keeps a lesion texture under an organ label), and every lesion voxel is then
     textured; on a normal case that is the paper's N'. Only channel ``channel`` of a multi-channel image is
-    re-textured; ``histogram_matching``: see :func:`resynthesize`.
+    re-textured; ``histogram_matching``: see :func:`resynthesize`; ``clusters``: see :meth:`LesionSampler.load`.
     """
 
     name = "lefusion"
@@ -246,9 +254,10 @@ class LeFusionSynthesizer:
     def __init__(self, checkpoint: str | Path | LesionSampler, labels: LesionLabels, mode: str = "fast",
                  device: str = "cpu", histogram: Histogram = "random", mask_generator: MaskGenerator | None = None,
                  weights: str = "ema", jumps: tuple[int, int] | None = None, strided_steps: int | None = None,
-                 channel: int = 0, batch_size: int = 4, histogram_matching: bool | None = None) -> None:
+                 channel: int = 0, batch_size: int = 4, histogram_matching: bool | None = None,
+                 clusters: str | Path | None = None) -> None:
         self.sampler = checkpoint if isinstance(checkpoint, LesionSampler) else LesionSampler.load(
-            checkpoint, device, weights)
+            checkpoint, device, weights, clusters)
         self.labels = labels
         self.mode = mode
         self.config = sampler_config(mode, jumps, strided_steps)
