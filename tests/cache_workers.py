@@ -4,7 +4,7 @@
   killed).
 * ``contend FOLDER NAME N PROBE``: touch PROBE/NAME.waiting, then N times add case ``NAME-k`` to the manifest under the
   lock; exits 3 if it ever finds another process inside the lock (a marker file in PROBE).
-* ``pool DATASET FOLDER NAME N PROBE``: an online producer of fold 0 (pool_max 2) that starts, waits until every
+* ``pool DATASET FOLDER NAME N PROBE``: an online producer of fold 0 (pool_max 1) that starts, waits until every
   producer touched PROBE/*.ready, makes N cases, waits for PROBE/*.done, and prints its run and the cases it made.
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def pool(dataset: str, folder: Path, name: str, n: int, probe: Path) -> None:
     from nnunet_lefusion.nnunet.online import OnlineProducer, online_labels
 
     ctx = DatasetContext(dataset, "3d_fullres", 0)
-    settings = TrainerSettings(mode="online", online_cases_per_epoch=n, pool_max=2, seed=int(name)).validate()
+    settings = TrainerSettings(mode="online", online_cases_per_epoch=n, pool_max=1, seed=int(name)).validate()
     producer = OnlineProducer(ctx, folder, online_labels(ctx, folder), settings, "cpu", log=lambda *_: None)
     producer.start()
     (probe / f"{name}.ready").touch()
