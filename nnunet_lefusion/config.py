@@ -40,7 +40,7 @@ class TrainerSettings:
     # online mode: the budget and the pool
     online_cases_per_epoch: int = 4  # synthetic cases per epoch (all GPUs together); 0: only the time share limits
     online_time_share: float = 0.0  # at most this share of the wall time goes to synthesis; 0: no time limit
-    pool_max: int = 64  # online cases kept; the oldest are retired beyond it (cases made offline are never retired)
+    pool_max: int = 64  # online cases this training keeps (split over ranks); its oldest are retired beyond it
     # online mode: what is synthesized (as nnUNetv2_lefusion_synthesize)
     method: str = "copypaste"
     checkpoint: str | None = None

@@ -1,11 +1,13 @@
 """The cache survives concurrency, interruption and bad input: real synthesize commands (copy-paste) on Dataset990,
-run as parallel parts, concurrent appenders and killed processes; the lock itself with real processes."""
+run as parallel parts, concurrent appenders and killed processes; the kernel lock, killed writers and two online
+trainings' pools with real processes (``tests/cache_workers.py``)."""
 from __future__ import annotations
 
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -15,11 +17,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nnunet_lefusion.config import TrainerSettings
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import resolve_lesion_labels
 from nnunet_lefusion.nnunet import cache_lock
-from nnunet_lefusion.nnunet.cache import Manifest
+from nnunet_lefusion.nnunet.cache import CASE_FILES, Manifest
+from nnunet_lefusion.nnunet.cache_store import CacheStore
 from nnunet_lefusion.nnunet.context import DatasetContext
+from nnunet_lefusion.nnunet.online import OnlineProducer, online_labels
 from nnunet_lefusion.nnunet.preprocess import load_raw_case
 from tests.nnunet_helpers import BIN, error_lines, run_cli
 
@@ -49,7 +54,7 @@ def assert_complete(cache: Path) -> Manifest:
     """Every listed case has its three files, nothing else is left behind, and no number is used twice."""
     manifest = Manifest.load(cache)
     names = {p.name for p in cache.iterdir()}
-    expected = {"manifest.json"} | {f"{i}{s}" for i in manifest.cases for s in (".b2nd", "_seg.b2nd", ".pkl")}
+    expected = {"manifest.json", cache_lock.LOCK} | {f"{i}{s}" for i in manifest.cases for s in (".b2nd", "_seg.b2nd", ".pkl")}
     assert names == expected, f"unexpected {sorted(names - expected)}, missing {sorted(expected - names)}"
     slots = [c["slot"] for c in manifest.cases.values()]
     assert len(slots) == len(set(slots)) and sorted(slots) == list(range(manifest.next_index))
@@ -182,36 +187,134 @@ def test_bad_parts_are_one_error_line(phantom_dataset, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def dead_pid() -> int:
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
+def worker(*args: str) -> subprocess.Popen:
+    """A separate process using the cache (``tests/cache_workers.py``)."""
+    return subprocess.Popen([sys.executable, "-m", "tests.cache_workers", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
-def test_stale_locks_are_broken_and_live_writers_kept(tmp_path):
-    lock = tmp_path / cache_lock.LOCK
-    lock.write_text(f"{dead_pid()}@{cache_lock.HOST}")  # a killed holder on this host
-    with cache_lock.locked(tmp_path, timeout=5):
-        assert lock.read_text() == cache_lock.token()
-    assert not lock.exists()
-    lock.write_text("123@elsewhere")  # another host: stale only when old
-    with pytest.raises(LeFusionError, match="stays locked"):
-        with cache_lock.locked(tmp_path, timeout=0.3):
+def wait_until(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def killed_holder(cache: Path, tmp_path: Path) -> subprocess.Popen:
+    """A writer process that holds the cache lock, killed with SIGKILL while it holds it."""
+    ready = tmp_path / "holding"
+    holder = worker("hold", cache, ready)
+    wait_until(ready.exists, holder)
+    return holder
+
+
+def empty_manifest(cache: Path) -> None:
+    cache.mkdir()
+    Manifest("Dataset000_x", "3d_fullres", "id", "nnUNetPlans", 0, "fp", []).save(cache)
+
+
+def test_three_contenders_after_a_kill_9_take_the_lock_one_at_a_time(tmp_path):
+    cache, probe = tmp_path / "cache", tmp_path / "probe"
+    empty_manifest(cache)
+    probe.mkdir()
+    holder = killed_holder(cache, tmp_path)
+    n = 25
+    contenders = [worker("contend", cache, name, n, probe) for name in "abc"]
+    for proc in contenders:
+        wait_until(lambda: len(list(probe.glob("*.waiting"))) == 3, proc)
+    time.sleep(0.5)  # they now wait for the lock
+    assert listed(cache) == 0, "nobody may update the manifest while the holder lives"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.communicate()
+    for proc in contenders:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, "two processes held the lock at once" if proc.returncode == 3 else err[-3000:]
+    cases = Manifest.load(cache).cases
+    assert sorted(cases) == sorted(f"{name}-{k}" for name in "abc" for k in range(n)), "an update was lost"
+    assert (cache / cache_lock.LOCK).exists(), "the lock file stays: it is never deleted or renamed"
+
+
+def test_a_writer_killed_holding_the_lock_does_not_block_the_next(tmp_path):
+    cache = tmp_path / "cache"
+    empty_manifest(cache)
+    store = CacheStore(cache)
+    holder = killed_holder(cache, tmp_path)
+    with pytest.raises(LeFusionError, match="stayed locked"):
+        with store.locked(timeout=0.3):
             pass
-    old = time.time() - cache_lock.LOCK_STALE_S - 1
-    os.utime(lock, (old, old))
-    with cache_lock.locked(tmp_path, timeout=5):
-        pass
-    sleeper = subprocess.Popen(["sleep", "30"])
+    assert len(store.other_writers()) == 1, "the live holder is a writer"  # (it holds the lock, so without it)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.communicate()
+    t0 = time.monotonic()
+    with store.locked(timeout=5):
+        waited = time.monotonic() - t0
+        assert store.other_writers() == [], "a killed writer is gone at once (no pid, no heartbeat age)"
+        marks = (cache_lock.TMP_PREFIX, cache_lock.WRITER_PREFIX)
+        assert len([p for p in cache.iterdir() if p.name.startswith(marks)]) == 2, "the killed writer's files"
+        store.remove_dead_leftovers()
+    assert waited < 1.0
+    assert sorted(p.name for p in cache.iterdir()) == [cache_lock.LOCK, "manifest.json"]
+    assert store.reserve_index() == 0 and store.reserve_index() == 1
+
+
+def test_two_online_trainings_of_one_fold_keep_their_own_pools(phantom_dataset, tmp_path):
+    cache, probe = tmp_path / "cache", tmp_path / "probe"
+    probe.mkdir()
+    producers = [worker("pool", phantom_dataset, cache, name, 2, probe) for name in ("1", "2")]
+    runs = {}
+    for proc in producers:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        result = json.loads(out.strip().splitlines()[-1])
+        runs[result["run"]] = result["made"]
+    manifest = Manifest.load(cache)
+    assert len(runs) == 2 and len(manifest.online_ids()) == 2
+    for run, made in runs.items():  # pool_max 1: each run's newest stays, only its own oldest was retired
+        assert manifest.online_ids(run) == made[1:], (run, made, manifest.online_ids())
+    assert sorted(p.name for p in cache.iterdir() if p.name != cache_lock.LOCK) == sorted(
+        ["manifest.json"] + [f"{i}{s}" for i in manifest.cases for s in CASE_FILES])
+    # A training started again after both ended adopts their cases and retires beyond its pool.
+    ctx = DatasetContext(phantom_dataset, "3d_fullres", 0)
+    settings = TrainerSettings(mode="online", online_cases_per_epoch=1, pool_max=1).validate()
+    again = OnlineProducer(ctx, cache, online_labels(ctx, cache), settings, "cpu", log=lambda *_: None)
+    again.start()
     try:
-        live, dead = f"{sleeper.pid}@{cache_lock.HOST}", f"{dead_pid()}@{cache_lock.HOST}"
-        files = [tmp_path / f"{cache_lock.TMP_PREFIX}{w}~case.b2nd" for w in (live, dead, "9@elsewhere")]
-        files += [tmp_path / f"{cache_lock.WRITER_PREFIX}{w}" for w in (live, dead, "9@elsewhere")]
-        for path in files:
-            path.touch()
-        cache_lock.remove_dead_leftovers(tmp_path)  # the other host's writer has a fresh heartbeat: alive
-        assert [p.exists() for p in files] == [True, False, True, True, False, True]
-        assert cache_lock.other_writers(tmp_path) == sorted([live, "9@elsewhere"])
+        newest = again.produce(epoch=0)
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        again.close()
+    manifest = Manifest.load(cache)
+    assert manifest.online_ids() == [newest] and manifest.online_ids(again.run["id"]) == [newest]
+
+
+def test_case_files_and_folder_reach_the_disk_before_the_manifest_lists_them(tmp_path, monkeypatch):
+    """A power loss cannot leave a listed but truncated case: the order of the real fsync and rename calls."""
+    cache = tmp_path.resolve() / "cache"
+    empty_manifest(cache)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        events.append(("rename", str(dst)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    seg = np.zeros((1, 4, 8, 8), dtype=np.int16)
+    CacheStore(cache).add("Case_001__syn0000", np.ones((1, 4, 8, 8)), seg, {"spacing": [1, 1, 1]}, (4, 8, 8),
+                          {"source": "Case_001", "slot": 0, "run": 0})
+    first = {event: k for k, event in reversed(list(enumerate(events)))}
+    last = {event: k for k, event in enumerate(events)}
+    manifest = last[("rename", str(cache / "manifest.json"))]
+    for suffix in CASE_FILES:
+        final = str(cache / f"Case_001__syn0000{suffix}")
+        flushed = [k for k, (kind, path) in enumerate(events)
+                   if kind == "fsync" and path.endswith(f"~Case_001__syn0000{suffix}")]
+        assert flushed and flushed[0] < first[("rename", final)], f"{suffix} renamed before it was flushed"
+        assert last[("rename", final)] < first[("fsync", str(cache))] < manifest, "folder flushed before listing"
+    assert last[("fsync", str(cache))] > manifest, "the manifest's rename is flushed too"
+    assert Manifest.load(cache).cases == {"Case_001__syn0000": {"source": "Case_001", "slot": 0, "run": 0}}

@@ -8,7 +8,7 @@ from nnunet_lefusion.cli.common import (add_device_argument, add_parts_arguments
                                         seed_value)
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import resolve_lesion_labels
-from nnunet_lefusion.nnunet.cache import Manifest, default_cache_folder
+from nnunet_lefusion.nnunet.cache_store import CacheStore
 from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.preview import export_nifti, write_previews
 from nnunet_lefusion.nnunet.synthesize import METHODS, SynthesizerOptions, synthesize_cache
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     ctx = DatasetContext(args.dataset, args.configuration, args.fold, args.plans)
     labels = resolve_lesion_labels(ctx.dataset_json, args.lesion_labels, args.organ_labels)
     if args.num_cases == 0:
-        folder = Path(args.cache) if args.cache else default_cache_folder(ctx)
-        manifest = Manifest.load(folder)
+        store = CacheStore.for_context(ctx, args.cache)
+        folder, manifest = store.folder, store.load()
     else:
         device = check_device(args.device) if args.method == "lefusion" else "cpu"
         folder, manifest = synthesize_cache(ctx, labels, args.method, args.num_cases, args.seed, args.cache,

@@ -2,8 +2,7 @@
 
 Layout: ``$nnUNet_preprocessed/<Dataset>/lefusion_cache/<data_identifier>/fold_<f>/``
 holding ``manifest.json`` and, per synthetic case, ``<id>.b2nd``, ``<id>_seg.b2nd`` and ``<id>.pkl``.
-Every file is written under a temporary name (carrying its writer, ``cache_lock.tmp_name``) and renamed; a case
-counts only once the manifest lists it. The manifest is changed only under the cache lock (``cache_lock``).
+This module holds what the manifest says; :mod:`~nnunet_lefusion.nnunet.cache_store` reads and writes the folder.
 """
 from __future__ import annotations
 
@@ -12,8 +11,6 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels, resolve_lesion_labels
@@ -26,6 +23,7 @@ FORMAT = "nnunet-lefusion-cache"
 VERSION = 2
 CASE_FILES = (".b2nd", "_seg.b2nd", ".pkl")  # the .pkl last: it marks a complete case on disk
 ONLINE = "online"  # provenance key of a case made during training (online mode)
+POOL = "pool"  # manifest key of an online case adopted into a later run's pool (its maker's writer had gone)
 
 
 def default_cache_folder(ctx: DatasetContext) -> Path:
@@ -136,14 +134,17 @@ class Manifest:
                 totals[label] = totals.get(label, 0) + int(n)
         return totals
 
-    def online_ids(self) -> list[str]:
-        """The cases made during training (online mode), oldest (lowest case number) first."""
-        return sorted((i for i, c in self.cases.items() if ONLINE in c), key=lambda i: (self.cases[i]["slot"], i))
+    def online_ids(self, pool: int | None = None) -> list[str]:
+        """The cases made during training (online mode), oldest (lowest case number) first; with ``pool`` only those
+        of that online run's pool."""
+        ids = (i for i, c in self.cases.items() if ONLINE in c and (pool is None or pool_of(c) == pool))
+        return sorted(ids, key=lambda i: (self.cases[i]["slot"], i))
 
-    def retire_online(self, pool_max: int) -> list[str]:
-        """Drop the oldest online cases beyond ``pool_max`` from the manifest; returns their identifiers (the caller
-        deletes their files once the saved manifest no longer lists them). Offline cases are never retired."""
-        ids = self.online_ids()
+    def retire_online(self, pool: int, pool_max: int) -> list[str]:
+        """Drop the oldest cases of online run ``pool``'s pool beyond ``pool_max`` from the manifest; returns their
+        identifiers (the caller deletes their files once the saved manifest no longer lists them). Cases of other
+        runs' pools and offline cases are never retired."""
+        ids = self.online_ids(pool)
         retired = ids[:max(0, len(ids) - pool_max)]
         for identifier in retired:
             del self.cases[identifier]
@@ -157,6 +158,11 @@ class Manifest:
         return out
 
 
+def pool_of(case: dict) -> int:
+    """The online run whose pool holds ``case`` (the run that made it unless another adopted it, ``POOL``)."""
+    return case.get(POOL, case["run"])
+
+
 def recorded_labels(manifest: Manifest | None, dataset_json: dict) -> LesionLabels:
     """The lesion labels a cache was made with, else those named in ``dataset_json`` (``LeFusionError`` if
     neither gives them)."""
@@ -165,9 +171,19 @@ def recorded_labels(manifest: Manifest | None, dataset_json: dict) -> LesionLabe
     return resolve_lesion_labels(dataset_json)
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's contents (a folder: its entries, e.g. renames into it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, flushed to disk, and a rename (a
-    crash leaves the old file or the new one, never a part); the temporary file is removed if writing fails."""
+    """Write ``text`` to ``path`` through a temporary file in the same folder, flushed to disk, a rename and a flush
+    of the folder (a crash, power loss included, leaves the old file or the new one, never a part); the temporary
+    file is removed if writing fails."""
     tmp = path.with_name(tmp_name(path.name))
     try:
         with open(tmp, "w") as handle:
@@ -177,47 +193,4 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def case_files(folder: Path, identifier: str) -> list[Path]:
-    """The files of a cached case."""
-    return [Path(folder) / f"{identifier}{suffix}" for suffix in CASE_FILES]
-
-
-def remove_case_files(folder: Path, identifiers: list[str]) -> None:
-    """Delete the files of cases that the manifest no longer lists (the .pkl first: the case is then incomplete)."""
-    for identifier in identifiers:
-        for path in reversed(case_files(folder, identifier)):
-            path.unlink(missing_ok=True)
-
-
-def unlisted_cases(folder: Path, manifest: Manifest) -> list[str]:
-    """Identifiers of case files in ``folder`` that ``manifest`` does not list (left by a killed online run between
-    its manifest update and the deletion of retired files, or between writing a case and listing it)."""
-    found = set()
-    for path in Path(folder).iterdir():
-        name = path.name
-        if name.startswith(".") or name == MANIFEST:
-            continue
-        for suffix in ("_seg.b2nd", ".b2nd", ".pkl"):
-            if name.endswith(suffix):
-                found.add(name[:-len(suffix)])
-                break
-    return sorted(found - set(manifest.cases))
-
-
-def write_case(folder: Path, identifier: str, data: np.ndarray, seg: np.ndarray, properties: dict,
-               patch_size: tuple[int, ...]) -> None:
-    """Save one preprocessed case like nnU-Net's preprocessor does (Blosc2, chunking for ``patch_size``)."""
-    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
-
-    data = np.ascontiguousarray(data, dtype=np.float32)
-    seg = np.ascontiguousarray(seg, dtype=np.int16)
-    blocks, chunks = comp_blosc2_params(data.shape, tuple(patch_size), data.itemsize)
-    blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, tuple(patch_size), seg.itemsize)
-    tmp = str(Path(folder) / tmp_name(identifier))
-    nnUNetDatasetBlosc2.save_case(data, seg, properties, tmp, chunks=chunks, blocks=blocks,
-                                  chunks_seg=chunks_seg, blocks_seg=blocks_seg)
-    final = str(Path(folder) / identifier)
-    for suffix in CASE_FILES:
-        os.replace(tmp + suffix, final + suffix)
+    fsync_path(path.parent)

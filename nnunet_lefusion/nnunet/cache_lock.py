@@ -1,18 +1,23 @@
-"""Several writers of one cache folder (processes, or machines sharing the file system).
+"""Kernel locks for several writers of one cache folder (processes, containers, machines sharing the file system).
 
-* ``locked(folder)``: a lock file made with ``O_CREAT | O_EXCL`` holding ``<pid>@<host>``, held only while the
-  manifest is read, changed and replaced. A lock whose holder is gone is broken: on the same host when its pid is
-  dead, from another host when it is older than ``LOCK_STALE_S`` (no update takes that long).
-* ``Writer(folder)``: marks this process as a writer with a heartbeat file ``.writer-<pid>@<host>``, touched every
-  ``HEARTBEAT_S``. A writer is alive when its pid lives (same host) or its heartbeat is fresh (other hosts).
-  Temporary files carry their writer's token, so only a dead writer's temporaries are ever deleted.
+* ``locked(folder)``: an exclusive ``flock`` on the cache's lock file ``.lock``, held only while the manifest is read,
+  changed and replaced. The file is created once and never deleted or renamed; the kernel drops the lock when its
+  holder ends, however it ends (``kill -9`` included), so there is nothing stale to break.
+* ``Writer(folder)``: marks this process as a writer with the file ``.writer-<token>``, on which it holds an
+  exclusive ``flock`` while it writes. A writer is alive exactly while that lock is held (:func:`alive`), whatever
+  its pid or host. Temporary files carry their writer's token, so only a gone writer's temporaries are deleted.
+
+Writer files are created (and locked) and probed only under the cache lock, so a probe never meets a mark that is
+created but not yet locked, and two probes never take each other's probing lock for a live writer.
+On NFS, Linux maps ``flock`` onto NFS byte-range locks, which the server drops when a client dies.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import random
+import secrets
 import socket
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,16 +28,17 @@ from nnunet_lefusion.errors import LeFusionError
 LOCK = ".lock"
 WRITER_PREFIX = ".writer-"
 TMP_PREFIX = ".tmp-"
-HEARTBEAT_S = 10.0
-WRITER_STALE_S = 120.0
-LOCK_STALE_S = 60.0
 LOCK_TIMEOUT_S = 600.0
-HOST = socket.gethostname()
+
+_token: tuple[int, str] = (0, "")
 
 
 def token() -> str:
-    """This process as ``<pid>@<host>``."""
-    return f"{os.getpid()}@{HOST}"
+    """This process as ``<pid>@<host>-<random>``: unique even where pids repeat (containers, a forked child)."""
+    global _token
+    if _token[0] != os.getpid():
+        _token = (os.getpid(), f"{os.getpid()}@{socket.gethostname()}-{secrets.token_hex(4)}")
+    return _token[1]
 
 
 def tmp_name(name: str) -> str:
@@ -40,37 +46,55 @@ def tmp_name(name: str) -> str:
     return f"{TMP_PREFIX}{token()}~{name}"
 
 
-def _pid_alive(pid: int) -> bool:
+def _try_flock(fd: int) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` if it is free; whether it was taken."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return False
-    except PermissionError:
-        return True
     return True
 
 
-def alive(writer: str | None, folder: Path) -> bool:
-    """Whether the writer ``<pid>@<host>`` still runs (other hosts: its heartbeat in ``folder`` is fresh)."""
-    pid, _, host = (writer or "").partition("@")
-    if not pid.isdigit() or not host:
-        return False
-    if host == HOST:
-        return _pid_alive(int(pid))
+@contextmanager
+def locked(folder: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the cache lock of ``folder`` (waiting for it, up to ``timeout`` seconds)."""
+    path = Path(folder) / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        return time.time() - (Path(folder) / f"{WRITER_PREFIX}{writer}").stat().st_mtime < WRITER_STALE_S
-    except FileNotFoundError:
+        deadline = time.monotonic() + timeout
+        while not _try_flock(fd):
+            if time.monotonic() > deadline:
+                raise LeFusionError(f"the cache {folder} stayed locked by another process for {timeout:.0f} s "
+                                    f"({path}); is a writer stuck?")
+            time.sleep(random.uniform(0.005, 0.02))
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def alive(writer: str | None, folder: Path) -> bool:
+    """Whether the writer ``writer`` (a token) of ``folder`` still runs: its writer file is locked. Call it under the
+    cache lock."""
+    if not writer:
         return False
+    try:
+        fd = os.open(Path(folder) / f"{WRITER_PREFIX}{writer}", os.O_RDWR)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    try:
+        return not _try_flock(fd)
+    finally:
+        os.close(fd)
 
 
 def other_writers(folder: Path) -> list[str]:
-    """The live writers of ``folder`` other than this process."""
+    """The live writers of ``folder`` other than this process (under the cache lock)."""
     found = (p.name.removeprefix(WRITER_PREFIX) for p in Path(folder).glob(f"{WRITER_PREFIX}*"))
     return sorted(w for w in found if w != token() and alive(w, folder))
 
 
 def remove_dead_leftovers(folder: Path) -> None:
-    """Delete the temporary and heartbeat files of writers that are gone (a killed run leaves them)."""
+    """Delete the temporary and writer files of writers that are gone (a killed run leaves them); under the lock."""
     for path in Path(folder).iterdir():
         name = path.name
         if name.startswith(TMP_PREFIX):
@@ -79,76 +103,29 @@ def remove_dead_leftovers(folder: Path) -> None:
             writer = name.removeprefix(WRITER_PREFIX)
         else:
             continue
-        if not alive(writer, folder):
+        if writer != token() and not alive(writer, folder):
             path.unlink(missing_ok=True)
 
 
-def _break_if_stale(path: Path) -> None:
-    """Remove the lock ``path`` if its holder is gone; put back a lock that was taken afresh meanwhile."""
-    try:
-        holder, age = path.read_text(), time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        return
-    _, _, host = holder.partition("@")
-    stale = age > LOCK_STALE_S if not holder or host != HOST else not alive(holder, path.parent)
-    if not stale:
-        return
-    aside = path.with_name(f"{LOCK}.stale-{token()}")
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return
-    if aside.read_text() != holder:  # another process broke the stale lock and took it before our rename
-        try:
-            os.link(aside, path)
-        except FileExistsError:
-            pass
-    aside.unlink(missing_ok=True)
-
-
-@contextmanager
-def locked(folder: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Hold the cache lock of ``folder`` (waiting for it, up to ``timeout`` seconds)."""
-    path = Path(folder) / LOCK
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            _break_if_stale(path)
-            if time.monotonic() > deadline:
-                raise LeFusionError(f"the cache {folder} stays locked ({path}); if no writer runs, delete that file")
-            time.sleep(random.uniform(0.01, 0.05))
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(token())
-        break
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
 class Writer:
-    """Context manager: this process is a writer of ``folder`` (heartbeat file, refreshed by a daemon thread)."""
+    """Context manager: this process is a writer of ``folder`` (an exclusive ``flock`` on its writer file)."""
 
     def __init__(self, folder: Path) -> None:
-        self.path = Path(folder) / f"{WRITER_PREFIX}{token()}"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                self.path.touch()
-            except OSError:
-                pass
+        self.folder = Path(folder)
+        self.path = self.folder / f"{WRITER_PREFIX}{token()}"
+        self._fd: int | None = None
 
     def __enter__(self) -> "Writer":
-        self.path.touch()
-        self._thread.start()
+        with locked(self.folder):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _try_flock(fd):
+                os.close(fd)
+                raise LeFusionError(f"{self.path} is locked by another writer with this process's token")
+            self._fd = fd
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self.path.unlink(missing_ok=True)
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # a probe that opened it before sees it locked until the close
+            os.close(self._fd)
+            self._fd = None

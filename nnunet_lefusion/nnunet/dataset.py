@@ -22,7 +22,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset, nnUN
 
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
-from nnunet_lefusion.nnunet.cache import MANIFEST, Manifest, case_files
+from nnunet_lefusion.nnunet.cache_store import CacheStore
 from nnunet_lefusion.synthesis.base import lesion_voxel_counts
 
 RELOAD_S = 30.0  # re-read the manifest at least this often even if its stat looks unchanged
@@ -111,8 +111,8 @@ class SyntheticMixDataset(nnUNetBaseDataset):
         super().__init__(real.source_folder, list(real.identifiers), real.folder_with_segs_from_previous_stage)
         self.real = real
         self.rate = rate
-        self.cache_folder = Path(cache_folder) if cache_folder is not None else None
-        self.watch = watch and self.cache_folder is not None
+        self.store = CacheStore(cache_folder) if cache_folder is not None else None
+        self.watch = watch and self.store is not None
         self.variants = variants
         self.synthetic = (nnUNetDatasetBlosc2(str(cache_folder), sorted(self._sources))
                           if cache_folder is not None and (self.variants or self.watch) else None)
@@ -141,7 +141,7 @@ class SyntheticMixDataset(nnUNetBaseDataset):
     def _refresh(self) -> None:
         """Re-read the manifest if it changed (inode, mtime or size) or was last read ``RELOAD_S`` ago."""
         try:
-            st = os.stat(self.cache_folder / MANIFEST)
+            st = os.stat(self.store.manifest_path)
         except FileNotFoundError:
             return
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -149,7 +149,7 @@ class SyntheticMixDataset(nnUNetBaseDataset):
         if key == self._manifest_key and now - self._manifest_read < RELOAD_S:
             return
         try:
-            variants = Manifest.load(self.cache_folder).variants_by_source()
+            variants = self.store.variants()
         except (LeFusionError, OSError):
             return  # keep the variants known so far; try again on the next load
         self.variants = variants
@@ -173,7 +173,7 @@ class SyntheticMixDataset(nnUNetBaseDataset):
             try:
                 data, seg, _, properties = self.synthetic.load_case(syn_id)
             except Exception:
-                if all(p.is_file() for p in case_files(self.cache_folder, syn_id)):
+                if self.store.has_case_files(syn_id):
                     raise
                 syn_id = None  # retired since the manifest was read: serve the real case
             if syn_id is not None:

@@ -10,17 +10,21 @@
 * **Memory.** The fold's training cases, which the synthesizer draws from, are memory-mapped from a scratch folder
   (``$TMPDIR``), removed at the end: no rank holds them all in its memory.
 * **Writing.** A case is made like ``nnUNetv2_lefusion_synthesize`` makes one (``prepare_synthesis``,
-  ``choose_proposals``, ``render_many``) and stored through the same ``store_case``: nnU-Net's preprocessor,
-  Blosc2 files under temporary names renamed into place, then listed in the manifest under the cache lock. Case
-  numbers come from the manifest (``reserve_index``, under the lock), so ranks and offline runs never collide.
-* **Pool.** In that same manifest update the oldest online cases beyond ``pool_max`` are unlisted; their files are
-  deleted after the manifest is saved. Cases of offline runs (an existing cache) are kept and used, never retired.
+  ``choose_proposals``, ``render_many``) and stored through the same ``store_case`` into the same
+  :class:`~nnunet_lefusion.nnunet.cache_store.CacheStore`: nnU-Net's preprocessor, Blosc2 files flushed to disk,
+  then listed in the manifest under the cache lock. Case numbers come from the manifest
+  (``CacheStore.reserve_index``, under the lock), so ranks and offline runs never collide.
+* **Pool.** Each rank's run has its own pool: in that same manifest update the oldest cases of its pool beyond its
+  share of ``pool_max`` (``pool_max // world``, at least 1) are unlisted; their files are deleted after the manifest
+  is saved. Another training of the same fold has its own pools, so neither retires the other's cases; a run
+  started again (``--c``) adopts the cases of runs whose writer is gone. Cases of offline runs (an existing cache)
+  are kept and used, never retired.
 * **Workers** (``SyntheticMixDataset(watch=True)``) re-read the manifest when it changes and fall back to the real
   case if a picked case was retired meanwhile.
 * **DDP** (``nnUNetv2_train -num_gpus N``): every rank is a process with its own trainer, DA workers and producer on
   its own GPU (``self.device``, ``cuda:local_rank``); each makes its share, seeded by ``(seed, rank, epoch, k)``,
-  into the one pool (shared cache folder, cache lock). The trainer sums the per-epoch counts over the ranks
-  (``torch.distributed.all_reduce``) before rank 0 logs and writes them.
+  into its pool of the one cache (shared cache folder, cache lock). The trainer sums the per-epoch counts over the
+  ranks (``torch.distributed.all_reduce``) before rank 0 logs and writes them.
 """
 from __future__ import annotations
 
@@ -36,21 +40,23 @@ import numpy as np
 from nnunet_lefusion.config import TrainerSettings
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
-from nnunet_lefusion.nnunet.cache import MANIFEST, ONLINE, Manifest, recorded_labels
+from nnunet_lefusion.nnunet.cache import ONLINE, Manifest, recorded_labels
 from nnunet_lefusion.nnunet.cache_lock import Writer
+from nnunet_lefusion.nnunet.cache_store import CacheStore
 from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.online_budget import RankBudget
 from nnunet_lefusion.nnunet.preprocess import mapped_raw_case
 from nnunet_lefusion.nnunet.provenance import check_no_leak
 from nnunet_lefusion.nnunet.synthesize import (Slot, SynthesizerOptions, check_generator_files, choose_proposals,
-                                               generator_paths, generator_records, prepare_folder, prepare_synthesis,
-                                               reserve_index, start_online_run, store_case, with_shipped_generators)
+                                               generator_paths, generator_records, prepare_synthesis, start_online_run,
+                                               store_case, with_shipped_generators)
 
 
 def online_labels(ctx: DatasetContext, folder: Path) -> LesionLabels:
     """The lesion labels online synthesis uses: those of the cache in ``folder`` (checked against this fold) if it
     exists, else those named in dataset.json; ``LeFusionError`` if neither gives them."""
-    manifest = Manifest.load(folder) if (Path(folder) / MANIFEST).is_file() else None
+    store = CacheStore(folder)
+    manifest = store.load() if store.exists() else None
     if manifest is not None:
         manifest.check_matches(ctx, ctx.split[0], folder)
     try:
@@ -104,8 +110,8 @@ class OnlineProducer:
 
     def __init__(self, ctx: DatasetContext, folder: Path, labels: LesionLabels, settings: TrainerSettings,
                  device: str, rank: int = 0, world_size: int = 1, log=print) -> None:
-        self.ctx, self.folder, self.labels, self.settings = ctx, Path(folder), labels, settings
-        self.device, self.rank, self.log = device, rank, log
+        self.ctx, self.store, self.labels, self.settings = ctx, CacheStore(folder), labels, settings
+        self.device, self.rank, self.world_size, self.log = device, rank, world_size, log
         self.budget = RankBudget(settings.online_cases_per_epoch, settings.online_time_share, rank, world_size,
                                  ddp_case_limit_s())
         self.writer: Writer | None = None
@@ -118,8 +124,8 @@ class OnlineProducer:
     def start(self) -> Manifest:
         """Set up the synthesizer on the fold's training cases and open (or create) the cache; its manifest."""
         options, generators = online_generators(self.ctx, self.labels, self.settings, self.device)
-        prepare_folder(self.folder)
-        self.writer = Writer(self.folder).__enter__()
+        self.store.prepare()
+        self.writer = self.store.writer().__enter__()
         try:
             return self._start(options, generators)
         except BaseException:
@@ -136,7 +142,7 @@ class OnlineProducer:
                    "mix": self.plan.mix, "target_share": {str(k): v for k, v in self.plan.target_share.items()},
                    "candidates": self.plan.candidates, "sampling": options.mode,
                    "histogram_matching": options.histogram_matching, "generators": generator_paths(generators)}
-        manifest, self.run = start_online_run(self.ctx, self.folder, self.labels, cases, request, generators,
+        manifest, self.run = start_online_run(self.ctx, self.store, self.labels, cases, request, generators,
                                               self.rank)
         self.totals = manifest.lesion_voxel_totals()
         self.initial_ids = set(manifest.cases)
@@ -146,7 +152,7 @@ class OnlineProducer:
                  f"{self.rank} makes " + ("cases" if share is None else f"{share} case(s) per epoch")
                  + ", at most one per step"
                  + (f", at most {self.settings.online_time_share:.0%} of the time" if self.settings.online_time_share
-                    else "") + f"; pool of at most {self.settings.pool_max} online cases in {self.folder}")
+                    else "") + f"; a pool of at most {self.pool_share()} online cases in {self.store.folder}")
         return manifest
 
     def epoch_start(self) -> None:
@@ -165,7 +171,7 @@ class OnlineProducer:
         kind = self.plan.next_kind(self.kinds)
         rng = np.random.default_rng([self.settings.seed, self.rank, epoch, self.budget.tried])
         seed = int(rng.integers(2 ** 31))
-        index = reserve_index(self.folder)
+        index = self.store.reserve_index()
         slot = Slot(index, kind, int(rng.integers(len(self.pools[kind]))), seed)
         proposal = choose_proposals(self.synthesizer, self.pools, [slot], self.plan, self.labels, self.totals,
                                     {index})[index]
@@ -174,7 +180,7 @@ class OnlineProducer:
         syn_id = f"{source}__syn{index:04d}"
         provenance = {"source": source, "seed": seed, "run": self.run["id"], "slot": index, **synthetic.provenance,
                       ONLINE: {"rank": self.rank, "epoch": epoch, "time": round(time.time(), 3)}}
-        retired = store_case(self.ctx, self.folder, syn_id, synthetic.case, provenance, self.settings.pool_max)
+        retired = store_case(self.ctx, self.store, syn_id, synthetic.case, provenance, self.pool_share())
         for label, n in synthetic.provenance.get("lesion_voxels", {}).items():
             self.totals[label] = self.totals.get(label, 0) + int(n)
         self.kinds[kind] = self.kinds.get(kind, 0) + 1
@@ -187,9 +193,14 @@ class OnlineProducer:
         return {"produced": b.made, "failed": b.failed, "retired": self.retired, "synthesis_s": b.synthesis_time,
                 "target": b.share or 0}
 
+    def pool_share(self) -> int:
+        """The online cases this rank's run keeps: its share of ``pool_max`` (at least 1)."""
+        n = self.settings.pool_max
+        return max(1, n // self.world_size + (1 if self.rank < n % self.world_size else 0))
+
     def pool_sizes(self) -> tuple[int, int]:
         """(online cases, all cases) the manifest lists now."""
-        manifest = Manifest.load(self.folder)
+        manifest = self.store.load()
         return len(manifest.online_ids()), len(manifest.cases)
 
     def close(self) -> None:

@@ -9,7 +9,6 @@ killed run, started again with the same command, takes over its part and makes o
 from __future__ import annotations
 
 import json
-import shutil
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,10 +23,9 @@ from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.masks import MaskGenerator, RuleBasedMaskGenerator
 from nnunet_lefusion.model.checkpoint import read_meta
-from nnunet_lefusion.nnunet.cache import (MANIFEST, Manifest, default_cache_folder, remove_case_files,
-                                          unlisted_cases, write_case)
-from nnunet_lefusion.nnunet.cache_lock import (LOCK, TMP_PREFIX, WRITER_PREFIX, Writer, alive, locked, other_writers,
-                                               remove_dead_leftovers, token)
+from nnunet_lefusion.nnunet.cache import Manifest
+from nnunet_lefusion.nnunet.cache_lock import token
+from nnunet_lefusion.nnunet.cache_store import CacheStore
 from nnunet_lefusion.nnunet.context import DatasetContext, check_parts, part_of
 from nnunet_lefusion.nnunet.provenance import check_no_leak
 from nnunet_lefusion.nnunet.preprocess import load_raw_case, preprocess_case
@@ -233,35 +231,13 @@ def choose_proposals(synthesizer: Synthesizer, pools: dict[str, list[RawCase]], 
     return chosen
 
 
-def check_folder(folder: Path) -> None:
-    """Refuse a cache path that is a file, or a folder that holds something other than a cache."""
-    control = (LOCK, WRITER_PREFIX, TMP_PREFIX)
-    if folder.exists() and (not folder.is_dir() or not (folder / MANIFEST).exists() and any(
-            not p.name.startswith(control) for p in folder.iterdir())):
-        raise LeFusionError(f"{folder} exists and is not a LeFusion cache; choose an empty or new folder")
-
-
-def prepare_folder(folder: Path) -> None:
-    """Create the cache folder (see :func:`check_folder`)."""
-    check_folder(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-
-
-def _clear(folder: Path) -> None:
-    """``--overwrite``: delete the cache's contents (the caller holds the lock and checked for other writers)."""
-    for path in folder.iterdir():
-        if path.name != LOCK and path.name != f"{WRITER_PREFIX}{token()}":
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def join_run(manifest: Manifest, folder: Path, request: dict, plan: SynthesisPlan, part_id: int,
+def join_run(manifest: Manifest, store: CacheStore, request: dict, plan: SynthesisPlan, part_id: int,
              generators: list[dict]) -> dict:
     """The run this process works on: an unfinished run of the same request whose part has no live writer (a
     parallel part, or a killed run started again), else a new run appended to the cache."""
     for run in manifest.runs:
         done = sum(1 for c in manifest.cases.values() if c["run"] == run["id"])
-        if run["request"] == request and done < run["num_cases"] and not alive(run["parts"].get(str(part_id)),
-                                                                                  folder):
+        if run["request"] == request and done < run["num_cases"] and not store.alive(run["parts"].get(str(part_id))):
             run["parts"][str(part_id)] = token()
             return run
     run = {"id": len(manifest.runs), "request": request, "first": manifest.next_index,
@@ -273,41 +249,38 @@ def join_run(manifest: Manifest, folder: Path, request: dict, plan: SynthesisPla
     return run
 
 
-def existing_manifest(ctx: DatasetContext, folder: Path) -> Manifest:
+def existing_manifest(ctx: DatasetContext, store: CacheStore) -> Manifest:
     """The manifest of the cache to add to, refused unless it matches these plans, fold and raw labels."""
-    manifest = Manifest.load(folder)
+    manifest = store.load()
     try:
-        manifest.check_matches(ctx, ctx.split[0], folder)
+        manifest.check_matches(ctx, ctx.split[0], store.folder)
     except LeFusionError as exc:
         raise LeFusionError(f"{exc} (use --overwrite to replace it)") from None
     return manifest
 
 
-def open_manifest(ctx: DatasetContext, folder: Path, labels: LesionLabels, cases: list[RawCase]) -> Manifest:
+def open_manifest(ctx: DatasetContext, store: CacheStore, labels: LesionLabels, cases: list[RawCase]) -> Manifest:
     """Under the cache lock: the checked manifest of the cache, or a new one (not saved yet); removes the leftovers
-    of dead writers."""
-    remove_dead_leftovers(folder)
-    if (folder / MANIFEST).exists():
-        return existing_manifest(ctx, folder)
+    of gone writers."""
+    store.remove_dead_leftovers()
+    if store.exists():
+        return existing_manifest(ctx, store)
     manifest = Manifest.for_context(ctx)
     manifest.lesion_labels = labels.to_dict()
     manifest.real_lesion_voxels = real_lesion_voxels(cases, labels)
     return manifest
 
 
-def start_run(ctx: DatasetContext, folder: Path, overwrite: bool, request: dict, plan: SynthesisPlan,
+def start_run(ctx: DatasetContext, store: CacheStore, overwrite: bool, request: dict, plan: SynthesisPlan,
               part_id: int, generators: list[dict], labels: LesionLabels,
               cases: list[RawCase]) -> tuple[dict, set[int]]:
     """Under the cache lock: (re)start the cache if needed, join or append a run; (run entry, slots done)."""
-    with locked(folder):
+    with store.locked():
         if overwrite:
-            others = other_writers(folder)
-            if others:
-                raise LeFusionError(f"--overwrite refused: {folder} is being written by {', '.join(others)}")
-            _clear(folder)
-        manifest = open_manifest(ctx, folder, labels, cases)
-        run = join_run(manifest, folder, request, plan, part_id, generators)
-        manifest.save(folder)
+            store.clear()
+        manifest = open_manifest(ctx, store, labels, cases)
+        run = join_run(manifest, store, request, plan, part_id, generators)
+        store.save(manifest)
     return run, {c["slot"] for c in manifest.cases.values() if c["run"] == run["id"]}
 
 
@@ -345,22 +318,22 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
     check_parts(num_parts, part_id)
     ctx.check_single_stage()
     options = with_shipped_generators(method, options or SynthesizerOptions(), labels, plan)
-    folder = Path(cache_folder) if cache_folder else default_cache_folder(ctx)
-    check_folder(folder)
+    store = CacheStore.for_context(ctx, cache_folder)
+    store.check_folder()
     check_generator_files(method, options, labels)
     generators = generator_records(method, options)
     check_no_leak(generators, ctx.held_out_hashes(), ctx.fold, "refused")
-    if not overwrite and (folder / MANIFEST).exists():
-        existing_manifest(ctx, folder)  # refused before any work
+    if not overwrite and store.exists():
+        existing_manifest(ctx, store)  # refused before any work
     cases, synthesizer, pools, plan = prepare_synthesis(ctx, labels, method, plan, options)
     request = json.loads(json.dumps({
         "method": method, "num_cases": num_cases, "seed": seed, "mix": plan.mix, "target_share": plan.target_share,
         "candidates": plan.candidates, "num_parts": num_parts, "sampling": options.mode,
         "histogram_matching": options.histogram_matching, "generators": generator_paths(generators)},
         sort_keys=True))
-    prepare_folder(folder)
-    with Writer(folder):
-        run, done = start_run(ctx, folder, overwrite, request, plan, part_id, generators, labels, cases)
+    store.prepare()
+    with store.writer():
+        run, done = start_run(ctx, store, overwrite, request, plan, part_id, generators, labels, cases)
         slots = run_slots(run, plan)[0]
         size = getattr(synthesizer, "batch_size", 1)
         batches = part_of([slots[b:b + size] for b in range(0, len(slots), size)], num_parts, part_id)
@@ -375,60 +348,44 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
                 rendered = synthesizer.render_many(proposals, np.random.default_rng(batch[0].seed))
                 for slot, proposal, synthetic in zip(batch, proposals, rendered):
                     if slot.index not in done:
-                        _store(ctx, folder, run, slot, proposal, synthetic)
+                        _store(ctx, store, run, slot, proposal, synthetic)
                         bar.update(1)
-    return folder, Manifest.load(folder)
+    return store.folder, store.load()
 
 
-def _store(ctx: DatasetContext, folder: Path, run: dict, slot: Slot, proposal: Proposal, synthetic) -> None:
+def _store(ctx: DatasetContext, store: CacheStore, run: dict, slot: Slot, proposal: Proposal, synthetic) -> None:
     """Store the case of an offline run's slot."""
     provenance = {"source": proposal.target.identifier, "seed": slot.seed, "run": run["id"], "slot": slot.index,
                   **synthetic.provenance}
-    store_case(ctx, folder, f"{proposal.target.identifier}__syn{slot.index:04d}", synthetic.case, provenance)
+    store_case(ctx, store, f"{proposal.target.identifier}__syn{slot.index:04d}", synthetic.case, provenance)
 
 
-def store_case(ctx: DatasetContext, folder: Path, syn_id: str, case: RawCase, provenance: dict,
+def store_case(ctx: DatasetContext, store: CacheStore, syn_id: str, case: RawCase, provenance: dict,
                pool_max: int | None = None) -> list[str]:
-    """The one way a synthetic case enters a cache: preprocess it with nnU-Net, write its files, then list it in
-    the manifest (under the lock). With ``pool_max`` (online mode) the oldest online cases beyond it are unlisted
-    in the same manifest update and their files deleted after it; returns their identifiers."""
+    """The one way a synthetic case enters a cache: preprocess it with nnU-Net and add it to ``store`` (see
+    :meth:`CacheStore.add`; ``pool_max``: online mode's pool of the case's run); the retired identifiers."""
     data, seg, properties = preprocess_case(ctx, case)
     properties["lefusion"] = provenance
-    write_case(folder, syn_id, data, seg, properties, ctx.configuration_manager.patch_size)
-    with locked(folder):
-        manifest = Manifest.load(folder)
-        manifest.cases[syn_id] = provenance
-        retired = manifest.retire_online(pool_max) if pool_max is not None else []
-        manifest.save(folder)
-    remove_case_files(folder, retired)
-    return retired
+    return store.add(syn_id, data, seg, properties, ctx.configuration_manager.patch_size, provenance, pool_max)
 
 
-def reserve_index(folder: Path) -> int:
-    """Under the cache lock: the next case number (an online case's number; offline runs reserve ranges)."""
-    with locked(folder):
-        manifest = Manifest.load(folder)
-        index = manifest.next_index
-        manifest.next_index += 1
-        manifest.save(folder)
-    return index
-
-
-def start_online_run(ctx: DatasetContext, folder: Path, labels: LesionLabels, cases: list[RawCase], request: dict,
-                     generators: list[dict], part: int) -> tuple[Manifest, dict]:
+def start_online_run(ctx: DatasetContext, store: CacheStore, labels: LesionLabels, cases: list[RawCase],
+                     request: dict, generators: list[dict], part: int) -> tuple[Manifest, dict]:
     """Under the cache lock: open (or create) the cache for online synthesis and add this process's run entry (it
-    records the generators, so later checks see them). The caller is a ``Writer`` of ``folder`` already. If no
-    other writer is alive, case files the manifest does not list (a killed online run's) are deleted."""
-    prepare_folder(folder)
-    with locked(folder):
-        manifest = open_manifest(ctx, folder, labels, cases)
-        if not other_writers(folder):
-            remove_case_files(folder, unlisted_cases(folder, manifest))
+    records the generators, so later checks see them), whose pool adopts the online cases of runs whose writers
+    are gone. The caller is a writer of ``store`` already. If no other writer is alive, case files the manifest
+    does not list (a killed online run's) are deleted."""
+    store.prepare()
+    with store.locked():
+        manifest = open_manifest(ctx, store, labels, cases)
+        if not store.other_writers():
+            store.remove_case_files(store.unlisted_cases(manifest))
         run = {"id": len(manifest.runs), "request": request, "first": manifest.next_index, "num_cases": 0,
                "position": {}, "totals": {}, "parts": {str(part): token()}, "generators": generators,
                "online": True}
         manifest.runs.append(run)
-        manifest.save(folder)
+        store.adopt_orphaned_pools(manifest, run["id"])
+        store.save(manifest)
     return manifest, run
 
 
