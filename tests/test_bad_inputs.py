@@ -100,6 +100,9 @@ CASES = [
     ("train_masks-bad-device", MASKS + ["--device", "banana"], {}, [], "banana"),
     ("train_masks-too-few-cases", ["nnUNetv2_lefusion_train_masks", "-d", "995", "-f", "0", "-o",
                                    "{base}/masks_out"], SMALL, [], "5-fold"),
+    ("convert-emidec-not-a-folder", ["nnUNetv2_lefusion_convert_emidec", "{base}/no_release", "-d", "115"], {}, [],
+     "is not a folder"),
+    ("convert-emidec-no-case", ["nnUNetv2_lefusion_convert_emidec", "{base}", "-d", "115"], {}, [], "holds no case"),
     ("sample-missing-checkpoint", SAMPLE + ["--checkpoint", "{base}/none.pt"], {}, [], "does not exist"),
     ("sample-mask-generator-as-sampler", SAMPLE + ["--checkpoint", "{masks}"], {}, [], "not a LeFusion sampler"),
     ("sample-strided-steps-official", SAMPLE + ["--checkpoint", "{masks}", "--mode", "official",
@@ -241,7 +244,7 @@ def test_every_command_is_covered():
 
     setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
     commands = set(re.findall(r'"(nnUNetv2_lefusion_\w+)=', setup)) | {"nnUNetv2_train"}
-    assert len(commands) == 10 and commands == {c[1][0] for c in CASES}, commands ^ {c[1][0] for c in CASES}
+    assert len(commands) == 11 and commands == {c[1][0] for c in CASES}, commands ^ {c[1][0] for c in CASES}
     assert len(CASES) >= 25
 
 

@@ -20,6 +20,7 @@ from nnunet_lefusion.diffusion.schedule import CosineSchedule
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.model import ModelConfig
 from nnunet_lefusion.nnunet.cache import Manifest
+from nnunet_lefusion.nnunet.online import synthesizer_options
 from nnunet_lefusion.phantom import case_rng, generate_case
 from nnunet_lefusion.synthesis.lefusion import LesionSampler, resynthesize
 from tests.nnunet_helpers import one_error_line
@@ -142,9 +143,9 @@ def test_clusters_setting_flows_from_yaml_and_environment(release, tmp_path, mon
     settings = tmp_path / "lefusion.yaml"
     settings.write_text(f"clusters: {release['dark']}\n")
     monkeypatch.setenv("LEFUSION_CONFIG", str(settings))
-    assert load_settings().synthesizer_options("cpu").clusters == str(release["dark"])
+    assert synthesizer_options(load_settings(), "cpu").clusters == str(release["dark"])
     monkeypatch.setenv("LEFUSION_CLUSTERS", str(release["clusters"]))
-    assert load_settings().synthesizer_options("cpu").clusters == str(release["clusters"]), \
+    assert synthesizer_options(load_settings(), "cpu").clusters == str(release["clusters"]), \
         "the variable overrides the settings file"
 
 
