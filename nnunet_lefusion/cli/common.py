@@ -56,3 +56,17 @@ def add_parts_arguments(parser, what: str, together: str) -> None:
                              f"-part_id, at the same time (other processes or machines sharing the output folder); "
                              f"together they give {together} (default 1)")
     parser.add_argument("-part_id", type=int, default=0, help="which part this process runs, 0 .. -num_parts - 1")
+
+
+def add_raw_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``-o/--output-root`` and ``--overwrite`` of a command that writes an nnU-Net raw dataset."""
+    parser.add_argument("-o", "--output-root", help="folder to write the dataset into (default: $nnUNet_raw)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the same id")
+
+
+def raw_output_root(args: argparse.Namespace) -> str:
+    """Where the dataset goes: ``--output-root`` or ``$nnUNet_raw``; a ``LeFusionError`` if neither is given."""
+    root = args.output_root or os.environ.get("nnUNet_raw")
+    if not root:
+        raise LeFusionError("nnUNet_raw is not set; export it or pass -o/--output-root")
+    return root

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
-from nnunet_lefusion.cli.common import cli_main
+from nnunet_lefusion.cli.common import add_raw_output_arguments, cli_main, raw_output_root
 from nnunet_lefusion.emidec import convert_emidec
-from nnunet_lefusion.errors import LeFusionError
 
 
 @cli_main
@@ -20,13 +18,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nnUNetv2_lefusion_convert_emidec", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", metavar="SRC", help="the Emidec release folder (holds Case_N012/, Case_P001/, ...)")
     parser.add_argument("-d", dest="dataset_id", type=int, required=True, help="dataset id, e.g. 115")
-    parser.add_argument("-o", "--output-root", help="folder to write the dataset into (default: $nnUNet_raw)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the same id")
+    add_raw_output_arguments(parser)
     args = parser.parse_args(argv)
 
-    root = args.output_root or os.environ.get("nnUNet_raw")
-    if not root:
-        raise LeFusionError("nnUNet_raw is not set; export it or pass -o/--output-root")
+    root = raw_output_root(args)
     folder = convert_emidec(args.source, args.dataset_id, root, args.overwrite)
     counts = json.loads((folder / "dataset.json").read_text())["lefusion_emidec"]
     print(f"wrote {folder}: {counts['pathological']} pathological and {counts['normal']} normal cases; next: "

@@ -6,10 +6,8 @@ Cases ``Case_P001``... carry an infarct (some with no-reflow), ``Case_N001``... 
 from __future__ import annotations
 
 import argparse
-import os
 
-from nnunet_lefusion.cli.common import cli_main, seed_value
-from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.cli.common import add_raw_output_arguments, cli_main, raw_output_root, seed_value
 from nnunet_lefusion.phantom import DEFAULT_NAME, FOVS, write_dataset
 
 
@@ -25,13 +23,10 @@ def main(argv: list[str] | None = None) -> None:
                              "around the heart, fast to train (default thorax)")
     parser.add_argument("--normal-fraction", type=float, default=1 / 3,
                         help="fraction of normal cases without lesion (default 1/3, as in Emidec)")
-    parser.add_argument("-o", "--output-root", help="folder to write the dataset into (default: $nnUNet_raw)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the same id")
+    add_raw_output_arguments(parser)
     args = parser.parse_args(argv)
 
-    root = args.output_root or os.environ.get("nnUNet_raw")
-    if not root:
-        raise LeFusionError("nnUNet_raw is not set; export it or pass -o/--output-root")
+    root = raw_output_root(args)
     folder = write_dataset(args.dataset_id, args.num_cases, args.seed, root, name=args.name, fov=args.fov,
                            normal_fraction=args.normal_fraction, overwrite=args.overwrite)
     print(f"wrote {args.num_cases} cases to {folder}")
