@@ -13,7 +13,7 @@ and ``splits_final.json`` of the training dataset gets fold 0 = (G + P, V), the 
 (``--split-fold 0``), and fold 1 = (G, V), the generators' and the probes' (``-f 1``, ``--split-fold 1``). So the
 generators never see a validation, probe or test case. The split is recorded in ``split_<train>_<test>.json``.
 
-Run: ``PYTHONPATH=. .venv/bin/python -m benchmarks.real_split ../shared/emidec_dev/Dataset201_EmidecPNG
+Run: ``PYTHONPATH=. .venv/bin/python -m benchmarks.real_split SRC
 --train-id 202 --test-id 203 --probe-id 204 [--test-fraction 0.3] [--val-cases 5] [--probe-cases 10] [--seed 0]
 [--margin 20]`` (writes into
 ``$nnUNet_raw`` and the splits file into ``$nnUNet_preprocessed``).

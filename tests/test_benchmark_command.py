@@ -156,7 +156,7 @@ def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes
 
     done = run_cli("nnUNetv2_lefusion_benchmark", *cmd[1:], "-part_id", "1", env=env)   # completes the benchmark
     assert real_done.stat().st_mtime_ns == finished, "a finished run was redone"
-    assert done.stdout.strip().splitlines()[-1].startswith("headline: Dice ")
+    assert done.stdout.strip().splitlines()[-1].startswith("headline (nnU-Net convention")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["arms"] == ["real", "copypaste"] and summary["seeds"] == 1 and summary["cpu_bf16"] is native_bf16
     assert summary["cpu_bf16_per_run"] == {"real/seed_0": native_bf16, "copypaste/seed_0": native_bf16}

@@ -177,7 +177,7 @@ def test_online_mode_runs_the_official_release(phantom_dataset, release, tmp_pat
         monkeypatch.setenv(key, value)
     trainer = make_trainer(phantom_dataset)
     trainer.get_tr_and_val_datasets()
-    producer = trainer.lefusion_online
+    producer = trainer.lefusion_source
     try:
         assert producer.synthesizer.sampler.clusters.centers == [BRIGHT[0] + BRIGHT[1]]
         made = producer.produce(epoch=0)

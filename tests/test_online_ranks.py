@@ -40,7 +40,7 @@ class FileProducer(OnlineProducer):
         elif what == "slow":
             time.sleep(self.budget.case_limit_s + 0.5)
         name = f"rank{self.rank}_epoch{epoch}_{self.budget.tried}"
-        (self.folder / name).write_text("case")
+        (self.store.folder / name).write_text("case")
         return name
 
 
