@@ -9,6 +9,11 @@ import numpy as np
 BOOTSTRAP = 10_000
 
 
+def _json_ready(self) -> dict:
+    """A figure's fields as a dict for JSON, NaN as None."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in vars(self).items()}
+
+
 @dataclass(frozen=True)
 class Estimate:
     """A mean with its 95 % bootstrap interval, the number of (case, seed) values behind it and, for a paired
@@ -20,8 +25,7 @@ class Estimate:
     n: int
     p: float | None = None
 
-    def to_dict(self) -> dict:
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in vars(self).items()}
+    to_dict = _json_ready
 
 
 def _nanmean_rows(values: np.ndarray) -> np.ndarray:
@@ -76,8 +80,7 @@ class RunLevel:
     runs: int
     p: float | None = None
 
-    def to_dict(self) -> dict:
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in vars(self).items()}
+    to_dict = _json_ready
 
 
 def t_interval(values: np.ndarray) -> tuple[float, float, float]:
