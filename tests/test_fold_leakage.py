@@ -14,7 +14,7 @@ from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.model.checkpoint import META_KEY, read_meta
 from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.provenance import check_no_leak, label_hash
-from nnunet_lefusion.nnunet.synthesize import SynthesizerOptions, generator_records
+from nnunet_lefusion.nnunet.generators import SynthesizerOptions, generator_records
 from nnunet_lefusion.nnunet.trainer import nnUNetTrainerLeFusion
 from tests.nnunet_helpers import error_lines, run_cli
 

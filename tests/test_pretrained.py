@@ -11,7 +11,7 @@ import pytest
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.model.checkpoint import read_meta
-from nnunet_lefusion.nnunet.synthesize import SynthesizerOptions, with_shipped_generators
+from nnunet_lefusion.nnunet.generators import SynthesizerOptions, with_shipped_generators
 from nnunet_lefusion.phantom import generate_case
 from nnunet_lefusion.pretrained import SHIPPED
 from nnunet_lefusion.synthesis.lefusion import LesionSampler, sampler_config

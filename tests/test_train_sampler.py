@@ -22,7 +22,7 @@ from nnunet_lefusion.phantom import write_dataset
 from nnunet_lefusion.pretrained import SHIPPED
 from nnunet_lefusion.model.checkpoint import META_KEY, OPTIMIZER_KEY, load_checkpoint
 from nnunet_lefusion.nnunet.provenance import check_no_leak, label_hash
-from nnunet_lefusion.nnunet.synthesize import SynthesizerOptions, generator_records
+from nnunet_lefusion.nnunet.generators import SynthesizerOptions, generator_records
 from nnunet_lefusion.training.loop import FINAL, LATEST, LOG_NAME, TrainConfig, train
 from nnunet_lefusion.synthesis.lefusion import LesionSampler
 from nnunet_lefusion.roi import covering_rois

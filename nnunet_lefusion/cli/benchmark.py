@@ -68,7 +68,7 @@ def generator_args(args: argparse.Namespace, arms: tuple[str, ...], roles: Lesio
     """synthesize flags of every synthesis arm, checked before anything runs (default sampler and mask generator:
     the shipped ones where the labels fit them; the rule-based masks otherwise). The arms that rebalance the rarest
     lesion class (copypaste, lefusion_masks) get one and the same ``--target-share``."""
-    from nnunet_lefusion.nnunet.synthesize import SynthesizerOptions, check_generator_files
+    from nnunet_lefusion.nnunet.generators import SynthesizerOptions, check_generator_files
 
     if args.sampler and not any(ARMS[n].method == "lefusion" for n in arms):
         raise LeFusionError(f"--sampler is used by the lefusion arms only, and none of {', '.join(arms)} is one")

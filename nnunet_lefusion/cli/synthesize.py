@@ -6,12 +6,14 @@ from pathlib import Path
 
 from nnunet_lefusion.cli.common import (add_device_argument, add_parts_arguments, check_device, cli_main,
                                         seed_value)
+from nnunet_lefusion.config import METHODS
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import resolve_lesion_labels
 from nnunet_lefusion.nnunet.cache_store import CacheStore
 from nnunet_lefusion.nnunet.context import DatasetContext
+from nnunet_lefusion.nnunet.generators import SynthesizerOptions
 from nnunet_lefusion.nnunet.preview import export_nifti, write_previews
-from nnunet_lefusion.nnunet.synthesize import METHODS, SynthesizerOptions, synthesize_cache
+from nnunet_lefusion.nnunet.synthesize import synthesize_cache
 from nnunet_lefusion.synthesis.plan import SynthesisPlan
 
 

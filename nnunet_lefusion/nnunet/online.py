@@ -47,9 +47,11 @@ from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.online_budget import RankBudget
 from nnunet_lefusion.nnunet.preprocess import mapped_raw_case
 from nnunet_lefusion.nnunet.provenance import check_no_leak
-from nnunet_lefusion.nnunet.synthesize import (Slot, SynthesizerOptions, check_generator_files, choose_proposals,
-                                               generator_paths, generator_records, prepare_synthesis, start_online_run,
-                                               store_case, with_shipped_generators)
+from nnunet_lefusion.nnunet.cache_runs import start_online_run, store_case
+from nnunet_lefusion.nnunet.generators import (SynthesizerOptions, check_generator_files, generator_paths,
+                                               generator_records, with_shipped_generators)
+from nnunet_lefusion.nnunet.slots import Slot, choose_proposals
+from nnunet_lefusion.nnunet.synthesize import prepare_synthesis
 
 
 def online_labels(ctx: DatasetContext, folder: Path) -> LesionLabels:
