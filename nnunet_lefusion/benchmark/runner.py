@@ -187,6 +187,8 @@ class Run:
         """The environment of this run's commands: its nnU-Net folders and its settings file (written by
         :meth:`execute`); the caller's ``LEFUSION_*`` variables are left out, so they cannot change a run."""
         env = {k: v for k, v in os.environ.items() if k not in ENV_VARIABLES}
+        # nnU-Net's validation and export spawn nnUNet_def_n_proc workers (8 by default): no more than the cores
+        env.setdefault("nnUNet_def_n_proc", str(min(8, os.cpu_count() or 1)))
         env.update(nnUNet_preprocessed=str(self.setup.out / "nnUNet_preprocessed"),
                    nnUNet_results=str(self.folder / "nnUNet_results"), nnUNet_compile="false",
                    LEFUSION_CONFIG=str(self.settings_file))
