@@ -126,19 +126,22 @@ def test_the_estimate_follows_a_training_step_measured_here(phantom_dataset, one
 @pytest.mark.slow
 def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes_the_summary(phantom_dataset,
                                                                                            tmp_path):
+    """The three arms real, real_balanced and rebalanced copy-paste in two parts (part 0: real and copypaste, part 1:
+    real_balanced, killed in its training and started again)."""
     out = tmp_path / "bench"
     cmd = [str(BIN / "nnUNetv2_lefusion_benchmark"), "-d", "990", "-c", "3d_fullres", "-o", str(out),
-           "--preset", "tiny", "--train-cases", "5", "-device", "cpu", "-num_parts", "2"]
+           "--preset", "tiny", "--arms", "real_balanced,copypaste", "--train-cases", "5", "-device", "cpu",
+           "-num_parts", "2"]
     # a user's LEFUSION_* variable does not reach the runs: each run hands its trainer its own settings file
     env = {**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0", "LEFUSION_RATE": "0.9"}
-    # both parts start together (they share the test set and the linked preprocessed folder); part 1 (copypaste)
+    # both parts start together (they share the test set and the linked preprocessed folder); part 1 (real_balanced)
     # is killed in its training, with its nnU-Net child (the whole job, as kill -9 of a process group or a
     # scheduler does: the child alone would go on training beside the resumed run)
     second = subprocess.Popen(cmd + ["-part_id", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     first = subprocess.Popen(cmd + ["-part_id", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
-    other_log = out / "runs" / "copypaste" / "seed_0" / "log.txt"
+    other_log = out / "runs" / "real_balanced" / "seed_0" / "log.txt"
     deadline = time.time() + 900
     while not (other_log.is_file() and "=== train" in other_log.read_text()) and second.poll() is None:
         assert time.time() < deadline, "part 1 never reached its training"
@@ -148,7 +151,7 @@ def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes
     first_output = first.communicate(timeout=900)[0]
     assert first.returncode == 0 and "1 run(s) of the other parts are not" in first_output, first_output[-2000:]
     real_done = out / "runs" / "real" / "seed_0" / "metrics.json"
-    assert real_done.is_file() and not (out / "runs" / "copypaste" / "seed_0" / "metrics.json").exists()
+    assert real_done.is_file() and not (out / "runs" / "real_balanced" / "seed_0" / "metrics.json").exists()
     native_bf16 = cpu_has_native_bf16()   # the preset's cpu_bf16 applies where the CPU has bf16 in hardware
     assert (CPU_BF16_LOG_LINE in (real_done.parent / "log.txt").read_text()) is native_bf16
     assert not (out / "summary.json").exists() and len(list(out.glob("test/Dataset*/labelsTr/*"))) == 3
@@ -158,11 +161,12 @@ def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes
     assert real_done.stat().st_mtime_ns == finished, "a finished run was redone"
     assert done.stdout.strip().splitlines()[-1].startswith("headline (nnU-Net convention")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["arms"] == ["real", "copypaste"] and summary["seeds"] == 1 and summary["cpu_bf16"] is native_bf16
-    assert summary["cpu_bf16_per_run"] == {"real/seed_0": native_bf16, "copypaste/seed_0": native_bf16}
+    arms = ["real", "real_balanced", "copypaste"]
+    assert summary["arms"] == arms and summary["seeds"] == 1 and summary["cpu_bf16"] is native_bf16
+    assert summary["cpu_bf16_per_run"] == {f"{arm}/seed_0": native_bf16 for arm in arms}
     assert len(summary["test_cases"]) == 3 and len(summary["splits"][0]["train"]) == 5
     rows = list(csv.DictReader((out / "per_case.csv").open()))
-    assert len(rows) == 2 * 3 and {r["arm"] for r in rows} == {"real", "copypaste"}
+    assert len(rows) == 3 * 3 and {r["arm"] for r in rows} == set(arms)
     for key, per_arm in summary["figures"].items():
         for arm, figures in per_arm.items():
             e = figures["estimate"]
@@ -181,13 +185,32 @@ def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes
     (recorded,) = run_folder.glob("nnUNet_results/*/nnUNetTrainerLeFusion_short__*/fold_0/lefusion_settings.json")
     assert json.loads(recorded.read_text())["settings"] == settings
     times = summary["run_seconds"]  # each run's synthesis, training and prediction time, kept across the kill
-    assert times["timed_runs"] == 2 and all(v > 0 for v in times["per_run"].values())
+    assert times["timed_runs"] == 3 and all(v > 0 for v in times["per_run"].values())
     assert abs(times["timed_seconds"] - sum(times["per_run"].values())) < 0.2
     assert "run time: " in done.stdout
     assert "for the 1 of 1 run(s) of part 1 of 2 not done yet" in done.stdout
     again = run_cli("nnUNetv2_lefusion_benchmark", *cmd[1:], "-part_id", "0", env=env)   # all done: nothing to run
-    assert "estimated time: 0.0 h for the 0 of 1 run(s) of part 0 of 2" in again.stdout
+    assert "estimated time: 0.0 h for the 0 of 2 run(s) of part 0 of 2" in again.stdout
     assert real_done.stat().st_mtime_ns == finished
+
+    runs = {arm: json.loads((out / "runs" / arm / "seed_0" / "metrics.json").read_text()) for arm in arms}
+    # the arms of a seed train on the same cases, identifier by identifier
+    assert runs["real"]["training_cases"] == runs["real_balanced"]["training_cases"] == runs["copypaste"][
+        "training_cases"] and len(runs["real"]["training_cases"]) == 5
+    balanced_log = (out / "runs" / "real_balanced" / "seed_0" / "log.txt").read_text()
+    assert "rare_focus 0.5: a real load goes with that probability to one of the" in balanced_log
+    assert "rate 0, no synthetic cases" in balanced_log
+    copypaste_log = (run_folder / "log.txt").read_text()
+    assert "--method copypaste" in copypaste_log and "--target-share 4=0.3" in copypaste_log
+    for metrics in runs.values():   # what each run ran on, and both scorings of its predictions
+        environment = metrics["environment"]
+        assert environment["precision"] in ("fp32", "bf16 autocast") and environment["commit"]
+        assert environment["packages"]["nnunetv2"].startswith("2.8")
+        assert len(metrics["cases_postprocessed"]) == len(metrics["cases"]) == 3
+    assert {"run_figures", "run_figures_postprocessed", "lesion_voxels_per_load"} <= set(summary)
+    assert len(summary["commits"]) == 1
+    f1 = summary["run_figures"]["f1_no_reflow"]["real_balanced"]["vs_real"]
+    assert f1["runs"] <= 1 and "per_run" in f1
 
 
 def test_the_report_gives_run_level_figures_with_and_without_postprocessing(tmp_path):
@@ -222,32 +245,3 @@ def test_the_report_gives_run_level_figures_with_and_without_postprocessing(tmp_
     assert summary["run_figures"]["false_all"]["real_balanced"]["vs_real"]["mean"] == pytest.approx(0.25)
     assert summary["run_figures"]["f1_no_reflow"]["real_balanced"]["estimate"]["per_run"] == pytest.approx([0.8] * 5)
     assert summary["lesion_voxels_per_load"] == {"real": {"4": 2.0}, "real_balanced": {"4": 3.0}}
-
-
-@pytest.mark.slow
-def test_tiny_benchmark_with_real_balanced_and_rebalanced_copypaste(phantom_dataset, tmp_path):
-    out = tmp_path / "bench"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0"}
-    done = run_cli("nnUNetv2_lefusion_benchmark", "-d", "990", "-c", "3d_fullres", "-o", str(out), "--preset", "tiny",
-                   "--arms", "real_balanced,copypaste", "--train-cases", "5", "-device", "cpu", env=env)
-    assert done.stdout.strip().splitlines()[-1].startswith("headline (nnU-Net convention, 1 run(s) per arm")
-    runs = {arm: json.loads((out / "runs" / arm / "seed_0" / "metrics.json").read_text())
-            for arm in ("real", "real_balanced", "copypaste")}
-    # the arms of a seed train on the same cases, identifier by identifier
-    assert runs["real"]["training_cases"] == runs["real_balanced"]["training_cases"] == runs["copypaste"][
-        "training_cases"] and len(runs["real"]["training_cases"]) == 5
-    balanced_log = (out / "runs" / "real_balanced" / "seed_0" / "log.txt").read_text()
-    assert "rare_focus 0.5: a real load goes with that probability to one of the" in balanced_log
-    assert "rate 0, no synthetic cases" in balanced_log
-    copypaste_log = (out / "runs" / "copypaste" / "seed_0" / "log.txt").read_text()
-    assert "--method copypaste" in copypaste_log and "--target-share 4=0.3" in copypaste_log
-    for metrics in runs.values():   # what each run ran on, and both scorings of its predictions
-        environment = metrics["environment"]
-        assert environment["precision"] in ("fp32", "bf16 autocast") and environment["commit"]
-        assert environment["packages"]["nnunetv2"].startswith("2.8")
-        assert len(metrics["cases_postprocessed"]) == len(metrics["cases"]) == 3
-    summary = json.loads((out / "summary.json").read_text())
-    assert {"run_figures", "run_figures_postprocessed", "lesion_voxels_per_load"} <= set(summary)
-    assert summary["arms"] == ["real", "real_balanced", "copypaste"] and len(summary["commits"]) == 1
-    f1 = summary["run_figures"]["f1_no_reflow"]["real_balanced"]["vs_real"]
-    assert f1["runs"] <= 1 and "per_run" in f1
