@@ -62,7 +62,10 @@ def train_on_phantom(work: Path, args: argparse.Namespace, env: dict) -> None:
     if not args.reuse:
         shutil.rmtree(work / "nnUNet_preprocessed", ignore_errors=True)
         write_dataset(DATASET_ID, args.num_cases, args.seed, work / "nnUNet_raw", fov="heart", overwrite=True)
-        _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2", "-npfp", "2"], env, log)
+        # nnU-Net's planner sets torch's threads to nnUNet_n_proc_DA, and 0 (no augmentation worker) fails there
+        plan_env = {**env, "nnUNet_n_proc_DA": str(max(1, int(env["nnUNet_n_proc_DA"])))}
+        _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2", "-npfp", "2"], plan_env,
+             log)
     if args.batch_size:
         plans_file = next((work / "nnUNet_preprocessed").glob("Dataset*")) / "nnUNetPlans.json"
         plans = json.loads(plans_file.read_text())
