@@ -91,8 +91,8 @@ PRESETS = {p.name: p for p in (
            "nnUNet_n_proc_DA=0)", cpu_bf16=True),
     Preset("real_cpu", tuple(ARMS), 5, None, 0, 0.5, 30, 50, 5, 1.7, {"copypaste": 0.1, "lefusion": 50.0,
                                                                        "lefusion_masks": 55.0},
-           "one CPU core, fp32, real cases cropped to the heart, -c 2d (timed on an AMD EPYC with "
-           "OMP_NUM_THREADS=1 nnUNet_n_proc_DA=0: a run within an hour; give --test-dataset and --split-fold)"),
+           "2-core CPU, fp32, real cases cropped to the heart, -c 2d (timed on an AMD EPYC with "
+           "nnUNet_n_proc_DA=0: a run within an hour; give --test-dataset and --split-fold)"),
     Preset("full", tuple(ARMS), 3, None, 40, 2.0, None, None, None, 0.15, {"copypaste": 0.5, "lefusion": 2.0,
                                                                            "lefusion_masks": 6.0},
            "GPU, every training case"),
