@@ -13,13 +13,15 @@ from pathlib import Path
 
 import torch
 
+from nnunet_lefusion.nnunet.preprocess import planning_env
+
 BIN = Path(sys.executable).parent
 LEFUSION, CONTROL = "nnUNetTrainerLeFusion", "nnUNetTrainerLeFusion_r000"
 
 
-def run(*cmd: str) -> None:
+def run(*cmd: str, env: dict[str, str] | None = None) -> None:
     """Run a console script of this environment, failing loudly."""
-    subprocess.run([str(BIN / cmd[0]), *cmd[1:]], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([str(BIN / cmd[0]), *cmd[1:]], check=True, stdout=subprocess.DEVNULL, env=env)
 
 
 def prepare_phantom(work: Path, dataset_id: int, num_cases: int, configurations: list[str], fov: str = "heart",
@@ -35,7 +37,8 @@ def prepare_phantom(work: Path, dataset_id: int, num_cases: int, configurations:
     missing = [c for c in configurations
                if not list((work / "nnUNet_preprocessed").glob(f"Dataset{dataset_id:03d}_*/nnUNetPlans_{c}"))]
     if missing:
-        run("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *missing, "-np", "2", "-npfp", "2")
+        run("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *missing, "-np", "2", "-npfp", "2",
+            env=planning_env(os.environ))
     return next((work / "nnUNet_raw").glob(f"Dataset{dataset_id:03d}_*")).name
 
 

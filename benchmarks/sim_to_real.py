@@ -35,6 +35,7 @@ import SimpleITK as sitk  # noqa: E402
 from benchmarks.common import BIN  # noqa: E402
 from benchmarks.real_split import crop  # noqa: E402
 from nnunet_lefusion.nnunet.context import training_cases  # noqa: E402
+from nnunet_lefusion.nnunet.preprocess import planning_env  # noqa: E402
 from nnunet_lefusion.phantom import write_dataset  # noqa: E402
 from nnunet_lefusion.realism import CROP_MARGIN, EMIDEC_CROP, crop_statistics, heart_crop  # noqa: E402
 
@@ -62,10 +63,8 @@ def train_on_phantom(work: Path, args: argparse.Namespace, env: dict) -> None:
     if not args.reuse:
         shutil.rmtree(work / "nnUNet_preprocessed", ignore_errors=True)
         write_dataset(DATASET_ID, args.num_cases, args.seed, work / "nnUNet_raw", fov="heart", overwrite=True)
-        # nnU-Net's planner sets torch's threads to nnUNet_n_proc_DA, and 0 (no augmentation worker) fails there
-        plan_env = {**env, "nnUNet_n_proc_DA": str(max(1, int(env["nnUNet_n_proc_DA"])))}
-        _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2", "-npfp", "2"], plan_env,
-             log)
+        _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2", "-npfp", "2"],
+             planning_env(env), log)
     if args.batch_size:
         plans_file = next((work / "nnUNet_preprocessed").glob("Dataset*")) / "nnUNetPlans.json"
         plans = json.loads(plans_file.read_text())

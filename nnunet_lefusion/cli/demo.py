@@ -18,6 +18,7 @@ from pathlib import Path
 from nnunet_lefusion.cli.common import add_device_argument, check_device, cli_main
 from nnunet_lefusion.config import ENV_VARIABLES, TrainerSettings, write_settings
 from nnunet_lefusion.errors import LeFusionError
+from nnunet_lefusion.nnunet.preprocess import planning_env
 
 DATASET_ID = 990
 PHANTOM_SEED = 5  # a phantom none of the shipped models was trained on (they refuse their own training cases)
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     ds = str(DATASET_ID)
     _run("phantom", ["nnUNetv2_lefusion_phantom", "-d", ds, "-n", str(args.num_cases), "--fov", "heart",
                      "--seed", str(PHANTOM_SEED), "--overwrite"], env)
-    _run("plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", ds, "-c", cfg, "-np", "2", "-npfp", "2"], env)
+    _run("plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", ds, "-c", cfg, "-np", "2", "-npfp", "2"],
+         planning_env(env))
     preview = work / "preview"
     synthesize = ["nnUNetv2_lefusion_synthesize", "-d", ds, "-c", cfg, "-f", "0", "--method", args.method,
                   "-n", str(args.synthetic), "--overwrite", "--preview", str(preview)]

@@ -42,14 +42,14 @@ from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
 from nnunet_lefusion.nnunet.cache import ONLINE, Manifest, recorded_labels
 from nnunet_lefusion.nnunet.cache_lock import Writer
+from nnunet_lefusion.nnunet.cache_runs import start_online_run, store_case
 from nnunet_lefusion.nnunet.cache_store import CacheStore
 from nnunet_lefusion.nnunet.context import DatasetContext
+from nnunet_lefusion.nnunet.generators import (SynthesizerOptions, check_generator_files, generator_paths,
+                                               generator_records, with_shipped_generators)
 from nnunet_lefusion.nnunet.online_budget import RankBudget
 from nnunet_lefusion.nnunet.preprocess import mapped_raw_case
 from nnunet_lefusion.nnunet.provenance import check_no_leak
-from nnunet_lefusion.nnunet.cache_runs import start_online_run, store_case
-from nnunet_lefusion.nnunet.generators import (SynthesizerOptions, check_generator_files, generator_paths,
-                                               generator_records, with_shipped_generators)
 from nnunet_lefusion.nnunet.slots import Slot, choose_proposals
 from nnunet_lefusion.nnunet.synthesize import prepare_synthesis
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,13 @@ from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.synthesis.base import RawCase
 
+
+
+def planning_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for ``nnUNetv2_plan_and_preprocess``: its planner sets torch's threads to ``nnUNet_n_proc_DA``, which
+    fails on 0 (no augmentation worker, a setting for training), so planning gets at least 1."""
+    workers = env.get("nnUNet_n_proc_DA")
+    return {**env, "nnUNet_n_proc_DA": str(max(1, int(workers)))} if workers is not None else dict(env)
 
 def load_raw_case(ctx: DatasetContext, identifier: str) -> RawCase:
     """Read a raw training case with the plans' image reader (the same reader nnU-Net preprocessing used)."""
