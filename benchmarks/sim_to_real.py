@@ -37,7 +37,8 @@ from benchmarks.real_split import crop  # noqa: E402
 from nnunet_lefusion.nnunet.context import training_cases  # noqa: E402
 from nnunet_lefusion.nnunet.preprocess import planning_env  # noqa: E402
 from nnunet_lefusion.phantom import write_dataset  # noqa: E402
-from nnunet_lefusion.realism import CROP_MARGIN, EMIDEC_CROP, crop_statistics, heart_crop  # noqa: E402
+from nnunet_lefusion.realism import (CROP_MARGIN, EMIDEC_CROP, EMIDEC_LESION_EXTENT, crop_statistics,  # noqa: E402
+                                     heart_crop, lesion_extent)
 
 DATASET_ID = 961
 TRAINER = "nnUNetTrainerLeFusion_r000_short"
@@ -112,19 +113,34 @@ def summarise(rows: list[dict[str, float]], keys: list[str]) -> dict[str, float]
     return out
 
 
+def two_of_each(cases: list) -> list:
+    """The first two normal cases and the first two with a lesion."""
+    lesion = [case for case in cases if (case[2] >= 3).any()]
+    return [case for case in cases if not (case[2] >= 3).any()][:2] + lesion[:2]
+
+
+def median_lesion_case(real: list, predictions: dict) -> tuple:
+    """The real case with a lesion whose infarct (3+4) Dice is the median one: a typical prediction, not the best."""
+    scored = sorted((dice(predictions[name], label, DICE["infarct (3+4)"]), name) for name, _, label in real
+                    if (label >= 3).any())
+    chosen = scored[len(scored) // 2][1]
+    return next(case for case in real if case[0] == chosen)
+
+
 def write_picture(phantom: list, real: list, predictions: dict, path: Path) -> None:
-    """Row 1: phantom crops; row 2: real crops; row 3: a real case, its reference and the prediction."""
+    """Row 1: phantom crops; row 2: real crops (two normal, two with a lesion); row 3: the real case of median
+    infarct Dice, its reference and the prediction."""
     def mid(label: np.ndarray) -> int:
         lesion = np.isin(label, (3, 4)).sum(axis=(1, 2))
         return int(np.argmax(lesion if lesion.any() else (label > 0).sum(axis=(1, 2))))
 
     fig, axes = plt.subplots(3, 4, figsize=(10, 7.8))
-    for row, cases in zip(axes[:2], (phantom, real)):
+    for kind, row, cases in zip(("phantom", "real"), axes[:2], (two_of_each(phantom), two_of_each(real))):
         for ax, (name, image, label) in zip(row, cases):
             z = mid(label)
             ax.imshow(image[z], cmap="gray", interpolation="nearest")
-            ax.set_title(f"{'phantom' if cases is phantom else 'real'} {name}", fontsize=8)
-    name, image, label = real[0]
+            ax.set_title(f"{kind} {name}", fontsize=8)
+    name, image, label = median_lesion_case(real, predictions)
     z = mid(label)
     axes[2][0].imshow(image[z], cmap="gray", interpolation="nearest")
     axes[2][0].set_title(f"real {name} slice {z}", fontsize=8)
@@ -209,6 +225,11 @@ def main() -> None:
     gaps = {k: abs(ph[k] - re[k]) for k in EMIDEC_CROP if k.startswith("contrast_")}
     print("contrast medians within 0.4 of the real ones: " + ", ".join(
         f"{k[len('contrast_'):]} {'yes' if v <= 0.4 else 'NO'} ({v:.2f})" for k, v in gaps.items()))
+    print("lesion extent, median over the cases with a lesion (no-reflow/wall: over those with no-reflow):")
+    ph, re = (summarise([lesion_extent(lab) for _, _, lab in cases if (lab >= 3).any()], list(EMIDEC_LESION_EXTENT))
+              for cases in (phantom, real))
+    for key in EMIDEC_LESION_EXTENT:
+        print(f"{key:22s} {ph[key]:9.3f} {re[key]:9.3f}")
     if args.stats_only:
         return
 
@@ -221,7 +242,7 @@ def main() -> None:
                 {n: sitk.GetArrayFromImage(sitk.ReadImage(str(validation / f"{n}.nii.gz"))) for n, _, _ in in_domain})
     predictions = predict(work / "real_crops" / "images", work / "predictions", env, log)
     if args.png:
-        write_picture(phantom[:4], real[:4], predictions, args.png)
+        write_picture(phantom, real, predictions, args.png)
     batch = args.batch_size or "as planned"
     scores = report_dice(f"\nnnU-Net 2d trained on {args.num_cases} phantom cases (seed {args.seed}, heart FOV, "
                          f"{args.epochs} x {args.iterations} iterations, batch {batch}, {trained - start:.0f} s), "

@@ -3,7 +3,8 @@
 Each case is a short-axis stack (6-10 slices of 10-13 mm, ~1.4 mm in-plane) through a thorax: body wall (fat,
 muscle, ribs), dark lungs, mediastinum, spine, aorta, liver, stomach, and the heart: right ventricle, pericardial
 fat, and a left ventricle whose cavity and myocardial wall taper towards the apex. Pathological cases carry a
-bright infarct wedge (subendocardial to transmural) in one coronary territory, sometimes with a dark no-reflow core.
+bright infarct wedge (subendocardial to transmural) in one coronary territory, sometimes with a dark no-reflow core,
+sized like Emidec's lesions (about a fifth of the wall at the median, ``realism.EMIDEC_LESION_EXTENT``).
 
 The anatomy is described in millimetres in a canonical frame centred on the LV at its base (x: towards the
 lateral wall, y: inferior, septum/RV towards -x, anterior wall towards -y). It is sampled with soft edges (voxel
@@ -52,9 +53,9 @@ _TAU = 2.0 * np.pi
 _MAX_SHIFT = 3.0         # mm: largest in-plane shift of a slice against the others
 # coronary territories: probability, core wall angle (deg; 0 septal, 90 anterior, 180 lateral, 270 inferior),
 # angular half-width (deg), long-axis position of the core (0 base, 1 apex)
-_TERRITORIES = {"LAD": (0.45, (45, 110), (40, 85), (0.45, 0.75)),
-                "LCx": (0.2, (165, 225), (35, 70), (0.2, 0.55)),
-                "RCA": (0.35, (245, 300), (35, 75), (0.2, 0.5))}
+_TERRITORIES = {"LAD": (0.45, (45, 110), (56, 119), (0.45, 0.75)),
+                "LCx": (0.2, (165, 225), (49, 98), (0.2, 0.55)),
+                "RCA": (0.35, (245, 300), (49, 105), (0.2, 0.5))}
 
 
 @dataclass(frozen=True)
@@ -169,9 +170,9 @@ class _Lesion:
         peak = rng.uniform(0.6, 2.0)
         with_mvo = peak > 0.9 and rng.random() < 0.6
         return cls(centre=np.deg2rad(rng.uniform(*centre)), half_width=np.deg2rad(rng.uniform(*half)),
-                   u_centre=rng.uniform(*u_centre), u_half=rng.uniform(0.3, 0.55), peak=peak,
+                   u_centre=rng.uniform(*u_centre), u_half=rng.uniform(0.3, 0.7), peak=peak,
                    skew=rng.uniform(-0.6, 0.6), edge=_Periodic(rng, {3: 0.12, 5: 0.12, 7: 0.12}),
-                   mvo_peak=rng.uniform(0.6, 0.9) if with_mvo else 0.0, mvo_fraction=rng.uniform(0.35, 0.55))
+                   mvo_peak=rng.uniform(0.6, 0.9) if with_mvo else 0.0, mvo_fraction=rng.uniform(0.25, 0.45))
 
     def depths(self, phi: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Infarct and no-reflow depths as fractions of the wall thickness (0 where absent)."""

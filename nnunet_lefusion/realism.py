@@ -8,7 +8,8 @@ nnU-Net dataset whose labels name a host organ, a blood pool and lesions.
 
 A network sees a whole heart crop, not per-structure statistics: :func:`crop_statistics` says where each Emidec
 tissue sits in the crop's histogram, how far the crop spreads below and above healthy myocardium, and each tissue's
-contrast to the whole healthy myocardium. ``EMIDEC_CROP`` holds those figures measured on 66 real Emidec cases.
+contrast to the whole healthy myocardium. ``EMIDEC_CROP`` holds those figures measured on 66 real Emidec cases,
+``EMIDEC_LESION_EXTENT`` how much of the wall their lesions take (:func:`lesion_extent`).
 """
 from __future__ import annotations
 
@@ -69,6 +70,9 @@ CROP_TISSUES = {"cavity": 1, "myocardium": 2, "infarct": 3, "no_reflow": 4}   # 
 # median over 66 Emidec development cases (PNG export) of crop_statistics (benchmarks/sim_to_real.py --stats-only)
 EMIDEC_CROP = {"p5/myo": 0.87, "p95/myo": 1.25, "pct_cavity": 69.1, "pct_myocardium": 35.9, "pct_infarct": 76.7,
                "pct_no_reflow": 54.7, "contrast_cavity": 1.98, "contrast_infarct": 2.07, "contrast_no_reflow": 1.43}
+
+# medians of lesion_extent over the 44 pathological Emidec development cases (no-reflow: over the 26 that have it)
+EMIDEC_LESION_EXTENT = {"lesion/wall": 0.195, "lesion_slices": 0.86, "no_reflow/wall": 0.015}
 
 
 def heart_crop(label: np.ndarray, margin: int = CROP_MARGIN) -> tuple[slice, ...]:
@@ -182,3 +186,15 @@ def case_statistics(image: np.ndarray, label: np.ndarray, spacing: tuple[float, 
         "heterogeneity": float(infarct_voxels.std()) / sd if infarct_voxels.size >= 10 else math.nan,
         "border_mm": _border_width(image, label, spacing, infarct, roles.lesions, roles.organ),
     }
+
+
+def lesion_extent(label: np.ndarray) -> dict[str, float]:
+    """For a case with Emidec labels: the lesion's (3 and 4) share of the wall (2, 3 and 4), the share of the wall's
+    slices it reaches, and no-reflow's share of the wall (left out where there is none)."""
+    wall = np.isin(label, (2, 3, 4))
+    lesion = np.isin(label, (3, 4))
+    extent = {"lesion/wall": lesion.sum() / wall.sum(),
+              "lesion_slices": lesion.any(axis=(1, 2)).sum() / wall.any(axis=(1, 2)).sum()}
+    if (label == 4).any():
+        extent["no_reflow/wall"] = (label == 4).sum() / wall.sum()
+    return {key: float(value) for key, value in extent.items()}
