@@ -129,7 +129,7 @@ def test_tiny_benchmark_in_two_parts_resumes_after_kill_and_the_last_part_writes
     """The three arms real, real_balanced and rebalanced copy-paste in two parts (part 0: real and copypaste, part 1:
     real_balanced, killed in its training and started again)."""
     out = tmp_path / "bench"
-    cmd = [str(BIN / "nnUNetv2_lefusion_benchmark"), "-d", "990", "-c", "3d_fullres", "-o", str(out),
+    cmd = [str(BIN / "nnUNetv2_lefusion_benchmark"), "-d", "990", "-c", "2d", "-o", str(out),
            "--preset", "tiny", "--arms", "real_balanced,copypaste", "--train-cases", "5", "-device", "cpu",
            "-num_parts", "2"]
     # a user's LEFUSION_* variable does not reach the runs: each run hands its trainer its own settings file
