@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 from nnunetv2.run.run_training import get_trainer_from_args
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.model.checkpoint import META_KEY, read_meta
 from nnunet_lefusion.nnunet.context import DatasetContext
-from nnunet_lefusion.nnunet.provenance import check_no_leak, label_hash
+from nnunet_lefusion.nnunet.provenance import check_no_leak, label_hash, nnunet_split
 from nnunet_lefusion.nnunet.generators import SynthesizerOptions, generator_records
 from nnunet_lefusion.nnunet.trainer import nnUNetTrainerLeFusion
 from tests.nnunet_helpers import error_lines, run_cli
@@ -34,6 +36,40 @@ def sampler_fold1(phantom_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sampler_f1")
     train_sampler(out, "1")
     return out / "checkpoint_final.pt"
+
+
+def _do_split(identifiers: list[str], fold, folder: Path) -> tuple[list, list]:
+    """nnU-Net's own ``nnUNetTrainer.do_split`` on a dataset of ``identifiers`` preprocessed in ``folder``."""
+    class Listed:
+        def __init__(self, *args, **kwargs) -> None:
+            self.identifiers = list(identifiers)
+
+        @staticmethod
+        def get_identifiers(_: str) -> list[str]:
+            return sorted(identifiers)
+
+    trainer = SimpleNamespace(dataset_class=Listed, fold=fold, preprocessed_dataset_folder=str(folder),
+                              preprocessed_dataset_folder_base=str(folder), folder_with_segs_from_previous_stage=None,
+                              print_to_log_file=lambda *a, **k: None)
+    return nnUNetTrainer.do_split(trainer)
+
+
+def test_the_split_is_nnunets_own(tmp_path):
+    """The split every command uses is the one ``nnUNetv2_train`` uses: the 5-fold split it would write, a custom
+    ``splits_final.json``, the seeded 80:20 split of a fold beyond the file, and ``all``."""
+    ids = [f"case_{i:02d}" for i in range(23, 0, -1)]
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    theirs.mkdir()   # nnU-Net's preprocessing made it
+    for fold in (0, 3, 4, "all"):
+        assert nnunet_split(ids, fold, ours) == tuple(map(list, _do_split(ids, fold, theirs)))
+    assert json.loads((ours / "splits_final.json").read_text()) == json.loads((theirs / "splits_final.json").read_text())
+    custom = [{"train": ids[:20], "val": ids[20:]}, {"train": ids[3:], "val": ids[:3]}]
+    for folder in (ours, theirs):
+        (folder / "splits_final.json").write_text(json.dumps(custom))
+    for fold in (1, 6):   # in the file, and beyond it (nnU-Net's seeded 80:20 split)
+        assert nnunet_split(ids, fold, ours) == tuple(map(list, _do_split(ids, fold, theirs)))
+    with pytest.raises(LeFusionError, match="only 4 training case"):
+        nnunet_split(ids[:4], 0, tmp_path / "small")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from types import SimpleNamespace
+
+import numpy as np
 
 from nnunet_lefusion.errors import LeFusionError
 
@@ -22,34 +23,36 @@ FOLD_HELP = ("nnU-Net fold whose training cases to train on (its split from spli
 
 def nnunet_split(identifiers: list[str], fold: int | str,
                  preprocessed_base: Path | None) -> tuple[list[str], list[str]]:
-    """(training, validation) identifiers of ``fold`` by nnU-Net's own ``do_split``: ``splits_final.json`` in
-    ``preprocessed_base`` when it exists, else nnU-Net's seeded 5-fold split, written there as the first
-    ``nnUNetv2_train`` would; ``all``: every case (validation = training, as in nnU-Net; no folder needed)."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    """(training, validation) identifiers of ``fold`` as nnU-Net 2.8's ``nnUNetTrainer.do_split`` gives them:
+    ``splits_final.json`` in ``preprocessed_base`` when it exists, else nnU-Net's seeded 5-fold split, written there as
+    the first ``nnUNetv2_train`` would; a fold beyond the file's splits: nnU-Net's seeded 80:20 split; ``all``: every
+    case (validation = training, as in nnU-Net; no folder needed). Mirrored here because importing nnU-Net's trainer
+    module costs every command seconds; ``tests/test_fold_leakage.py`` holds it to ``do_split``."""
+    from batchgenerators.utilities.file_and_folder_operations import save_json
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
 
     ids = sorted(identifiers)
-
-    class Listed:  # the dataset class do_split asks for the identifiers
-        def __init__(self, *args, **kwargs) -> None:
-            self.identifiers = ids
-
-        @staticmethod
-        def get_identifiers(folder: str) -> list[str]:
-            return ids
-
-    if fold != "all":
-        if len(ids) < 5 and not (preprocessed_base / "splits_final.json").is_file():
+    if fold == "all":
+        return ids, list(ids)
+    splits_file = preprocessed_base / "splits_final.json"
+    try:
+        if splits_file.is_file():
+            splits = json.loads(splits_file.read_text())
+        elif len(ids) < 5:
             raise LeFusionError(f"fold {fold} needs nnU-Net's 5-fold split, but the dataset has only {len(ids)} "
                                 f"training case(s): add cases, use -f all, or write your own splits_final.json to "
                                 f"{preprocessed_base}")
-        preprocessed_base.mkdir(parents=True, exist_ok=True)
-    shim = SimpleNamespace(dataset_class=Listed, fold=fold, preprocessed_dataset_folder=str(preprocessed_base),
-                           preprocessed_dataset_folder_base=str(preprocessed_base or ""),
-                           folder_with_segs_from_previous_stage=None, print_to_log_file=lambda *a, **k: None)
-    try:
-        tr, val = nnUNetTrainer.do_split(shim)
+        else:
+            preprocessed_base.mkdir(parents=True, exist_ok=True)
+            splits = generate_crossval_split(ids, seed=12345, n_splits=5)
+            save_json(splits, str(splits_file))
+        if int(fold) < len(splits):
+            tr, val = splits[int(fold)]["train"], splits[int(fold)]["val"]
+        else:
+            chosen = np.random.RandomState(seed=12345 + int(fold)).choice(len(ids), int(len(ids) * 0.8), replace=False)
+            tr, val = [ids[i] for i in chosen], [ids[i] for i in range(len(ids)) if i not in chosen]
     except (KeyError, TypeError, ValueError) as exc:
-        raise LeFusionError(f"cannot read the split of fold {fold} from {preprocessed_base / 'splits_final.json'} "
+        raise LeFusionError(f"cannot read the split of fold {fold} from {splits_file} "
                             f"({type(exc).__name__}: {exc})") from None
     return [str(k) for k in tr], [str(k) for k in val]
 
