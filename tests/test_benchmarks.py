@@ -31,7 +31,7 @@ def _run(script: str, *args: str) -> str:
 
 
 def test_lesion_quality_prints_both_outputs_and_an_untouched_background(dataset, checkpoint):
-    out = _run("lesion_quality.py", "--checkpoint", str(checkpoint), "--raw", str(dataset), "--cases", "2",
+    out = _run("lesion_quality.py", "--checkpoint", str(checkpoint), "--raw", str(dataset), "--cases", "1",
                "--full-schedule", "1/1", "--batch", "2")
     assert out.count("background max |difference| = 0\n") == 2  # fast and full
     distances, textures = ({line[:44].strip(): line[44:].split() for line in table.splitlines() if "|" in line[44:]}

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -62,6 +63,8 @@ def test_the_split_is_nnunets_own(tmp_path):
     theirs.mkdir()   # nnU-Net's preprocessing made it
     for fold in (0, 3, 4, "all"):
         assert nnunet_split(ids, fold, ours) == tuple(map(list, _do_split(ids, fold, theirs)))
+    # nnU-Net's dataset classes may list numpy strings; a checkpoint's record must hold plain ones (weights_only load)
+    assert {type(k) for part in nnunet_split(list(np.array(ids)), "all", ours) for k in part} == {str}
     assert json.loads((ours / "splits_final.json").read_text()) == json.loads((theirs / "splits_final.json").read_text())
     custom = [{"train": ids[:20], "val": ids[20:]}, {"train": ids[3:], "val": ids[:3]}]
     for folder in (ours, theirs):

@@ -31,7 +31,7 @@ def nnunet_split(identifiers: list[str], fold: int | str,
     from batchgenerators.utilities.file_and_folder_operations import save_json
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-    ids = sorted(identifiers)
+    ids = sorted(str(k) for k in identifiers)   # nnU-Net's dataset classes may list numpy strings
     if fold == "all":
         return ids, list(ids)
     splits_file = preprocessed_base / "splits_final.json"
