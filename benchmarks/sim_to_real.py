@@ -113,16 +113,21 @@ def summarise(rows: list[dict[str, float]], keys: list[str]) -> dict[str, float]
     return out
 
 
+def has_lesion(label: np.ndarray) -> bool:
+    """Whether an Emidec label map holds infarct or no-reflow."""
+    return bool((label >= 3).any())
+
+
 def two_of_each(cases: list) -> list:
     """The first two normal cases and the first two with a lesion."""
-    lesion = [case for case in cases if (case[2] >= 3).any()]
-    return [case for case in cases if not (case[2] >= 3).any()][:2] + lesion[:2]
+    return ([case for case in cases if not has_lesion(case[2])][:2]
+            + [case for case in cases if has_lesion(case[2])][:2])
 
 
 def median_lesion_case(real: list, predictions: dict) -> tuple:
     """The real case with a lesion whose infarct (3+4) Dice is the median one: a typical prediction, not the best."""
     scored = sorted((dice(predictions[name], label, DICE["infarct (3+4)"]), name) for name, _, label in real
-                    if (label >= 3).any())
+                    if has_lesion(label))
     chosen = scored[len(scored) // 2][1]
     return next(case for case in real if case[0] == chosen)
 
@@ -226,7 +231,7 @@ def main() -> None:
     print("contrast medians within 0.4 of the real ones: " + ", ".join(
         f"{k[len('contrast_'):]} {'yes' if v <= 0.4 else 'NO'} ({v:.2f})" for k, v in gaps.items()))
     print("lesion extent, median over the cases with a lesion (no-reflow/wall: over those with no-reflow):")
-    ph, re = (summarise([lesion_extent(lab) for _, _, lab in cases if (lab >= 3).any()], list(EMIDEC_LESION_EXTENT))
+    ph, re = (summarise([lesion_extent(lab) for _, _, lab in cases if has_lesion(lab)], list(EMIDEC_LESION_EXTENT))
               for cases in (phantom, real))
     for key in EMIDEC_LESION_EXTENT:
         print(f"{key:22s} {ph[key]:9.3f} {re[key]:9.3f}")
