@@ -17,6 +17,10 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     # two threads per process on two shared cores stall each other badly
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    # nnU-Net's CPU commands take every core whatever OMP_NUM_THREADS says (torch.set_num_threads(cpu_count)); with
+    # the other test process beside them, OpenMP's spin-waiting makes such a step 2.5x slower, waiting passively
+    # costs nothing (two 2-thread trainings on 2 cores: 11.1 s each spinning, 4.1-4.6 passive, 2.3 alone)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Bad input is one line: every command (and nnUNetv2_train with the LeFusion trainer), given a bad input, exits
 non-zero with exactly one ``error:`` line on stderr, no traceback, and leaves no new or changed file behind.
 Real commands in subprocesses on real files (Dataset990 of the session, caches made for it, the shipped mask
-generator); plus the uninstalled-package trainer stub and a real nnU-Net training resumed with --c."""
+generator); bad training settings also in-process, through the trainer's first step; plus the uninstalled-package
+trainer stub and a real nnU-Net training resumed with --c."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nnunet_lefusion.errors import LeFusionExit
 from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.register import STUB_NAME, STUB_SOURCE
 from tests.nnunet_helpers import error_lines, run_cli
@@ -57,6 +59,7 @@ CASES = [
      {}, [], "--preview-cases"),
     ("synth-checkpoint-copypaste", SYNTH + ["--checkpoint", "{masks}"], {}, [], "--checkpoint only apply"),
     ("synth-sampling-copypaste", SYNTH + ["--sampling", "official"], {}, [], "--sampling only apply"),
+    ("synth-strided-steps-zero", SYNTH + LEF + ["--strided-steps", "0"], {}, [], "strided steps must be >= 1"),
     ("synth-device-copypaste", SYNTH + ["-device", "cpu"], {}, [], "-device only apply"),
     ("synth-mask-generator-copypaste", SYNTH + ["--mask-generator", "rule"], {}, [], "--mask-generator only"),
     ("synth-histogram-matching-copypaste", SYNTH + ["--no-histogram-matching"], {}, [],
@@ -141,32 +144,38 @@ CASES = [
     ("benchmark-no-nnUNet_results", BENCH, {}, ["nnUNet_results"], "nnUNet_results"),
     ("benchmark-device-index", BENCH[:-2] + ["-device", "cuda:1"], {}, [], "CUDA_VISIBLE_DEVICES"),
     ("benchmark-part-beyond-parts", BENCH + ["-num_parts", "2", "-part_id", "2"], {}, [], "-part_id < -num_parts"),
-    ("train-missing-cache", TRAIN, {**RATE, "LEFUSION_CACHE": "{base}/nowhere"}, [], "no synthetic cache"),
+    # nnUNetv2_train: one case per stage of the trainer's check (settings file, cache, online generator, short-run
+    # variant, nnU-Net's variables); the other bad settings are checked in-process below, by the same first step
     ("train-cache-of-another-fold", TRAIN[:3] + ["1"] + TRAIN[4:], {**RATE, "LEFUSION_CACHE": "{c3d}"}, [],
      "fold 0, not fold 1"),
-    ("train-cache-of-another-configuration", TRAIN, {**RATE, "LEFUSION_CACHE": "{c2d}"}, [], "2d"),
-    ("train-cache-of-other-plans", TRAIN + ["-p", "nnUNetPlansBadInput"], {**RATE, "LEFUSION_CACHE": "{c3d}"}, [],
-     "other plans"),
     ("train-settings-not-yaml", TRAIN, {"LEFUSION_CONFIG": "{base}/broken.yaml"}, [], "cannot read"),
-    ("train-settings-unknown-key", TRAIN, {"LEFUSION_CONFIG": "{base}/unknown.yaml"}, [], "unknown keys"),
-    ("train-settings-not-a-mapping", TRAIN, {"LEFUSION_CONFIG": "{base}/list.yaml"}, [], "mapping"),
-    ("train-settings-missing", TRAIN, {"LEFUSION_CONFIG": "{base}/none.yaml"}, [], "cannot read"),
-    ("train-unknown-mode", TRAIN, {"LEFUSION_MODE": "bogus"}, [], "mode"),
-    ("train-rate-not-a-number", TRAIN, {"LEFUSION_RATE": "half"}, [], "LEFUSION_RATE"),
-    ("train-rate-above-one", TRAIN, {"LEFUSION_RATE": "1.5"}, [], "rate"),
-    ("train-online-missing-checkpoint", TRAIN,
-     {**ONLINE, "LEFUSION_METHOD": "lefusion", "LEFUSION_CHECKPOINT": "{base}/none.pt"}, [], "does not exist"),
     ("train-online-mask-generator-as-sampler", TRAIN,
      {**ONLINE, "LEFUSION_METHOD": "lefusion", "LEFUSION_CHECKPOINT": "{masks}"}, [], "not a LeFusion sampler"),
-    ("train-online-cache-of-another-fold", TRAIN[:3] + ["1"] + TRAIN[4:], {**ONLINE, "LEFUSION_CACHE": "{c3d}"},
-     [], "fold 0, not fold 1"),
-    ("train-online-target-share-not-a-lesion", TRAIN, {**ONLINE, "LEFUSION_TARGET_SHARE": "2=0.2"}, [],
-     "not lesion labels"),
-    ("train-online-device-missing", TRAIN, {**ONLINE, "LEFUSION_DEVICE": "cuda:7"}, [], "cuda:7"),
     ("train-short-epochs-not-a-number", TRAIN[:5] + ["nnUNetTrainerLeFusion_short"] + TRAIN[6:],
      {"LEFUSION_EPOCHS": "two"}, [], "LEFUSION_EPOCHS"),
     ("train-no-nnUNet_results", TRAIN, RATE, ["nnUNet_results"], "nnUNet_results"),
     ("train-no-nnUNet_raw", TRAIN, {**RATE, "LEFUSION_CACHE": "{c3d}"}, ["nnUNet_raw"], "nnUNet_raw"),
+]
+
+# bad training settings, refused by the trainer's first step (nnUNetTrainerLeFusion.check_lefusion_input, which
+# nnUNetv2_train runs before nnU-Net writes anything; the cases above show it ends as one error line):
+# (id, fold, plans identifier, environment, a fragment the error must hold)
+SETTINGS_CASES = [
+    ("missing-cache", 0, "nnUNetPlans", {**RATE, "LEFUSION_CACHE": "{base}/nowhere"}, "no synthetic cache"),
+    ("cache-of-another-configuration", 0, "nnUNetPlans", {**RATE, "LEFUSION_CACHE": "{c2d}"}, "2d"),
+    ("cache-of-other-plans", 0, "nnUNetPlansBadInput", {**RATE, "LEFUSION_CACHE": "{c3d}"}, "other plans"),
+    ("settings-unknown-key", 0, "nnUNetPlans", {"LEFUSION_CONFIG": "{base}/unknown.yaml"}, "unknown keys"),
+    ("settings-not-a-mapping", 0, "nnUNetPlans", {"LEFUSION_CONFIG": "{base}/list.yaml"}, "mapping"),
+    ("settings-missing", 0, "nnUNetPlans", {"LEFUSION_CONFIG": "{base}/none.yaml"}, "cannot read"),
+    ("unknown-mode", 0, "nnUNetPlans", {"LEFUSION_MODE": "bogus"}, "mode"),
+    ("rate-not-a-number", 0, "nnUNetPlans", {"LEFUSION_RATE": "half"}, "LEFUSION_RATE"),
+    ("rate-above-one", 0, "nnUNetPlans", {"LEFUSION_RATE": "1.5"}, "rate"),
+    ("online-missing-checkpoint", 0, "nnUNetPlans",
+     {**ONLINE, "LEFUSION_METHOD": "lefusion", "LEFUSION_CHECKPOINT": "{base}/none.pt"}, "does not exist"),
+    ("online-cache-of-another-fold", 1, "nnUNetPlans", {**ONLINE, "LEFUSION_CACHE": "{c3d}"}, "fold 0, not fold 1"),
+    ("online-target-share-not-a-lesion", 0, "nnUNetPlans", {**ONLINE, "LEFUSION_TARGET_SHARE": "2=0.2"},
+     "not lesion labels"),
+    ("online-device-missing", 0, "nnUNetPlans", {**ONLINE, "LEFUSION_DEVICE": "cuda:7"}, "cuda:7"),
 ]
 
 
@@ -238,6 +247,27 @@ def test_bad_input_is_one_error_line_and_leaves_nothing(world, case, tmp_path, m
     assert after == before, (f"left behind: {sorted(set(after) - set(before))}, changed: "
                              f"{sorted(k for k in before if k in after and after[k] != before[k])}")
 
+
+@pytest.mark.parametrize("case", SETTINGS_CASES, ids=[c[0] for c in SETTINGS_CASES])
+def test_bad_training_settings_are_refused_before_nnunet_writes_anything(world, case, phantom_dataset, nnunet_dirs,
+                                                                         monkeypatch, capsys):
+    from nnunet_lefusion.nnunet.trainer import nnUNetTrainerLeFusion
+
+    _, fold, plans_name, env, fragment = case
+    for var in LEFUSION_VARS:
+        monkeypatch.delenv(var, raising=False)
+    fill = {k: v for k, v in world.items() if isinstance(v, str)}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value.format(**fill))
+    plans = json.loads((Path(nnunet_dirs["nnUNet_preprocessed"]) / phantom_dataset / f"{plans_name}.json").read_text())
+    before = snapshot(world["roots"])
+    capsys.readouterr()
+    with pytest.raises(LeFusionExit) as refused:
+        nnUNetTrainerLeFusion.check_lefusion_input(plans, "3d_fullres", fold)
+    assert refused.value.code == 2 and fragment in str(refused.value), str(refused.value)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and f": error: {refused.value}" in lines[0], lines
+    assert snapshot(world["roots"]) == before
 
 def test_every_command_is_covered():
     import re

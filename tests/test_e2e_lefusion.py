@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 
 def test_lefusion_cache_with_retextured_and_normal_cases(phantom_dataset, tmp_path):
     out = tmp_path / "sampler"
-    run_cli("nnUNetv2_lefusion_train_sampler", "-d", "990", "-f", "0", "--config", "tiny", "--steps", "3",
-            "--batch-size", "2", "--checkpoint-every", "3", "--quiet", "-o", str(out))
+    run_cli("nnUNetv2_lefusion_train_sampler", "-d", "990", "-f", "0", "--config", "tiny", "--roi", "6", "40", "40",
+            "--steps", "3", "--batch-size", "2", "--checkpoint-every", "3", "--quiet", "-o", str(out))
     checkpoint = out / "checkpoint_final.pt"
     assert checkpoint.is_file()
     cache = tmp_path / "cache"

@@ -68,16 +68,20 @@ def test_shipped_sampler_retextures_a_fresh_case(one_thread):
 def test_synthesize_without_checkpoint_uses_the_shipped_weights(nnunet_dirs, tmp_path):
     """nnUNetv2_lefusion_synthesize --method lefusion with neither --checkpoint nor --mask-generator, on an
     Emidec-labelled dataset no shipped model saw: the shipped sampler and mask generator make the cases, the
-    manifest records them, and the preview pictures are written."""
+    manifest records them, and the preview pictures are written (6 strided steps instead of the fast mode's 45:
+    the test is about which weights are used, not about their textures)."""
     run_cli("nnUNetv2_lefusion_phantom", "-d", "989", "-n", "6", "--fov", "heart", "--seed", "5")
     run_cli("nnUNetv2_plan_and_preprocess", "-d", "989", "-c", "3d_fullres", "-np", "2", "-npfp", "2")
     cache = tmp_path / "cache"
     done = run_cli("nnUNetv2_lefusion_synthesize", "-d", "989", "-c", "3d_fullres", "-f", "0", "--method",
                    "lefusion", "--mix", "retexture=0.5,normal=0.5", "-n", "2", "--cache", str(cache), "--preview",
-                   str(tmp_path / "preview"), "-device", "cpu")
+                   str(tmp_path / "preview"), "-device", "cpu", "--strided-steps", "6")
     assert "2 preview pictures" in done.stdout and len(list((tmp_path / "preview").glob("*.png"))) == 2
     manifest = json.loads((cache / "manifest.json").read_text())
     used = {Path(g["path"]) for run in manifest["runs"] for g in run["generators"]}
     assert used == {SHIPPED["sampler"], SHIPPED["mask generator"]}
     kinds = sorted(case["kind"] for case in manifest["cases"].values())
-    assert kinds == ["normal", "retexture"]
+    assert kinds == ["normal", "retexture"] and manifest["runs"][0]["request"]["strided_steps"] == 6
+    fast = sampler_config("fast").evaluations(300)
+    assert {case["evaluations"] for case in manifest["cases"].values()} == {
+        sampler_config("fast", strided_steps=6).evaluations(300)} and fast == 128

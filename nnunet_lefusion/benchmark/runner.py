@@ -203,6 +203,7 @@ class Run:
             log.flush()
             result = subprocess.run([str(tool) if tool.exists() else cmd[0], *cmd[1:]], env=self.env(),
                                     stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            log.write(f"=== {stage} took {time.perf_counter() - start:.1f} s\n")
         if result.returncode != 0:
             raise LeFusionError(f"{self.arm.name} seed {self.seed}: {stage} failed (exit {result.returncode}); "
                                 f"see {self.folder / 'log.txt'}")

@@ -14,18 +14,22 @@ from nnunet_lefusion.nnunet.context import DatasetContext
 from nnunet_lefusion.nnunet.generators import SynthesizerOptions
 from nnunet_lefusion.nnunet.preview import export_nifti, write_previews
 from nnunet_lefusion.nnunet.synthesize import synthesize_cache
+from nnunet_lefusion.synthesis.lefusion import sampler_config
 from nnunet_lefusion.synthesis.plan import SynthesisPlan
 
 
 def check_flags(args: argparse.Namespace, plan: SynthesisPlan | None) -> None:
     """Refuse flags the chosen method would ignore, and a LeFusion run that misses what it needs."""
     lefusion_only = {"--checkpoint": args.checkpoint, "--clusters": args.clusters, "--sampling": args.sampling,
+                     "--strided-steps": args.strided_steps,
                      "-device": args.device, "--mask-generator": args.mask_generator,
                      "--[no-]histogram-matching": args.histogram_matching}
     if args.method != "lefusion":
         given = [flag for flag, value in lefusion_only.items() if value is not None]
         if given:
             raise LeFusionError(f"{', '.join(given)} only apply to --method lefusion, not {args.method}")
+    if args.method == "lefusion":
+        sampler_config(args.sampling or "fast", strided_steps=args.strided_steps)  # refused before any case is read
     if args.candidates is not None and not args.target_share:
         raise LeFusionError("--candidates only applies with --target-share (it picks among proposals to meet it)")
     if args.method == "copypaste" and plan and (plan.mix or {}).get("retexture", 0) > 0:
@@ -81,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sampling", default=None, choices=("fast", "official"),
                         help="LeFusion sampling schedule: fast (128 network evaluations, default) or the official "
                              "5/5 jumps")
+    parser.add_argument("--strided-steps", type=int, default=None,
+                        help="fast sampling: strided timesteps walked (default 45; fewer are faster and coarser)")
     parser.add_argument("--mask-generator", default=None,
                         help="new lesion masks for newmask/normal cases: 'rule' or a learned mask-generator checkpoint "
                              "(default: the shipped pretrained/lesion_masks_phantom.pt where the labels fit it); "
@@ -117,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         folder, manifest = synthesize_cache(ctx, labels, args.method, args.num_cases, args.seed, args.cache,
                                             args.overwrite, plan, SynthesizerOptions(
                                                 args.checkpoint, args.sampling or "fast", device, args.mask_generator,
-                                                args.histogram_matching, args.clusters), args.num_parts, args.part_id)
+                                                args.histogram_matching, args.clusters, args.strided_steps),
+                                            args.num_parts, args.part_id)
     if args.preview:
         written = write_previews(ctx, folder, labels, Path(args.preview), args.preview_cases)
         print(f"{written} preview pictures in {args.preview}")

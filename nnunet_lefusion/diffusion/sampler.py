@@ -79,6 +79,8 @@ class SamplerConfig:
     def validate(self) -> "SamplerConfig":
         if self.precision is not None and self.precision not in PRECISIONS:
             raise LeFusionError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}.")
+        if self.strided_steps is not None and self.strided_steps < 1:
+            raise LeFusionError(f"the number of strided steps must be >= 1, got {self.strided_steps}.")
         if not 0.0 <= self.eta <= 1.0:
             raise LeFusionError(f"eta must be in [0, 1], got {self.eta}.")
         if not 0.0 < self.jump_below <= 1.0:

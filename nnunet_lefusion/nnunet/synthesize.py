@@ -74,7 +74,8 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
     request = json.loads(json.dumps({
         "method": method, "num_cases": num_cases, "seed": seed, "mix": plan.mix, "target_share": plan.target_share,
         "candidates": plan.candidates, "num_parts": num_parts, "sampling": options.mode,
-        "histogram_matching": options.histogram_matching, "generators": generator_paths(generators)},
+        "histogram_matching": options.histogram_matching, "generators": generator_paths(generators),
+        **({} if options.strided_steps is None else {"strided_steps": options.strided_steps})},
         sort_keys=True))
     store.prepare()
     with store.writer():
