@@ -1,6 +1,6 @@
 """The official LeFusion release end to end: an official-format Emidec checkpoint (a small cardiac network in the
 official file layout) with an official-format histogram-cluster JSON, in nnUNetv2_lefusion_sample,
-nnUNetv2_lefusion_synthesize and online mode (those two slow: 128 network evaluations per case); cluster files read
+nnUNetv2_lefusion_synthesize (4 strided steps) and online mode (slow: 128 network evaluations); cluster files read
 per lesion class, bad ones refused in one line before anything is written."""
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def test_synthesize_command_runs_the_official_release(phantom_dataset, release, 
     cache = tmp_path / "cache"
     synthesize_main(["-d", phantom_dataset, "-c", "3d_fullres", "-f", "0", "--method", "lefusion", "-n", "1",
                      "--cache", str(cache), "--checkpoint", str(release["checkpoint"]), "--clusters",
-                     str(release["clusters"]), "-device", "cpu"])
+                     str(release["clusters"]), "-device", "cpu", "--strided-steps", "4"])
     manifest = Manifest.load(cache)
     assert len(manifest.cases) == 1
     run = manifest.runs[-1]
