@@ -1,8 +1,9 @@
 """Bad input is one line: every command (and nnUNetv2_train with the LeFusion trainer), given a bad input, exits
 non-zero with exactly one ``error:`` line on stderr, no traceback, and leaves no new or changed file behind.
-Real commands in subprocesses on real files (Dataset990 of the session, caches made for it, the shipped mask
-generator); bad training settings also in-process, through the trainer's first step; plus the uninstalled-package
-trainer stub and a real nnU-Net training resumed with --c."""
+Real commands on real files (Dataset990 of the session, caches made for it, the shipped mask generator): each
+command's first case, nnUNetv2_train and every case that changes nnU-Net's folder variables as processes, the others
+through the same entry point in-process; bad training settings also through the trainer's first step; plus the
+uninstalled-package trainer stub and a real nnU-Net training resumed with --c."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -227,8 +229,33 @@ def snapshot(roots: list[str]) -> dict[str, tuple[int, int]]:
     return out
 
 
+def in_subprocess(case: tuple) -> bool:
+    """Whether a case runs its console script as a process: the first case of each command (the script's own
+    wiring), nnUNetv2_train (nnU-Net's), and every case that changes nnU-Net's folder variables (nnU-Net reads them
+    once, at import). The others call the script's entry point in this process: the same code after the wiring."""
+    name, command, env, unset, _ = case
+    first = next(c[0] for c in CASES if c[1][0] == command[0]) == name
+    return first or command[0] == "nnUNetv2_train" or any(k.startswith("nnUNet_") for k in [*env, *unset])
+
+
+def run_entry_point(command: list[str], env: dict[str, str], monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """The entry point a console script calls, run in this process with that script's name and arguments."""
+    (script,) = entry_points(group="console_scripts", name=command[0])
+    main = script.load()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "argv", list(command))
+    capsys.readouterr()
+    try:
+        code = main(command[1:])
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(command, code, out.out, out.err)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_error_line_and_leaves_nothing(world, case, tmp_path, monkeypatch):
+def test_bad_input_is_one_error_line_and_leaves_nothing(world, case, tmp_path, monkeypatch, capsys):
     _, command, env, unset, fragment = case
     for var in (*LEFUSION_VARS, *unset):
         monkeypatch.delenv(var, raising=False)
@@ -238,7 +265,8 @@ def test_bad_input_is_one_error_line_and_leaves_nothing(world, case, tmp_path, m
     env = {k: v.format(**fill) for k, v in env.items()}
     roots = world["roots"] + [str(tmp_path)] + [v for k, v in env.items() if k.startswith("nnUNet_")]
     before = snapshot(roots)
-    result = run_cli(*command, env=env, check=False)
+    result = (run_cli(*command, env=env, check=False) if in_subprocess(case)
+              else run_entry_point(command, env, monkeypatch, capsys))
     lines = error_lines(result)  # asserts there is no traceback
     assert result.returncode != 0, result.stdout[-2000:]
     assert len(lines) == 1, result.stderr[-3000:]
