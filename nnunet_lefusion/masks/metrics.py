@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage, stats
+from scipy import ndimage
 
 from nnunet_lefusion.errors import LeFusionError
 from nnunet_lefusion.labels import LesionLabels
@@ -100,4 +100,6 @@ def ks_statistic(sample: Sequence[float], reference: Sequence[float]) -> float:
     """Two-sample Kolmogorov-Smirnov statistic (0 same distribution .. 1 disjoint)."""
     if len(sample) == 0 or len(reference) == 0:
         raise LeFusionError("the KS statistic needs two non-empty samples")
+    from scipy import stats  # imported here: scipy.stats costs every command 0.6 s to start, and only this needs it
+
     return float(stats.ks_2samp(sample, reference).statistic)
