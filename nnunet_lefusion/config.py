@@ -23,7 +23,7 @@ class TrainerSettings:
     ``mode``: ``cache`` reads a pre-synthesized cache; ``online`` also fills that cache during training (the
     trainer's main process synthesizes ``online_cases_per_epoch`` cases per epoch, at most ``online_time_share`` of
     the training time, into a pool of at most ``pool_max`` cases). The synthesis keys mirror
-    ``nnUNetv2_lefusion_synthesize`` (``--method``, ``--checkpoint``, ``--sampling``, ``--mask-generator``,
+    ``nnUNetv2_lefusion_synthesize`` (``--method``, ``--checkpoint``, ``--sampling``, ``--strided-steps``, ``--mask-generator``,
     ``--mix``, ``--target-share``, ``--candidates``, ``--device``, ``--seed``).
     ``cpu_bf16``: on a CPU device, train and validate under bf16 autocast, as nnU-Net autocasts on CUDA (it runs
     in fp32 on a CPU); about 1.9x faster per iteration on CPUs with AMX, slower than fp32 on CPUs that only emulate
@@ -46,6 +46,7 @@ class TrainerSettings:
     checkpoint: str | None = None
     clusters: str | None = None  # official histogram-cluster JSON (needed with an official checkpoint)
     sampling: str = "fast"
+    strided_steps: int | None = None  # fast sampling: strided timesteps walked (None: the mode's own 45)
     mask_generator: str | None = None
     histogram_matching: bool | None = None  # None: unless the sampler has a level offset
     mix: str | None = None
@@ -84,6 +85,9 @@ class TrainerSettings:
             raise LeFusionError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.sampling not in SAMPLING:
             raise LeFusionError(f"sampling must be one of {SAMPLING}, got {self.sampling!r}")
+        if self.strided_steps is not None and (self.strided_steps < 1 or self.sampling != "fast"):
+            raise LeFusionError(f"strided_steps must be >= 1 and apply to the fast sampling only, got "
+                                f"{self.strided_steps} with sampling {self.sampling}")
         self.synthesis_plan()
         return self
 
@@ -115,7 +119,8 @@ _ENV = {"rate": ("LEFUSION_RATE", float), "mode": ("LEFUSION_MODE", str), "cache
         "online_time_share": ("LEFUSION_TIME_SHARE", float), "pool_max": ("LEFUSION_POOL_MAX", int),
         "method": ("LEFUSION_METHOD", str), "checkpoint": ("LEFUSION_CHECKPOINT", str),
         "clusters": ("LEFUSION_CLUSTERS", str),
-        "sampling": ("LEFUSION_SAMPLING", str), "mask_generator": ("LEFUSION_MASK_GENERATOR", str),
+        "sampling": ("LEFUSION_SAMPLING", str), "strided_steps": ("LEFUSION_STRIDED_STEPS", int),
+        "mask_generator": ("LEFUSION_MASK_GENERATOR", str),
         "histogram_matching": ("LEFUSION_HISTOGRAM_MATCHING", _bool), "mix": ("LEFUSION_MIX", str),
         "target_share": ("LEFUSION_TARGET_SHARE", str), "candidates": ("LEFUSION_CANDIDATES", int),
         "device": ("LEFUSION_DEVICE", str), "seed": ("LEFUSION_SEED", int), "cpu_bf16": ("LEFUSION_CPU_BF16", _bool),

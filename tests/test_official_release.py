@@ -1,7 +1,7 @@
 """The official LeFusion release end to end: an official-format Emidec checkpoint (a small cardiac network in the
 official file layout) with an official-format histogram-cluster JSON, in nnUNetv2_lefusion_sample,
-nnUNetv2_lefusion_synthesize (4 strided steps) and online mode (slow: 128 network evaluations); cluster files read
-per lesion class, bad ones refused in one line before anything is written."""
+nnUNetv2_lefusion_synthesize and online mode (at 4 strided steps: the tests are about the release's files); cluster
+files read per lesion class, bad ones refused in one line before anything is written."""
 from __future__ import annotations
 
 import json
@@ -173,7 +173,7 @@ def test_online_mode_runs_the_official_release(phantom_dataset, release, tmp_pat
     for key, value in {"LEFUSION_MODE": "online", "LEFUSION_RATE": "1", "LEFUSION_CACHE": str(cache),
                        "LEFUSION_METHOD": "lefusion", "LEFUSION_CHECKPOINT": str(release["checkpoint"]),
                        "LEFUSION_CLUSTERS": str(release["clusters"]), "LEFUSION_DEVICE": "cpu",
-                       "LEFUSION_POOL_MAX": "1"}.items():
+                       "LEFUSION_POOL_MAX": "1", "LEFUSION_STRIDED_STEPS": "4"}.items():
         monkeypatch.setenv(key, value)
     trainer = make_trainer(phantom_dataset)
     trainer.get_tr_and_val_datasets()
@@ -184,5 +184,6 @@ def test_online_mode_runs_the_official_release(phantom_dataset, release, tmp_pat
         manifest = Manifest.load(cache)
         assert set(manifest.cases) == {made} and manifest.cases[made]["method"] == "lefusion"
         assert str(release["clusters"].resolve()) in manifest.runs[-1]["request"]["generators"]
+        assert manifest.runs[-1]["request"]["strided_steps"] == 4
     finally:
         producer.close()

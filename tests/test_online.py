@@ -44,6 +44,7 @@ def test_online_settings_and_validation(clean_env, tmp_path):
     assert (s.pool_max, s.online_time_share, s.histogram_matching) == (7, 0.25, False)
     for env, value, message in [("LEFUSION_POOL_MAX", "0", "pool_max"), ("LEFUSION_TIME_SHARE", "1", "time_share"),
                                 ("LEFUSION_SAMPLING", "slow", "sampling"), ("LEFUSION_MIX", "bogus=1", "mix"),
+                                ("LEFUSION_STRIDED_STEPS", "0", "strided_steps"),
                                 ("LEFUSION_MODE", "offline", "mode"), ("LEFUSION_CASES_PER_EPOCH", "x", "valid int")]:
         clean_env.setenv(env, value)
         with pytest.raises(LeFusionError, match=message):

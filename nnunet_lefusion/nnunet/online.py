@@ -71,7 +71,8 @@ def online_labels(ctx: DatasetContext, folder: Path) -> LesionLabels:
 def synthesizer_options(settings: TrainerSettings, default_device: str) -> SynthesizerOptions:
     """The :class:`SynthesizerOptions` of ``settings`` (device: the settings' or ``default_device``)."""
     return SynthesizerOptions(settings.checkpoint, settings.sampling, settings.device or default_device,
-                              settings.mask_generator, settings.histogram_matching, settings.clusters)
+                              settings.mask_generator, settings.histogram_matching, settings.clusters,
+                              settings.strided_steps)
 
 
 def online_generators(ctx: DatasetContext, labels: LesionLabels, settings: TrainerSettings,
@@ -143,7 +144,8 @@ class OnlineProducer:
         request = {"online": True, "method": self.settings.method, "seed": self.settings.seed, "rank": self.rank,
                    "mix": self.plan.mix, "target_share": {str(k): v for k, v in self.plan.target_share.items()},
                    "candidates": self.plan.candidates, "sampling": options.mode,
-                   "histogram_matching": options.histogram_matching, "generators": generator_paths(generators)}
+                   "histogram_matching": options.histogram_matching, "generators": generator_paths(generators),
+                   **({} if options.strided_steps is None else {"strided_steps": options.strided_steps})}
         manifest, self.run = start_online_run(self.ctx, self.store, self.labels, cases, request, generators,
                                               self.rank)
         self.totals = manifest.lesion_voxel_totals()
