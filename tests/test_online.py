@@ -186,11 +186,11 @@ def test_online_lefusion_training_from_an_existing_cache(phantom_dataset, tmp_pa
     cache = tmp_path / "cache"
     run_cli("nnUNetv2_lefusion_synthesize", "-d", "990", "-c", "2d", "-n", "2", "--cache", str(cache))
     initial = set(Manifest.load(cache).cases)
-    # One LeFusion case (2x32x32 ROI: a minute or so on a shared CPU), made after the first step, then loaded
-    # (0 workers: no prefetched batches from before it).
+    # One LeFusion case (2x32x32 ROI, 6 strided steps), made after the first step, then loaded (0 workers: no
+    # prefetched batches from before it).
     fold, stats = train_online(phantom_dataset, "2d", {
         "nnUNet_n_proc_DA": "0", "LEFUSION_EPOCHS": "1", "LEFUSION_ITERS": "16", "LEFUSION_METHOD": "lefusion",
-        "LEFUSION_CASES_PER_EPOCH": "1", "LEFUSION_POOL_MAX": "1",
+        "LEFUSION_CASES_PER_EPOCH": "1", "LEFUSION_POOL_MAX": "1", "LEFUSION_STRIDED_STEPS": "6",
         "LEFUSION_CHECKPOINT": str(sampler / "checkpoint_final.pt")}, cache)
     (epoch,) = stats["epochs"]
     assert (epoch["produced"], epoch["pool_online"], epoch["pool_total"]) == (1, 1, len(initial) + 1)
