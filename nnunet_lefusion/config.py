@@ -23,8 +23,8 @@ class TrainerSettings:
     ``mode``: ``cache`` reads a pre-synthesized cache; ``online`` also fills that cache during training (the
     trainer's main process synthesizes ``online_cases_per_epoch`` cases per epoch, at most ``online_time_share`` of
     the training time, into a pool of at most ``pool_max`` cases). The synthesis keys mirror
-    ``nnUNetv2_lefusion_synthesize`` (``--method``, ``--checkpoint``, ``--sampling``, ``--strided-steps``, ``--mask-generator``,
-    ``--mix``, ``--target-share``, ``--candidates``, ``--device``, ``--seed``).
+    ``nnUNetv2_lefusion_synthesize`` (``--method``, ``--checkpoint``, ``--sampling``, ``--strided-steps``,
+    ``--mask-generator``, ``--mix``, ``--target-share``, ``--candidates``, ``--device``, ``--seed``).
     ``cpu_bf16``: on a CPU device, train and validate under bf16 autocast, as nnU-Net autocasts on CUDA (it runs
     in fp32 on a CPU); about 1.9x faster per iteration on CPUs with AMX, slower than fp32 on CPUs that only emulate
     bf16 (no AVX512-BF16 or AMX).

@@ -28,6 +28,11 @@ class SynthesizerOptions:
     clusters: str | None = None  # an official histogram-cluster JSON instead of the checkpoint's clusters
     strided_steps: int | None = None  # fast mode: strided timesteps walked (None: the mode's own 45)
 
+    def sampling_record(self) -> dict:
+        """How the cases are sampled, as a cache's run records it (the strided steps only where given)."""
+        return {"sampling": self.mode, "histogram_matching": self.histogram_matching,
+                **({} if self.strided_steps is None else {"strided_steps": self.strided_steps})}
+
 def with_shipped_generators(method: str, options: SynthesizerOptions, labels: LesionLabels,
                             plan: SynthesisPlan | None) -> SynthesizerOptions:
     """``options`` with what a LeFusion run needs but was not given (the sampler; the mask generator when the plan

@@ -143,9 +143,8 @@ class OnlineProducer:
             load=functools.partial(mapped_raw_case, folder=self.scratch))
         request = {"online": True, "method": self.settings.method, "seed": self.settings.seed, "rank": self.rank,
                    "mix": self.plan.mix, "target_share": {str(k): v for k, v in self.plan.target_share.items()},
-                   "candidates": self.plan.candidates, "sampling": options.mode,
-                   "histogram_matching": options.histogram_matching, "generators": generator_paths(generators),
-                   **({} if options.strided_steps is None else {"strided_steps": options.strided_steps})}
+                   "candidates": self.plan.candidates, **options.sampling_record(),
+                   "generators": generator_paths(generators)}
         manifest, self.run = start_online_run(self.ctx, self.store, self.labels, cases, request, generators,
                                               self.rank)
         self.totals = manifest.lesion_voxel_totals()

@@ -73,9 +73,8 @@ def synthesize_cache(ctx: DatasetContext, labels: LesionLabels, method: str, num
     cases, synthesizer, pools, plan = prepare_synthesis(ctx, labels, method, plan, options)
     request = json.loads(json.dumps({
         "method": method, "num_cases": num_cases, "seed": seed, "mix": plan.mix, "target_share": plan.target_share,
-        "candidates": plan.candidates, "num_parts": num_parts, "sampling": options.mode,
-        "histogram_matching": options.histogram_matching, "generators": generator_paths(generators),
-        **({} if options.strided_steps is None else {"strided_steps": options.strided_steps})},
+        "candidates": plan.candidates, "num_parts": num_parts, **options.sampling_record(),
+        "generators": generator_paths(generators)},
         sort_keys=True))
     store.prepare()
     with store.writer():
